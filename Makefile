@@ -12,7 +12,7 @@ MODEL  := models/shapes-clip
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[export,dev]'
+	$(BIN)/python -m pip install -q -e '.[serve,export,dev]'
 	@touch $(STAMP)
 
 # The shipped model is committed; this rebuilds it only if it is missing.

@@ -115,8 +115,8 @@ def _layout(scene: Scene, size: int, rng: np.random.Generator) -> tuple[PlacedOb
     """Random non-overlapping positions, sizes and rotations for every object in the scene."""
     wanted = [(g.shape, g.colour) for g in scene.groups for _ in range(g.count)]
     # Fewer objects → larger ones allowed; always small enough that six fit.
-    r_max = size * (0.17 if len(wanted) <= 2 else 0.13)
-    r_min = size * 0.075
+    r_max = size * (0.18 if len(wanted) <= 2 else 0.14)
+    r_min = size * 0.085
     for _attempt in range(200):
         placed: list[PlacedObject] = []
         for shape, colour in wanted:

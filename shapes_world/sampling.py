@@ -38,3 +38,20 @@ def training_caption(scene: Scene, rng: np.random.Generator) -> Caption:
     if len(groups) > 1 and rng.random() < 0.5:
         groups = groups[::-1]  # "a circle and a star" and "a star and a circle" both hold
     return Caption(groups=groups, background=None if drop_background else scene.background)
+
+
+def miscount(caption: Caption, rng: np.random.Generator) -> Caption:
+    """The caption with one group's count off by one, as careless web alt-text often is.
+
+    Real CLIP counts poorly largely because its captions rarely state counts, or state them
+    wrongly; training the shipped CLIP on some miscounted captions reproduces that weakness.
+    """
+    index = int(rng.integers(len(caption.groups)))
+    group = caption.groups[index]
+    step = int(rng.choice([-1, 1]))
+    count = (
+        group.count + step if MIN_COUNT <= group.count + step <= MAX_COUNT else group.count - step
+    )
+    groups = list(caption.groups)
+    groups[index] = Group(count, group.colour, group.shape)
+    return Caption(groups=tuple(groups), background=caption.background)

@@ -48,8 +48,15 @@ def changed_attributes(a: Scene, b: Scene) -> set[str]:
     if a.background != b.background:
         out.add("background")
     for ga, gb in zip(a.groups, b.groups, strict=True):
-        out |= {f for f, x, y in (("count", ga.count, gb.count), ("colour", ga.colour, gb.colour),
-                                  ("shape", ga.shape, gb.shape)) if x != y}  # fmt: skip
+        out |= {
+            f
+            for f, x, y in (
+                ("count", ga.count, gb.count),
+                ("colour", ga.colour, gb.colour),
+                ("shape", ga.shape, gb.shape),
+            )
+            if x != y
+        }
     return out
 
 

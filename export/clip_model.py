@@ -1,0 +1,168 @@
+"""Build, load and score with Hugging Face `CLIPModel` checkpoints.
+
+Everything downstream treats the shipped shapes-world model exactly like
+openai/clip-vit-base-patch32: `load_clip` accepts a local `save_pretrained` directory or a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPImageProcessorPil as CLIPImageProcessor  # no torchvision needed
+from transformers.utils import logging as hf_logging
+
+from export.tokenizer_build import CONTEXT_LENGTH
+
+hf_logging.disable_progress_bar()  # our own progress bars cover long steps
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint could not be loaded as a CLIP model (one-line, user-facing message)."""
+
+
+@dataclass
+class ClipBundle:
+    """A CLIP model with the tokenizer and image processor that belong to it."""
+
+    model: CLIPModel
+    tokenizer: CLIPTokenizer
+    processor: CLIPImageProcessor
+    source: str
+
+
+def tiny_clip_config(vocab_size: int, bos_id: int, eos_id: int, image_size: int = 64) -> CLIPConfig:
+    """The shapes-world model: CLIP's architecture at a size that trains on two CPU cores."""
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=CONTEXT_LENGTH,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    vision = dict(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
+
+
+def image_processor(image_size: int) -> CLIPImageProcessor:
+    """CLIP's preprocessing (shortest side → size, bicubic, centre crop, CLIP mean/std)."""
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        resample=3,  # PIL bicubic, as OpenAI CLIP
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).exists()
+
+
+def load_clip(source: str | Path) -> ClipBundle:
+    """Load a CLIP checkpoint from a local directory or a Hugging Face hub id.
+
+    Raises `ModelLoadError` with a one-line message for a missing directory, a directory that is
+    not a CLIP checkpoint, or a hub id that cannot be fetched.
+    """
+    source = str(source)
+    if _is_local(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory not found: {path}")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"not a Hugging Face checkpoint (no config.json): {path}")
+    try:
+        config = CLIPConfig.from_pretrained(source)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from exc
+    if config.model_type != "clip":
+        raise ModelLoadError(f"{source!r} is a {config.model_type!r} checkpoint, not CLIP")
+    try:
+        model = CLIPModel.from_pretrained(source).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+        processor = CLIPImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from exc
+    return ClipBundle(model=model, tokenizer=tokenizer, processor=processor, source=source)
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """sha256 over a local checkpoint's files (names and bytes), in sorted order."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in Path(path).iterdir() if p.is_file() and p.name != "training.json"):
+        digest.update(f.name.encode() + b"\0")
+        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def local_checkpoint_dir(source: str | Path) -> Path:
+    """The directory holding a checkpoint's files: the path itself, or the hub cache snapshot
+    that `from_pretrained` downloaded for a hub id."""
+    source = str(source)
+    if _is_local(source):
+        return Path(source).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=source, local_files_only=True))
+    except Exception as exc:  # the hub library raises several unrelated types here
+        raise ModelLoadError(f"{source!r} is not in the local hub cache: {exc}") from exc
+
+
+def save_clip(bundle: ClipBundle, out_dir: Path) -> None:
+    """`save_pretrained` the model, tokenizer and processor into one directory."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle.model.save_pretrained(str(out_dir), safe_serialization=True)
+    bundle.tokenizer.save_pretrained(str(out_dir))
+    bundle.processor.save_pretrained(str(out_dir))
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to CLIP's 77-token context (truncating longer prompts)."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=CONTEXT_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    )["input_ids"]
+
+
+@torch.no_grad()
+def image_embeddings(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    emb = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+@torch.no_grad()
+def text_embeddings(model: CLIPModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """L2-normalised text embeddings."""
+    out = model.get_text_features(input_ids=input_ids)
+    emb = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.nn.functional.normalize(emb, dim=-1)

@@ -1,0 +1,94 @@
+"""All configuration in one typed object, read from `REWARD_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL_DIR = REPO_ROOT / "models" / "shapes-clip"
+SHIPPED_HEAD_DIR = REPO_ROOT / "models" / "shapes-clip-head"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REWARD_", extra="ignore")
+
+    model: str = Field(
+        default=str(SHIPPED_MODEL_DIR),
+        description="CLIP checkpoint: a local save_pretrained directory or a Hugging Face hub id",
+    )
+    head: str | None = Field(
+        default=str(SHIPPED_HEAD_DIR),
+        description="learned reward head directory trained on `model` (None: no head)",
+    )
+    textnorm_scale: float = Field(default=5.0, gt=0, description="TextNorm scale c")
+    ensemble_lambda: float = Field(default=1.0, ge=0, description="λ of the uncertainty ensemble")
+    benchmark_seed: int = Field(default=20_240_611, description="seed of the held-out benchmark")
+
+    # -- serving (service/launcher.py): where things listen and what Triton loads ---------------
+    host: str = Field(default="127.0.0.1", description="gateway bind address")
+    port: int = Field(default=8000, ge=1, le=65535, description="gateway port")
+    triton_grpc_port: int | None = Field(default=None, description="Triton gRPC port (None: free)")
+    triton_http_port: int | None = Field(default=None, description="Triton HTTP port (None: free)")
+    triton_metrics_port: int | None = Field(default=None, description="Triton metrics port")
+    repositories_dir: str = Field(
+        default=str(REPO_ROOT / ".cache" / "repositories"),
+        description="where `serve` exports model repositories (content-addressed, reused)",
+    )
+    max_batch: int = Field(default=64, ge=1, le=4096, description="Triton max batch size")
+
+    # -- gateway (service/gateway): security, request limits, caches, backend calls ------------
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Bearer API keys accepted by the gateway's /v1 endpoints (JSON list in "
+        "REWARD_API_KEYS); empty: no auth, and only a loopback bind is allowed",
+    )
+    max_items_per_request: int = Field(
+        default=64, ge=1, description="items per /v1/score request (and images per group)"
+    )
+    max_image_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1, description="bytes per image after base64 decoding"
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="width × height per image, checked from the header before decoding",
+    )
+    max_request_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=1, description="HTTP request body size in bytes"
+    )
+    max_prompt_chars: int = Field(
+        default=2_000, ge=1, description="characters per prompt (before tokenisation)"
+    )
+    max_contrastive_prompts: int = Field(
+        default=32, ge=1, le=32, description="contrastive prompts per prompt (model contract: 32)"
+    )
+    truncate_long_prompts: bool = Field(
+        default=False,
+        description="prompts over CLIP's 77 tokens: truncate (and say so) instead of a 422",
+    )
+    backend_timeout_s: float = Field(
+        default=30.0, gt=0, description="timeout of each gateway → backend call, in seconds"
+    )
+    retry_after_s: int = Field(
+        default=5, ge=1, description="Retry-After seconds sent with 503 (backend unavailable)"
+    )
+    embedding_cache_entries: int = Field(
+        default=50_000, ge=0, description="text embeddings kept in the gateway's LRU cache"
+    )
+    max_prompt_sets: int = Field(
+        default=10_000, ge=1, description="contrastive prompt sets in the gateway's registry"
+    )
+    tokenizer_file: str | None = Field(
+        default=None,
+        description="tokenizer.json for the gateway (default: the exported model's source "
+        "directory, from the repository's provenance.json)",
+    )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,141 @@
+"""The `reward-service` CLI as a user runs it: outputs, files, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shapes_world.scene import Caption, Scene
+from tests.conftest import run_cli
+
+
+def test_world_render(tmp_path):
+    out = tmp_path / "x.png"
+    res = run_cli(
+        "world",
+        "render",
+        "--out",
+        str(out),
+        "--count",
+        "3",
+        "--colour",
+        "orange",
+        "--shape",
+        "cross",
+        "--background",
+        "brick",
+        "--seed",
+        "4",
+    )
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["prompt"] == "three orange crosses on a brick background"
+    assert info["matches_prompt"] is True
+    assert Image.open(out).size == (128, 128)
+
+
+def test_world_render_mismatch_differs_in_one_attribute(tmp_path):
+    res = run_cli(
+        "world",
+        "render",
+        "--out",
+        str(tmp_path / "m.png"),
+        "--count",
+        "2",
+        "--mismatch",
+        "colour",
+        "--seed",
+        "1",
+    )
+    info = json.loads(res.stdout)
+    assert info["matches_prompt"] is False
+    assert info["scene"]["groups"][0]["count"] == 2
+    assert info["scene"]["groups"][0]["colour"] != "red"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--colour", "pink"], "unknown colour 'pink'"),
+        (["--count", "0"], "count must be between 1 and 6, got 0"),
+        (["--count", "7"], "count must be between 1 and 6, got 7"),
+        (["--shape", "hexagon"], "unknown shape"),
+        (["--mismatch", "size"], "unknown attribute"),
+    ],
+)
+def test_world_render_bad_input_is_one_line(tmp_path, args, message):
+    res = run_cli("world", "render", "--out", str(tmp_path / "x.png"), *args)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_world_sample_ground_truth(tmp_path):
+    res = run_cli(
+        "world",
+        "sample",
+        "--out",
+        str(tmp_path),
+        "--n",
+        "6",
+        "--kinds",
+        "2",
+        "--mismatched",
+        "0.5",
+        "--seed",
+        "3",
+    )
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(x) for x in (tmp_path / "ground_truth.jsonl").read_text().splitlines()]
+    assert len(lines) == 6
+    for line in lines:
+        scene = Scene.from_json(line["scene"])
+        assert len(scene.groups) in (1, 2)
+        assert np.asarray(Image.open(tmp_path / line["file"])).shape == (128, 128, 3)
+        if line["matches_prompt"]:
+            from shapes_world.grammar import describe
+
+            assert describe(Caption.of(scene)) == line["prompt"]
+    assert any(not x["matches_prompt"] for x in lines)
+
+
+def test_eval_missing_model_dir(tmp_path):
+    res = run_cli("eval", "--model", str(tmp_path / "nope"))
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: model directory not found: {tmp_path / 'nope'}"
+
+
+def test_eval_json_on_shipped_model(shipped_model):
+    res = run_cli("eval", "--json", "--prompts-per-category", "3", "--images-per-prompt", "20")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert list(report["clip"]) == ["counting", "color", "background", "object", "composition"]
+    assert all(0.0 <= v <= 1.0 for v in report["clip"].values())
+
+
+@pytest.mark.slow
+def test_train_clip_tiny_run_gives_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "clip"
+    res = run_cli(
+        "train-clip",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--images",
+        "256",
+        "--batch-size",
+        "32",
+        "--seed",
+        "1",
+    )
+    assert res.returncode == 0, res.stderr
+    stats = json.loads((out / "training.json").read_text())
+    assert stats["config"]["seed"] == 1 and stats["config"]["steps"] == 4
+    from export.clip_model import load_clip
+
+    bundle = load_clip(out)
+    assert bundle.model.config.vision_config.image_size == 64
+    assert bundle.tokenizer("two stars")["input_ids"][-1] == bundle.tokenizer.eos_token_id
