@@ -39,7 +39,7 @@ class ScoredPrompt:
     prompt: BenchmarkPrompt
     contrastive: list[str]
     clip: np.ndarray  # [N images, 1 + K] cosine similarities
-    head: np.ndarray | None  # [N, 1 + K] learned-head rewards, when a head is given
+    head: np.ndarray | None  # [N, 1 + K] learned-head logits (see export.reward_head), if any
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def score_benchmark(
         head_scores = None
         if head is not None:
             with torch.no_grad():
-                head_scores = head(
+                head_scores = head.logits(
                     torch.from_numpy(img)[:, None], torch.from_numpy(txt)[None]
                 ).numpy()
         out.append(ScoredPrompt(p, s[1:], img @ txt.T, head_scores))

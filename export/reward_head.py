@@ -3,6 +3,11 @@
 Input: L2-normalised image and text embeddings; features [img, txt, img ⊙ txt]; output a reward
 in (0, 1) that predicts P(a person says the image matches the prompt). Saved as safetensors plus
 a JSON config (no pickle).
+
+TextNorm over the head uses its logits (log-odds), not the sigmoid: a confident head saturates
+at 1e-9 or 1 - 1e-9 for several prompts, where min-max normalisation would amplify float32
+rounding into the result. The logit is a monotone map of the reward, so the head's own ranking
+(and AUROC) is unchanged.
 """
 
 from __future__ import annotations

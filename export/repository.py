@@ -1,0 +1,356 @@
+"""Write a complete Triton model repository for a CLIP checkpoint (+ optional learned head).
+
+Layout (both flavours expose the same model names and tensors, `service.model_contract`):
+
+    OUT/provenance.json            sha256 of every artifact, sources, versions, TextNorm defaults
+    OUT/README.md                  what is inside and how it runs
+    OUT/image_encoder/             cpu: python backend + ONNX (preprocessing in-graph);
+                                   gpu: ensemble image_preprocess (ORT, GPU) → image_tower (TRT)
+    OUT/text_encoder/1/…           cpu: model.py + model.onnx; gpu: model.plan
+    OUT/reward_head/1/…            cpu: model.py + model.onnx; gpu: model.plan
+
+The repository is built in a temporary directory beside OUT and moved into place only when
+complete. Exporting inputs whose cache key (checkpoint, head, options, library versions) equals
+the one recorded in OUT/provenance.json is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+from rich.progress import Progress
+
+from export import onnx_export
+from export.clip_model import ClipBundle, checkpoint_hash, load_clip, local_checkpoint_dir
+from export.reward_head import RewardHead, load_head
+from export.triton_config import (
+    Batching,
+    ensemble_config,
+    gpu_config,
+    model_config,
+    python_onnx_config,
+)
+from service import model_contract as contract
+from service.settings import REPO_ROOT
+
+PYTHON_MODEL = REPO_ROOT / "model_repository" / "python_onnx" / "model.py"
+SCORE_MODEL = REPO_ROOT / "model_repository" / "score" / "model.py"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str = "cpu"  # cpu | gpu
+    precision: str = "fp32"  # fp32 | fp16 (fp16 applies to TensorRT engines)
+    max_batch: int = 64
+    textnorm_scale: float = 5.0
+    ensemble_lambda: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.target not in ("cpu", "gpu"):
+            raise ValueError(f"--target must be cpu or gpu, got {self.target!r}")
+        if self.precision not in ("fp32", "fp16"):
+            raise ValueError(f"--precision must be fp32 or fp16, got {self.precision!r}")
+        if self.target == "cpu" and self.precision == "fp16":
+            raise ValueError("--precision fp16 needs --target gpu (ONNX Runtime on CPU runs fp32)")
+        if not 1 <= self.max_batch <= 4096:
+            raise ValueError(f"--max-batch must be between 1 and 4096, got {self.max_batch}")
+
+
+def _versions() -> dict[str, str | None]:
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    from export.tensorrt import tensorrt_version
+
+    return {
+        "exporter": version("textnorm-reward-service"),
+        "format": str(FORMAT_VERSION),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "onnx": version("onnx"),
+        "onnxruntime": version("onnxruntime"),
+        "tensorrt": tensorrt_version(),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(checkpoint_sha: str, head_sha: str | None, options: ExportOptions) -> str:
+    versions = {k: v for k, v in _versions().items() if k != "python"}
+    payload = {
+        "checkpoint": checkpoint_sha,
+        "head": head_sha,
+        "options": asdict(options),
+        "versions": versions,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def head_hash(head_dir: Path) -> str:
+    from export.reward_head import CONFIG, WEIGHTS
+
+    digest = hashlib.sha256()
+    for name in (WEIGHTS, CONFIG):
+        digest.update(name.encode() + b"\0" + bytes.fromhex(sha256_file(head_dir / name)))
+    return digest.hexdigest()
+
+
+def read_provenance(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_up_to_date(out: Path, key: str) -> bool:
+    """OUT holds a complete export with this cache key and untouched artifacts."""
+    prov = read_provenance(out)
+    if not prov or prov.get("cache_key") != key:
+        return False
+    return all(
+        (out / rel).is_file() and sha256_file(out / rel) == digest
+        for rel, digest in prov["artifacts"].items()
+    )
+
+
+def _check_writable(out: Path) -> None:
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"output parent directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output directory is not writable: {parent}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path exists and is not a directory: {out}")
+
+
+def _write_cpu_model(
+    root: Path, spec: contract.ModelSpec, model: onnx.ModelProto, batching: Batching
+) -> None:
+    version = root / spec.name / "1"
+    onnx_export.save_model(model, version / "model.onnx")
+    shutil.copyfile(PYTHON_MODEL, version / "model.py")
+    (root / spec.name / "config.pbtxt").write_text(python_onnx_config(spec, batching))
+
+
+def _write_gpu_model(
+    root: Path,
+    spec: contract.ModelSpec,
+    model: onnx.ModelProto,
+    batching: Batching,
+    options: ExportOptions,
+    work: Path,
+) -> None:
+    from export.tensorrt import batch_profile, build_engine
+
+    onnx_path = work / f"{spec.name}.onnx"
+    onnx_export.save_model(model, onnx_path)
+    profiles = {t.name: batch_profile(t.dims, options.max_batch) for t in spec.inputs}
+    build_engine(
+        onnx_path,
+        root / spec.name / "1" / "model.plan",
+        profiles,
+        fp16=options.precision == "fp16",
+        timing_cache=work / "timing.cache",
+    )
+    (root / spec.name / "config.pbtxt").write_text(gpu_config(spec, "tensorrt", batching))
+
+
+def _write_gpu_image_encoder(
+    root: Path, bundle: ClipBundle, batching: Batching, options: ExportOptions, work: Path
+) -> None:
+    """Preprocessing on ONNX Runtime's CUDA provider (TensorRT takes no antialiased dynamic
+    Resize), the vision tower on TensorRT, joined by an ensemble under the contract's name."""
+    from export.onnx_preprocess import build_preprocess_model
+
+    dim = bundle.model.config.projection_dim
+    size = bundle.model.config.vision_config.image_size
+    pixels = contract.Tensor("PIXEL_VALUES", "float32", (3, size, size))
+    embeds = contract.image_encoder(dim)
+    pre = contract.ModelSpec("image_preprocess", embeds.inputs, (pixels,))
+    tower = contract.ModelSpec("image_tower", (pixels,), embeds.outputs)
+    onnx_export.save_model(
+        build_preprocess_model(bundle.processor), root / pre.name / "1" / "model.onnx"
+    )
+    (root / pre.name / "config.pbtxt").write_text(gpu_config(pre, "onnxruntime", batching))
+    _write_gpu_model(root, tower, onnx_export.export_image_tower(bundle), batching, options, work)
+    steps = [
+        (pre.name, {"IMAGE": "IMAGE"}, {"PIXEL_VALUES": "pixels"}),
+        (tower.name, {"PIXEL_VALUES": "pixels"}, {"IMAGE_EMBEDS": "IMAGE_EMBEDS"}),
+    ]
+    (root / embeds.name / "1").mkdir(parents=True)
+    (root / embeds.name / "config.pbtxt").write_text(
+        ensemble_config(embeds.name, embeds, steps, batching.max_batch_size)
+    )
+
+
+def _write_score_model(root: Path, spec: contract.ModelSpec, batching: Batching) -> None:
+    """The BLS pipeline model (Python backend on CPU in both flavours; it only routes)."""
+    version = root / spec.name / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(SCORE_MODEL, version / "model.py")
+    params = {"text_max_batch": str(batching.max_batch_size)}
+    (root / spec.name / "config.pbtxt").write_text(
+        model_config(spec, "python", batching, "KIND_CPU", params)
+    )
+
+
+def export_repository(
+    source: str,
+    out: Path,
+    head_dir: Path | None = None,
+    options: ExportOptions | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict, bool]:
+    """Export and return (provenance, changed). `changed` is False for a cache hit."""
+    options = options or ExportOptions()
+    out = Path(out)
+    _check_writable(out)
+    bundle = load_clip(source)
+    checkpoint_sha = checkpoint_hash(local_checkpoint_dir(source))
+    head: RewardHead | None = None
+    head_sha = None
+    if head_dir is not None:
+        head, head_config = load_head(head_dir)
+        if head_config.get("clip_sha256") not in (None, checkpoint_sha):
+            raise ValueError(f"head {head_dir} was trained on a different CLIP than {source}")
+        head_sha = head_hash(Path(head_dir))
+    key = cache_key(checkpoint_sha, head_sha, options)
+    if is_up_to_date(out, key):
+        return read_provenance(out), False
+
+    if options.target == "gpu":
+        from export.tensorrt import _tensorrt
+
+        _tensorrt()  # fail fast, before minutes of ONNX export
+    dim = bundle.model.config.projection_dim
+    batching = Batching(max_batch_size=options.max_batch)
+    progress = progress or Progress(transient=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    try:
+        root, work = tmp / "repo", tmp / "work"
+        root.mkdir()
+        work.mkdir()
+        with progress:
+            task = progress.add_task("exporting", total=3)
+            progress.update(task, description="exporting image encoder")
+            if options.target == "cpu":
+                _write_cpu_model(
+                    root,
+                    contract.image_encoder(dim),
+                    onnx_export.export_image_encoder(bundle),
+                    batching,
+                )
+            else:
+                _write_gpu_image_encoder(root, bundle, batching, options, work)
+            progress.update(task, advance=1, description="exporting text encoder")
+            stages = [
+                (contract.text_encoder(dim), onnx_export.export_text_encoder),
+                (
+                    contract.reward_head(dim, head is not None),
+                    lambda _b: onnx_export.export_reward_head(dim, head),
+                ),
+            ]
+            for spec, build in stages:
+                model = build(bundle)
+                if options.target == "cpu":
+                    _write_cpu_model(root, spec, model, batching)
+                else:
+                    _write_gpu_model(root, spec, model, batching, options, work)
+                progress.update(task, advance=1, description=f"exporting {stages[-1][0].name}")
+        _write_score_model(root, contract.score(dim, head is not None), batching)
+        (root / "README.md").write_text(_readme(options))
+        provenance = _provenance(
+            root, source, checkpoint_sha, head_dir, head_sha, key, options, bundle
+        )
+        (root / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        _replace(out, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return provenance, True
+
+
+def _replace(out: Path, new: Path) -> None:
+    """Move `new` to `out`, replacing an older export; never leaves a half-written OUT."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)
+
+
+def _provenance(
+    root: Path,
+    source: str,
+    checkpoint_sha: str,
+    head_dir: Path | None,
+    head_sha: str | None,
+    key: str,
+    options: ExportOptions,
+    bundle: ClipBundle,
+) -> dict:
+    artifacts = {
+        str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()
+    }
+    return {
+        "format": FORMAT_VERSION,
+        "cache_key": key,
+        "model": {
+            "source": source,
+            "checkpoint_sha256": checkpoint_sha,
+            "embed_dim": bundle.model.config.projection_dim,
+            "image_size": bundle.model.config.vision_config.image_size,
+            "logit_scale": float(bundle.model.logit_scale.detach().exp()),
+        },
+        "head": None if head_dir is None else {"source": str(head_dir), "sha256": head_sha},
+        "options": asdict(options),
+        "textnorm_defaults": {
+            "scale": options.textnorm_scale,
+            "ensemble_lambda": options.ensemble_lambda,
+            "max_prompts": contract.MAX_PROMPTS,
+        },
+        "versions": _versions(),
+        "artifacts": artifacts,
+    }
+
+
+def _readme(options: ExportOptions) -> str:
+    if options.target == "cpu":
+        how = (
+            "Every model runs ONNX Runtime inside Triton's Python backend (`model.py` next to "
+            "`model.onnx`); image preprocessing is part of the image encoder's graph."
+        )
+    else:
+        how = (
+            "Text encoder, vision tower and reward head are TensorRT engines. Image "
+            "preprocessing (antialiased bicubic resize with data-dependent sizes, which "
+            "TensorRT does not take) runs in `image_preprocess` on ONNX Runtime's CUDA "
+            "provider; the `image_encoder` ensemble chains it to `image_tower` on the GPU."
+        )
+    return (
+        f"# Triton model repository ({options.target}, {options.precision})\n\n{how}\n\n"
+        "`provenance.json` records the sha256 of every file, the source checkpoint and head, "
+        "and the library versions. Written by `reward-service export`.\n"
+    )

@@ -1,0 +1,93 @@
+"""`config.pbtxt` for each model of the contract, in the CPU or the GPU flavour.
+
+Both flavours come from the same `ModelSpec`, so tensor names, shapes and batching settings are
+identical; only the backend and instance kind differ:
+- cpu: Python backend running ONNX Runtime (`model_repository/python_onnx/model.py`), the only
+  backend the bundled `tritonserver` has;
+- gpu: Triton's `tensorrt_plan` platform, or `onnxruntime_onnx` on the GPU for graphs TensorRT
+  does not take (the image preprocessing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.model_contract import ModelSpec, Tensor
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 64
+    preferred: tuple[int, ...] = (8, 16, 32)
+    max_queue_delay_us: int = 2_000
+    instances: int = 1
+    intra_op_threads: int = 0  # ONNX Runtime threads per instance (CPU flavour); 0 = all cores
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return ", ".join(str(d) for d in dims)
+
+
+def _tensor(t: Tensor) -> str:
+    return f'  {{ name: "{t.name}" data_type: {t.triton_dtype} dims: [ {_dims(t.dims)} ] }}'
+
+
+def _io(spec: ModelSpec) -> str:
+    inputs = ",\n".join(_tensor(t) for t in spec.inputs)
+    outputs = ",\n".join(_tensor(t) for t in spec.outputs)
+    return f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
+
+
+def _batching(b: Batching, preferred: bool = True) -> str:
+    pref = [p for p in b.preferred if p <= b.max_batch_size]
+    line = f"  preferred_batch_size: [ {_dims(tuple(pref))} ]\n" if preferred and pref else ""
+    return (
+        f"dynamic_batching {{\n{line}  max_queue_delay_microseconds: {b.max_queue_delay_us}\n}}\n"
+    )
+
+
+def model_config(
+    spec: ModelSpec,
+    backend: str,
+    batching: Batching,
+    kind: str = "KIND_CPU",
+    params: dict[str, str] | None = None,
+) -> str:
+    """One model's config.pbtxt. `backend`: python | onnxruntime | tensorrt."""
+    head = {
+        "python": 'backend: "python"\n',
+        "onnxruntime": 'platform: "onnxruntime_onnx"\n',
+        "tensorrt": 'platform: "tensorrt_plan"\n',
+    }[backend]
+    text = f'name: "{spec.name}"\n{head}max_batch_size: {batching.max_batch_size}\n'
+    text += _io(spec) + _batching(batching)
+    text += f"instance_group [ {{ kind: {kind} count: {batching.instances} }} ]\n"
+    for key, value in (params or {}).items():
+        text += f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+    return text
+
+
+def python_onnx_config(spec: ModelSpec, batching: Batching) -> str:
+    """CPU flavour: `model_repository/python_onnx/model.py` running `model.onnx`."""
+    params = {"onnx_file": "model.onnx", "intra_op_threads": str(batching.intra_op_threads)}
+    return model_config(spec, "python", batching, "KIND_CPU", params)
+
+
+def gpu_config(spec: ModelSpec, backend: str, batching: Batching) -> str:
+    return model_config(spec, backend, batching, "KIND_GPU")
+
+
+def ensemble_config(
+    name: str,
+    spec: ModelSpec,
+    steps: list[tuple[str, dict[str, str], dict[str, str]]],
+    max_batch: int,
+) -> str:
+    """An ensemble: `steps` are (model, {model input: ensemble tensor}, {model output: tensor})."""
+    text = f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n' + _io(spec)
+    parts = []
+    for model, inputs, outputs in steps:
+        ins = " ".join(f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
+        outs = " ".join(f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
+        parts.append(f'  {{ model_name: "{model}" model_version: -1 {ins} {outs} }}')
+    return text + "ensemble_scheduling {\n step [\n" + ",\n".join(parts) + "\n ]\n}\n"

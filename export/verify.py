@@ -1,0 +1,173 @@
+"""`reward-service verify DIR`: exported files vs the PyTorch reference, on held-out inputs.
+
+The exported ONNX files run under ONNX Runtime; the reference is the HF image processor + torch
+CLIP + torch head + numpy TextNorm. Three comparisons, each a max absolute difference:
+- embeddings (image and text towers, preprocessing included);
+- rewards end to end (exported embeddings → exported head vs reference embeddings → reference);
+- the reward-head graph alone, fed the reference embeddings (isolates the head from the towers).
+TextNorm is a min-max normalised softmax: where an image's rewards for its prompts are nearly
+tied it amplifies tiny embedding differences, so its end-to-end difference is reported but
+checked only through the head-graph comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+from export.clip_model import image_embeddings, load_clip, text_embeddings, tokenize
+from export.repository import read_provenance
+from export.reward_head import load_head
+from service import model_contract as contract
+from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
+from shapes_world.benchmark import build_benchmark
+
+# fp32: the issue's 1e-4 on rewards. Embeddings: one grey level of preprocessing difference
+# moves a unit embedding by ~1e-5..1e-4 per component; 1e-3 leaves margin yet catches real bugs.
+TOLERANCES = {
+    "image_embeds": 1e-3,
+    "text_embeds": 1e-4,
+    "raw": 1e-4,
+    "head": 1e-4,
+    "head_graph": 1e-5,
+}
+# Sizes (width, height): square, tall, wide, tiny (< 64 px and < 224 px), large, odd.
+IMAGE_SIZES = ((128, 128), (90, 300), (300, 90), (17, 23), (150, 150), (2048, 2048), (333, 517))
+
+
+@dataclass
+class VerifyReport:
+    max_diff: dict[str, float] = field(default_factory=dict)
+    tolerances: dict[str, float] = field(default_factory=dict)
+    cases: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return all(self.max_diff[k] <= tol for k, tol in self.tolerances.items())
+
+    def update(self, name: str, diff: float) -> None:
+        self.max_diff[name] = max(self.max_diff.get(name, 0.0), float(diff))
+
+
+def _session(repo: Path, model: str) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+
+
+def _held_out(n_prompts: int, seed: int) -> list[tuple[list[Image.Image], list[str]]]:
+    """Per prompt: its images and [prompt, contrastive...] texts, from a held-out benchmark."""
+    from evaluation.evaluate import CONTRASTIVE_RULES
+
+    bench = build_benchmark(
+        seed=seed, prompts_per_category=max(1, n_prompts // 5), images_per_prompt=len(IMAGE_SIZES)
+    )
+    cases = []
+    for p in bench:
+        texts = [p.prompt, *CONTRASTIVE_RULES[p.category](p.prompt)][: contract.MAX_PROMPTS]
+        images = [
+            item.image(size=max(w, h)).resize((w, h), Image.Resampling.BICUBIC)
+            for item, (w, h) in zip(p.items, IMAGE_SIZES, strict=True)
+        ]
+        cases.append((images, texts))
+    return cases
+
+
+def verify_repository(
+    repo: Path, n_prompts: int = 5, seed: int = 99, max_batch_check: bool = True
+) -> VerifyReport:
+    prov = read_provenance(repo)
+    if prov is None:
+        raise ValueError(f"not an exported repository (no readable provenance.json): {repo}")
+    bundle = load_clip(prov["model"]["source"])
+    head = load_head(Path(prov["head"]["source"]))[0] if prov["head"] else None
+    image_s, text_s, head_s = (
+        _session(repo, m) for m in ("image_encoder", "text_encoder", "reward_head")
+    )
+    outputs = [o.name for o in head_s.get_outputs()]
+    scale = prov["textnorm_defaults"]["scale"]
+    lam = prov["textnorm_defaults"]["ensemble_lambda"]
+    report = VerifyReport(tolerances=dict(TOLERANCES))
+    if head is None:
+        report.tolerances.pop("head")
+    for images, texts in _held_out(n_prompts, seed):
+        ids = tokenize(bundle.tokenizer, texts)
+        txt_ref = text_embeddings(bundle.model, ids).numpy()
+        txt_onnx = text_s.run(None, {"INPUT_IDS": ids.numpy()})[0]
+        report.update("text_embeds", np.abs(txt_onnx - txt_ref).max())
+        for image in images:  # one size per batch: each image is its own batch
+            px = bundle.processor(images=[image], return_tensors="pt")["pixel_values"]
+            img_ref = image_embeddings(bundle.model, px).numpy()
+            img_onnx = image_s.run(None, {"IMAGE": np.asarray(image)[None]})[0]
+            report.update("image_embeds", np.abs(img_onnx - img_ref).max())
+            ref = _reference_rewards(img_ref[0], txt_ref, head, scale, lam)
+            got = _run_head(head_s, img_onnx[0], txt_onnx, scale, lam, outputs)
+            graph = _run_head(head_s, img_ref[0], txt_ref, scale, lam, outputs)
+            report.update("raw", abs(got["RAW"] - ref["RAW"]))
+            report.update("textnorm_end_to_end", abs(got["TEXTNORM"] - ref["TEXTNORM"]))
+            if head is not None:
+                report.update("head", abs(got["HEAD"] - ref["HEAD"]))
+            report.update("head_graph", max(abs(graph[k] - ref[k]) for k in ref))
+            report.cases += 1
+    if max_batch_check:
+        _check_max_batch(repo, prov, image_s, text_s, bundle, report)
+    return report
+
+
+def _check_max_batch(repo, prov, image_s, text_s, bundle, report) -> None:
+    """A full `--max-batch` batch gives the same embeddings as one item at a time."""
+    n = prov["options"]["max_batch"]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 96, 80, 3), dtype=np.uint8)
+    batched = image_s.run(None, {"IMAGE": images})[0]
+    singles = np.concatenate([image_s.run(None, {"IMAGE": images[i : i + 1]})[0] for i in range(n)])
+    report.update("image_embeds", np.abs(batched - singles).max())
+    ids = tokenize(bundle.tokenizer, [f"{i} red circles" for i in range(n)]).numpy()
+    batched = text_s.run(None, {"INPUT_IDS": ids})[0]
+    singles = np.concatenate([text_s.run(None, {"INPUT_IDS": ids[i : i + 1]})[0] for i in range(n)])
+    report.update("text_embeds", np.abs(batched - singles).max())
+
+
+def _head_inputs(img: np.ndarray, txt: np.ndarray, scale: float, lam: float) -> dict:
+    p, d = contract.MAX_PROMPTS, img.shape[-1]
+    prompts = np.zeros((1, p, d), np.float32)
+    prompts[0, : len(txt)] = txt
+    mask = np.zeros((1, p), bool)
+    mask[0, : len(txt)] = True
+    return {
+        "IMAGE_EMBEDS": img[None].astype(np.float32),
+        "PROMPT_EMBEDS": prompts,
+        "PROMPT_MASK": mask,
+        "TEXTNORM_SCALE": np.full((1, 1), scale, np.float32),
+        "ENSEMBLE_LAMBDA": np.full((1, 1), lam, np.float32),
+    }
+
+
+def _run_head(session, img, txt, scale, lam, outputs) -> dict[str, float]:
+    values = session.run(outputs, _head_inputs(img, txt, scale, lam))
+    return {name: float(v[0, 0]) for name, v in zip(outputs, values, strict=True)}
+
+
+def _reference_rewards(img, txt, head, scale, lam) -> dict[str, float]:
+    sims = (txt @ img).astype(np.float64)
+    tn = float(textnorm(sims, scale))
+    out = {"RAW": float(sims[0]), "TEXTNORM": tn}
+    if head is None:
+        return out
+    with torch.no_grad():
+        logits = head.logits(torch.from_numpy(img)[None], torch.from_numpy(txt)).double()
+    scores = torch.sigmoid(logits).numpy()
+    tn_head = float(textnorm(logits.numpy(), scale))
+    probs = np.array([tn, tn_head])
+    out |= {
+        "HEAD": float(scores[0]),
+        "TEXTNORM_HEAD": tn_head,
+        "ENSEMBLE_MEAN": float(ensemble_mean(probs)),
+        "ENSEMBLE_UW": float(ensemble_uncertainty(probs, lam)),
+    }
+    return out

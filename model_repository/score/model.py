@@ -1,0 +1,103 @@
+"""Triton BLS model `score`: one call with uint8 images and token ids returns every reward.
+
+For trainers that talk KServe v2 gRPC to Triton directly (no gateway): inputs IMAGE, INPUT_IDS
+[MAX_PROMPTS, 77] (row 0 the true prompt, then contrastive prompts), PROMPT_MASK,
+TEXTNORM_SCALE, ENSEMBLE_LAMBDA; outputs those of `reward_head`. Requests that Triton's dynamic
+batcher hands over together are scored together: one `image_encoder` call per image size, one
+`text_encoder` call for all valid prompt rows (in chunks of the text encoder's max batch), one
+`reward_head` call — so the encoders' own batching sees real batches. The same file serves the
+CPU and the GPU flavours: it only calls other models by name.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _get(request, name):
+    return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.text_batch = int(params.get("text_max_batch", "64"))
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def _infer(self, model, inputs, outputs):
+        request = pb_utils.InferenceRequest(
+            model_name=model,
+            requested_output_names=outputs,
+            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise pb_utils.TritonModelException(f"{model}: {response.error().message()}")
+        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
+
+    def _score(self, requests):
+        images = [_get(r, "IMAGE") for r in requests]
+        ids = np.concatenate([_get(r, "INPUT_IDS") for r in requests])
+        mask = np.concatenate([_get(r, "PROMPT_MASK") for r in requests]).astype(bool)
+        sizes = [len(x) for x in images]
+        embeds = [None] * len(images)
+        by_shape = {}
+        for i, x in enumerate(images):
+            by_shape.setdefault(x.shape[1:], []).append(i)
+        for indices in by_shape.values():
+            out = self._infer(
+                "image_encoder",
+                {"IMAGE": np.concatenate([images[i] for i in indices])},
+                ["IMAGE_EMBEDS"],
+            )["IMAGE_EMBEDS"]
+            start = 0
+            for i in indices:
+                embeds[i] = out[start : start + sizes[i]]
+                start += sizes[i]
+        image_embeds = np.concatenate(embeds)
+        rows = ids[mask]
+        text = np.concatenate(
+            [
+                self._infer(
+                    "text_encoder", {"INPUT_IDS": rows[s : s + self.text_batch]}, ["TEXT_EMBEDS"]
+                )["TEXT_EMBEDS"]
+                for s in range(0, len(rows), self.text_batch)
+            ]
+        )
+        prompt_embeds = np.zeros(mask.shape + (text.shape[-1],), np.float32)
+        prompt_embeds[mask] = text
+        rewards = self._infer(
+            "reward_head",
+            {
+                "IMAGE_EMBEDS": image_embeds,
+                "PROMPT_EMBEDS": prompt_embeds,
+                "PROMPT_MASK": mask,
+                "TEXTNORM_SCALE": np.concatenate([_get(r, "TEXTNORM_SCALE") for r in requests]),
+                "ENSEMBLE_LAMBDA": np.concatenate([_get(r, "ENSEMBLE_LAMBDA") for r in requests]),
+            },
+            self.outputs,
+        )
+        responses, start = [], 0
+        for n in sizes:
+            tensors = [
+                pb_utils.Tensor(k, np.ascontiguousarray(v[start : start + n]))
+                for k, v in rewards.items()
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += n
+        return responses
+
+    def execute(self, requests):
+        try:
+            return self._score(requests)
+        except Exception:
+            pass  # one bad request must not fail the others batched with it: score alone
+        responses = []
+        for request in requests:
+            try:
+                responses.extend(self._score([request]))
+            except Exception as exc:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return responses

@@ -1,0 +1,97 @@
+"""The tensor contract between the exporter, the Triton repository and the gateway.
+
+Model names, tensor names, dtypes and per-item shapes (Triton's batch dimension is implicit and
+comes first). Export writes ONNX files with exactly these names; both repository flavours (CPU:
+Python backend + ONNX Runtime, GPU: onnxruntime/TensorRT backends) expose them unchanged; the
+gateway and the trainer-side client speak them. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONTEXT_LENGTH = 77  # CLIP's text context
+MAX_PROMPTS = 33  # the true prompt + up to 32 contrastive prompts, padded and masked
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # numpy dtype name
+    dims: tuple[int, ...]  # per item, without the batch dimension; -1 = variable
+
+    @property
+    def triton_dtype(self) -> str:
+        return {
+            "uint8": "TYPE_UINT8",
+            "int64": "TYPE_INT64",
+            "float32": "TYPE_FP32",
+            "bool": "TYPE_BOOL",
+        }[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+
+
+def image_encoder(embed_dim: int) -> ModelSpec:
+    """uint8 RGB images (one height/width per batch), CLIP preprocessing in the graph."""
+    return ModelSpec(
+        "image_encoder",
+        (Tensor("IMAGE", "uint8", (-1, -1, 3)),),
+        (Tensor("IMAGE_EMBEDS", "float32", (embed_dim,)),),
+    )
+
+
+def text_encoder(embed_dim: int) -> ModelSpec:
+    """Token ids padded to CLIP's context (tokenisation stays in Python)."""
+    return ModelSpec(
+        "text_encoder",
+        (Tensor("INPUT_IDS", "int64", (CONTEXT_LENGTH,)),),
+        (Tensor("TEXT_EMBEDS", "float32", (embed_dim,)),),
+    )
+
+
+CLIP_REWARDS = ("RAW", "TEXTNORM")
+HEAD_REWARDS = ("HEAD", "TEXTNORM_HEAD", "ENSEMBLE_MEAN", "ENSEMBLE_UW")
+
+
+def reward_head(embed_dim: int, has_head: bool) -> ModelSpec:
+    """Image embedding + [prompt, contrastive prompts] embeddings → every reward.
+
+    PROMPT_MASK marks real prompts (index 0, the true prompt, always true). RAW is the cosine
+    with the true prompt; TEXTNORM the probability of the true prompt (DESIGN.md 2.3); with a
+    learned head also HEAD, TEXTNORM_HEAD and the two ensembles of the two TextNorms.
+    """
+    rewards = CLIP_REWARDS + (HEAD_REWARDS if has_head else ())
+    return ModelSpec(
+        "reward_head",
+        (
+            Tensor("IMAGE_EMBEDS", "float32", (embed_dim,)),
+            Tensor("PROMPT_EMBEDS", "float32", (MAX_PROMPTS, embed_dim)),
+            Tensor("PROMPT_MASK", "bool", (MAX_PROMPTS,)),
+            Tensor("TEXTNORM_SCALE", "float32", (1,)),
+            Tensor("ENSEMBLE_LAMBDA", "float32", (1,)),
+        ),
+        tuple(Tensor(name, "float32", (1,)) for name in rewards),
+    )
+
+
+def score(embed_dim: int, has_head: bool) -> ModelSpec:
+    """The one-call pipeline (Triton BLS): images + token ids of [prompt, contrastive...] →
+    the rewards of `reward_head`. Row 0 of INPUT_IDS is the true prompt."""
+    head = reward_head(embed_dim, has_head)
+    return ModelSpec(
+        "score",
+        (
+            Tensor("IMAGE", "uint8", (-1, -1, 3)),
+            Tensor("INPUT_IDS", "int64", (MAX_PROMPTS, CONTEXT_LENGTH)),
+            Tensor("PROMPT_MASK", "bool", (MAX_PROMPTS,)),
+            Tensor("TEXTNORM_SCALE", "float32", (1,)),
+            Tensor("ENSEMBLE_LAMBDA", "float32", (1,)),
+        ),
+        head.outputs,
+    )
