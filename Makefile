@@ -20,7 +20,7 @@ $(MODEL)/model.safetensors: | $(STAMP)
 	$(BIN)/reward-service train-clip --out $(MODEL)
 
 serve: $(STAMP) $(MODEL)/model.safetensors
-	$(BIN)/reward-service eval
+	$(BIN)/reward-service serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -21,7 +21,7 @@ class Batching:
     preferred: tuple[int, ...] = (8, 16, 32)
     max_queue_delay_us: int = 2_000
     instances: int = 1
-    intra_op_threads: int = 0  # ONNX Runtime threads per instance (CPU flavour); 0 = all cores
+    intra_op_threads: int = 1  # ONNX Runtime threads per instance (CPU flavour; 0 = all cores)
 
 
 def _dims(dims: tuple[int, ...]) -> str:

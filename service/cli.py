@@ -407,6 +407,38 @@ def bench_encoders_cmd(
     Console(file=sys.stdout).print(table)
 
 
+@bench_app.command("serving")
+@user_errors
+def bench_serving_cmd(
+    seconds: Annotated[float, typer.Option(min=0.5, help="length of each timed window")] = 5.0,
+    runs: Annotated[int, typer.Option(min=1, help="timed windows per point (median)")] = 3,
+    concurrency: Annotated[str, typer.Option(help="comma-separated client counts")] = "1,8,32",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Images/s through the gateway and direct gRPC, next to the in-process ONNX Runtime ceiling."""
+    import tempfile
+
+    from loadtest.serving import bench_serving
+
+    levels = tuple(int(c) for c in concurrency.split(","))
+    with tempfile.TemporaryDirectory() as work:
+        result = bench_serving(Path(work), levels, seconds, runs)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    best = max(result["ceiling_onnxruntime"].values())
+    table = Table(title=f"images/s (median of {runs} × {seconds:.0f} s; 1 image per request)")
+    for col in ("path", "concurrency / batch", "images/s", "vs best in-process ceiling"):
+        table.add_column(col, justify="right")
+    for path in ("gateway", "grpc", "ceiling_onnxruntime"):
+        for level, rate in result[path].items():
+            table.add_row(path, str(level), f"{rate:.1f}", f"{rate / best:.2f}")
+    Console(file=sys.stdout).print(table)
+
+
 def _print_report(report: dict[str, dict[str, float]]) -> None:
     from rich.console import Console
     from rich.table import Table

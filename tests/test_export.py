@@ -194,4 +194,62 @@ def test_vit_b32_sized_checkpoint_exports_and_verifies(tmp_path, shipped_model):
     assert not list(out.rglob("*.data"))  # ~480 MB in all, still single-file ONNX
     report = verify_repository(out, n_prompts=1)
     assert report.ok, report.max_diff
-    assert report.cases == 7
+    assert report.cases == 5 * 7  # one prompt per category, seven image sizes each
+
+
+# fp16 TensorRT tolerance: fp16 keeps 11 significant bits (relative step 4.9e-4); a unit
+# embedding accumulated over 12 layers typically drifts ~1e-3 per component, so a cosine of two
+# such embeddings moves by a few 1e-3. Bound: 1e-2 on embedding components, 5e-3 on raw rewards.
+FP16_EMBED_TOL, FP16_REWARD_TOL = 1e-2, 5e-3
+
+
+@pytest.mark.gpu
+def test_gpu_export_builds_engines_within_fp16_tolerance(tmp_path, shipped_model):
+    pytest.importorskip("tensorrt")
+    torch = pytest.importorskip("torch")
+    if shutil.which("nvidia-smi") is None or not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU with CUDA-enabled torch")
+    import tensorrt as trt
+
+    from export.clip_model import image_embeddings, load_clip, text_embeddings, tokenize
+
+    out = tmp_path / "gpu"
+    options = ExportOptions(target="gpu", precision="fp16", max_batch=32)
+    export_repository(shipped_model, out, SHIPPED_HEAD_DIR, options)
+    for name in ("image_tower", "text_encoder", "reward_head"):
+        assert (out / name / "1" / "model.plan").is_file()
+    config = text_format.Parse(
+        (out / "image_encoder" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    assert config.platform == "ensemble"
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+
+    def run(plan: str, inputs: dict, output: str, out_shape: tuple) -> np.ndarray:
+        engine = runtime.deserialize_cuda_engine((out / plan / "1" / "model.plan").read_bytes())
+        context = engine.create_execution_context()
+        keep = []
+        for name, value in inputs.items():
+            tensor = torch.from_numpy(value).cuda().contiguous()
+            keep.append(tensor)
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        result = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+        context.set_tensor_address(output, result.data_ptr())
+        assert context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        return result.cpu().numpy()
+
+    bundle = load_clip(shipped_model)
+    images = [
+        np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(8)
+    ]
+    px = bundle.processor(images=images, return_tensors="pt")["pixel_values"]
+    ref_img = image_embeddings(bundle.model, px).numpy()
+    got_img = run("image_tower", {"PIXEL_VALUES": px.numpy()}, "IMAGE_EMBEDS", ref_img.shape)
+    assert np.abs(got_img - ref_img).max() <= FP16_EMBED_TOL
+    ids = tokenize(bundle.tokenizer, ["three red circles", "a blue star on a sky background"])
+    ref_txt = text_embeddings(bundle.model, ids).numpy()
+    got_txt = run("text_encoder", {"INPUT_IDS": ids.numpy()}, "TEXT_EMBEDS", ref_txt.shape)
+    assert np.abs(got_txt - ref_txt).max() <= FP16_EMBED_TOL
+    assert np.abs(got_img @ got_txt.T - ref_img @ ref_txt.T).max() <= FP16_REWARD_TOL

@@ -1,0 +1,29 @@
+"""The REST gateway of the reward service (DESIGN.md 4-5): FastAPI in front of the reward models.
+
+Modules: `app` (the app factory and routes), `schemas` (typed request/response models),
+`scoring` (contrastive sets → embeddings → rewards), `images` (base64 decoding and limits),
+`tokens` (CLIP tokenisation with HF `tokenizers`), `embedding_cache`, `prompt_sets` (registry),
+`backend` (the backend protocol and the guard rails around its calls), `onnx_backend` (ONNX
+Runtime in process), `provenance`, `auth` (API keys, `check_bind`), `middleware`, `metrics`,
+`errors`, `request_ids`. Torch-free; nothing received is ever unpickled or evaluated.
+"""
+
+from service.gateway.app import create_app
+from service.gateway.auth import check_bind
+from service.gateway.backend import (
+    BackendError,
+    BackendUnavailable,
+    GuardedBackend,
+    RewardBackendProtocol,
+)
+from service.gateway.provenance import load_provenance
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "GuardedBackend",
+    "RewardBackendProtocol",
+    "check_bind",
+    "create_app",
+    "load_provenance",
+]

@@ -1,0 +1,564 @@
+"""The gateway's FastAPI app: `create_app(settings, backend, provenance)`.
+
+Endpoints (all JSON; /v1 needs a Bearer key when keys are configured):
+- `POST /v1/score`: items of (base64 image, prompt) → per item raw, TextNorm (and head rewards)
+- `POST /v1/score/group`: one prompt × N images (GRPO/DDPO), optional normalised advantages
+- `POST /v1/prompt-sets`, `POST /v1/prompt-sets/import`, `GET /v1/prompt-sets`,
+  `GET|DELETE /v1/prompt-sets/{id}`: the contrastive prompt-set registry
+- `GET /v1/models`: the served model (from the repository's provenance)
+- `GET /healthz` (process alive), `GET /readyz` (backend ready), `GET /metrics` (Prometheus)
+
+Every response carries the request id (body `request_id`, else `X-Request-ID`, else generated)
+in its body and its `X-Request-ID` header; every /v1 success carries the provenance block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Request, Response, Security
+from fastapi.security import HTTPBearer
+from starlette.responses import JSONResponse
+
+from service.contrastive import NoContrastivePrompts, PromptSetFormatError, parse_prompt_sets
+from service.contrastive.errors import quote_prompt
+from service.gateway.auth import configured_keys
+from service.gateway.backend import (
+    BackendError,
+    BackendUnavailable,
+    GuardedBackend,
+    RewardBackendProtocol,
+)
+from service.gateway.embedding_cache import EmbeddingCache
+from service.gateway.errors import ApiError, install_error_handlers
+from service.gateway.images import ImageLimits, decode_image, set_pillow_limits
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.middleware import GatewayMiddleware
+from service.gateway.prompt_sets import (
+    PromptSet,
+    PromptSetConflict,
+    PromptSetRegistry,
+    RegistryFull,
+)
+from service.gateway.provenance import ProvenanceInfo
+from service.gateway.request_ids import adopt_body_request_id, current_request_id
+from service.gateway.schemas import (
+    ErrorResponse,
+    GroupRequest,
+    GroupResponse,
+    Health,
+    ModelsResponse,
+    PromptSetCreate,
+    PromptSetDeleted,
+    PromptSetGet,
+    PromptSetImportResponse,
+    PromptSetList,
+    PromptSetOut,
+    PromptSetResponse,
+    Readiness,
+    ScoreRequest,
+    ScoreResponse,
+)
+from service.gateway.scoring import PlannedItem, Scorer
+from service.gateway.tokens import ClipTokenizer
+from service.settings import Settings
+
+log = logging.getLogger("service.gateway")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": description}
+    for code, description in {
+        400: "malformed JSON or request",
+        401: "missing or invalid API key",
+        413: "request, image bytes or image pixels over a limit",
+        415: "image not PNG, JPEG or WebP",
+        422: "invalid request or a limit exceeded (the field and limit are named)",
+        502: "the reward backend failed",
+        503: "the reward backend is unavailable (see Retry-After)",
+    }.items()
+}
+_IMPORT_SCHEMA = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "description": 'the TextNorm authors\' format: {"prompt": ["contrastive", ...]}',
+                "additionalProperties": {"type": "array", "items": {"type": "string"}},
+            }
+        }
+    },
+}
+
+
+@dataclass
+class GatewayState:
+    """Everything the routes share, on `app.state.gateway` (tests and the launcher read it)."""
+
+    settings: Settings
+    backend: GuardedBackend
+    provenance: ProvenanceInfo
+    tokenizer: ClipTokenizer
+    cache: EmbeddingCache
+    registry: PromptSetRegistry
+    metrics: GatewayMetrics
+    scorer: Scorer
+    image_limits: ImageLimits
+
+
+def tokenizer_path(settings: Settings, provenance: dict[str, Any]) -> Path:
+    if settings.tokenizer_file:
+        return Path(settings.tokenizer_file)
+    return Path(str(provenance["model"]["source"])).expanduser() / "tokenizer.json"
+
+
+def create_app(
+    settings: Settings,
+    backend: RewardBackendProtocol,
+    provenance: dict[str, Any],
+    *,
+    close_backend_on_shutdown: bool = False,
+) -> FastAPI:
+    """The gateway app for one exported model (`provenance`: its provenance.json, parsed).
+
+    Raises ValueError (one line) when the tokenizer cannot be found or loaded.
+    """
+    path = tokenizer_path(settings, provenance)
+    if not path.is_file():
+        raise ValueError(
+            f"tokenizer.json not found at {path}: set REWARD_TOKENIZER_FILE to the exported "
+            "model's tokenizer.json"
+        )
+    tokenizer = ClipTokenizer(path)
+    info = ProvenanceInfo(provenance, tokenizer, settings.truncate_long_prompts)
+    metrics = GatewayMetrics()
+    guarded = GuardedBackend(
+        backend,
+        timeout_s=settings.backend_timeout_s,
+        max_batch=info.max_batch or 64,
+        embed_dim=info.embed_dim,
+        metrics=metrics,
+    )
+    cache = EmbeddingCache(settings.embedding_cache_entries)
+    registry = PromptSetRegistry(settings.max_prompt_sets)
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    set_pillow_limits(limits)
+    scorer = Scorer(
+        backend=guarded,
+        tokenizer=tokenizer,
+        cache=cache,
+        registry=registry,
+        metrics=metrics,
+        provenance=info,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_contrastive=settings.max_contrastive_prompts,
+        truncate_long_prompts=settings.truncate_long_prompts,
+    )
+    state = GatewayState(
+        settings, guarded, info, tokenizer, cache, registry, metrics, scorer, limits
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_backend_on_shutdown:
+            await backend.close()
+
+    app = FastAPI(
+        title="TextNorm reward gateway",
+        version="1",
+        summary="CLIP rewards calibrated with TextNorm, for online RL of text-to-image models",
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+    install_error_handlers(app, settings.retry_after_s)
+    labelled_routes: list = []  # route templates for metric labels, filled below
+    app.add_middleware(
+        GatewayMiddleware,
+        routes=labelled_routes,
+        metrics=metrics,
+        keys=configured_keys(settings.api_keys),
+        max_request_bytes=settings.max_request_bytes,
+    )
+    v1 = APIRouter(
+        prefix="/v1",
+        dependencies=[Security(HTTPBearer(auto_error=False, description="an API key"))],
+        responses=_ERRORS,
+    )
+    _score_routes(v1, state)
+    _prompt_set_routes(v1, state)
+
+    @v1.get("/models", response_model=ModelsResponse, tags=["models"])
+    async def models(request: Request) -> ModelsResponse:
+        """The served model: name, checkpoint sha256, head, embedding size, TextNorm defaults."""
+        return ModelsResponse(
+            request_id=current_request_id(request),
+            models=[info.model_card()],
+            provenance=info.block(),
+        )
+
+    app.include_router(v1)
+    labelled_routes += v1.routes
+    _ops_routes(app, state)
+    labelled_routes += [r for r in app.router.routes if hasattr(r, "path_regex")]
+    return app
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+async def _decode_all(state: GatewayState, images: list[tuple[str, str]]) -> list[np.ndarray]:
+    limits = state.image_limits
+
+    def run() -> list[np.ndarray]:
+        return [decode_image(text, field, limits) for text, field in images]
+
+    return await asyncio.to_thread(run)
+
+
+def _check_count(n: int, limit: int, field: str, what: str) -> None:
+    if n > limit:
+        raise ApiError(
+            422,
+            "too_many_items",
+            f"{field}: {n} {what}, over the limit of {limit} per request",
+            field=field,
+            limit=limit,
+        )
+
+
+def _settings_used(state: GatewayState, options) -> tuple[float, float]:
+    info = state.provenance
+    scale = info.default_scale if options.scale is None else float(options.scale)
+    lam = info.default_lambda if options.ensemble_lambda is None else float(options.ensemble_lambda)
+    return scale, lam
+
+
+def _score_routes(router: APIRouter, state: GatewayState) -> None:
+    scorer = state.scorer
+
+    @router.post("/score", response_model=ScoreResponse, tags=["scoring"])
+    async def score(request: Request, body: ScoreRequest) -> ScoreResponse:
+        """Score (image, prompt) items: raw CLIP reward and TextNorm, in item order."""
+        rid = adopt_body_request_id(request, body.request_id)
+        _check_count(len(body.items), state.settings.max_items_per_request, "items", "items")
+        options = body.textnorm
+        planned = []
+        for i, item in enumerate(body.items):
+            prompt_field = f"items[{i}].prompt"
+            scorer.check_prompt(item.prompt, prompt_field)
+            plan = scorer.plan_contrastive(
+                item.prompt, prompt_field, options, f"items[{i}]", item.contrastive, item.prompt_set
+            )
+            planned.append(PlannedItem(item.prompt, plan, prompt_field, f"items[{i}].image"))
+        text_plan = scorer.plan_texts(planned)
+        images = await _decode_all(
+            state,
+            [(item.image, p.image_field) for item, p in zip(body.items, planned, strict=True)],
+        )
+        scale, lam = _settings_used(state, options)
+        results = await scorer.score(planned, text_plan, images, scale, lam)
+        state.metrics.images_scored.labels("/v1/score").inc(len(images))
+        return ScoreResponse(
+            request_id=rid,
+            results=results,
+            provenance=state.provenance.block(scale, lam, options.rule, options.allow_missing),
+        )
+
+    @router.post("/score/group", response_model=GroupResponse, tags=["scoring"])
+    async def score_group(request: Request, body: GroupRequest) -> GroupResponse:
+        """One prompt × N images (a GRPO/DDPO group): one text encode, optional advantages
+        (r − mean) / (std + eps) of `advantage_of` over the group (population std)."""
+        rid = adopt_body_request_id(request, body.request_id)
+        _check_count(len(body.images), state.settings.max_items_per_request, "images", "images")
+        options = body.textnorm
+        scorer.check_prompt(body.prompt, "prompt")
+        plan = scorer.plan_contrastive(body.prompt, "prompt", options)
+        if body.advantages:
+            _check_advantage_field(state, body.advantage_of, bool(plan.prompts))
+        planned = [
+            PlannedItem(body.prompt, plan, "prompt", f"images[{i}]")
+            for i in range(len(body.images))
+        ]
+        text_plan = scorer.plan_texts(planned)
+        images = await _decode_all(state, [(b, f"images[{i}]") for i, b in enumerate(body.images)])
+        scale, lam = _settings_used(state, options)
+        results = await scorer.score(planned, text_plan, images, scale, lam)
+        state.metrics.images_scored.labels("/v1/score/group").inc(len(images))
+        response = GroupResponse(
+            request_id=rid,
+            prompt=body.prompt,
+            results=results,
+            provenance=state.provenance.block(scale, lam, options.rule, options.allow_missing),
+        )
+        if body.advantages:
+            values = np.array([getattr(r, body.advantage_of) for r in results], np.float64)
+            mean, std = float(values.mean()), float(values.std())
+            response.advantages = ((values - mean) / (std + body.advantage_eps)).tolist()
+            response.advantage_of = body.advantage_of
+            response.reward_mean, response.reward_std = mean, std
+        return response
+
+
+def _check_advantage_field(state: GatewayState, field: str, has_contrastive: bool) -> None:
+    if field in ("head", "textnorm_head", "ensemble_mean", "ensemble_uw") and (
+        not state.provenance.has_head
+    ):
+        raise ApiError(
+            422,
+            "advantage_unavailable",
+            f"advantage_of: {field!r} needs a learned reward head, and this model has none",
+            field="advantage_of",
+        )
+    if field != "raw" and field != "head" and not has_contrastive:
+        raise ApiError(
+            422,
+            "advantage_unavailable",
+            f"advantage_of: {field!r} is null without contrastive prompts (allow_missing)",
+            field="advantage_of",
+        )
+
+
+# -- prompt sets -----------------------------------------------------------------------------------
+def _out(prompt_set: PromptSet) -> PromptSetOut:
+    return PromptSetOut(
+        id=prompt_set.id,
+        prompt=prompt_set.prompt,
+        contrastive=list(prompt_set.contrastive),
+        contrastive_count=len(prompt_set.contrastive),
+        source=prompt_set.source,  # type: ignore[arg-type]
+    )
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise PromptSetFormatError(
+                f"duplicate key {quote_prompt(key)}: each prompt must appear once"
+            )
+        result[key] = value
+    return result
+
+
+def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
+    scorer, registry = state.scorer, state.registry
+
+    def validated(prompt: str, contrastive: list[str], prompt_field: str, set_field: str):
+        scorer.check_prompt(prompt, prompt_field)
+        scorer.check_contrastive_list(contrastive, set_field)
+        try:
+            cleaned = PromptSetRegistry.clean(prompt, contrastive)
+        except NoContrastivePrompts as exc:
+            raise ApiError(
+                422, "no_contrastive_prompts", f"{set_field}: {exc}", field=set_field
+            ) from None
+        tokenized = state.tokenizer.encode([prompt, *cleaned])
+        if tokenized.truncated.any() and not state.settings.truncate_long_prompts:
+            j = int(np.argmax(tokenized.truncated))
+            where = prompt_field if j == 0 else set_field
+            raise ApiError(
+                422,
+                "prompt_too_long",
+                f"{where}: {quote_prompt(([prompt, *cleaned])[j])} has "
+                f"{int(tokenized.lengths[j])} tokens, over CLIP's "
+                f"{state.tokenizer.context_length}-token context",
+                field=where,
+                limit=state.tokenizer.context_length,
+            )
+        return cleaned
+
+    async def register(sets: list[PromptSet]) -> bool:
+        """Add `sets`, pin their prompts in the cache and pre-encode them if the backend is up."""
+        texts: list[str] = []
+        for prompt_set in sets:
+            registry.add(prompt_set)
+            for key in scorer.set_cache_keys(prompt_set):
+                state.cache.pin(key)
+            texts += [prompt_set.prompt, *prompt_set.contrastive]
+        if not texts:
+            return True
+        try:
+            await scorer.pre_encode(texts)
+        except (BackendUnavailable, BackendError) as exc:
+            log.warning("prompt sets registered without pre-encoding: %s", exc)
+            return False
+        return True
+
+    @router.post(
+        "/prompt-sets",
+        response_model=PromptSetResponse,
+        status_code=201,
+        tags=["prompt sets"],
+        responses={409: {"model": ErrorResponse, "description": "id taken by another set"}},
+    )
+    async def create_prompt_set(
+        request: Request, response: Response, body: PromptSetCreate
+    ) -> PromptSetResponse:
+        """Register a contrastive set for a prompt (id: yours, or a content hash); its
+        embeddings are encoded now when the backend is up, and kept cached."""
+        rid = adopt_body_request_id(request, body.request_id)
+        cleaned = validated(body.prompt, body.contrastive, "prompt", "contrastive")
+        try:
+            prompt_set, created = registry.prepare(body.prompt, cleaned, body.id, "registered")
+        except PromptSetConflict as exc:
+            raise ApiError(409, "prompt_set_conflict", str(exc), field="id") from None
+        except RegistryFull as exc:
+            raise ApiError(
+                422, "registry_full", str(exc), field="id", limit=registry.max_sets
+            ) from None
+        if created:
+            pre_encoded = await register([prompt_set])
+        else:
+            response.status_code = 200
+            pre_encoded = all(k in state.cache for k in scorer.set_cache_keys(prompt_set))
+        return PromptSetResponse(
+            request_id=rid,
+            prompt_set=_out(prompt_set),
+            created=created,
+            pre_encoded=pre_encoded,
+            provenance=state.provenance.block(),
+        )
+
+    @router.post(
+        "/prompt-sets/import",
+        response_model=PromptSetImportResponse,
+        tags=["prompt sets"],
+        openapi_extra={"requestBody": _IMPORT_SCHEMA},
+    )
+    async def import_prompt_sets(request: Request) -> PromptSetImportResponse:
+        """Import the TextNorm authors' JSON (`{"prompt": ["contrastive", ...], ...}`) as the
+        request body: all sets or none; each gets a content-hash id."""
+        rid = current_request_id(request)
+        raw = await request.body()
+        try:
+            data = json.loads(raw, object_pairs_hook=_reject_duplicate_keys)
+            sets = parse_prompt_sets(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            message = f"request body is not valid JSON: {exc}"
+            raise ApiError(400, "malformed_json", message) from None
+        except PromptSetFormatError as exc:
+            raise ApiError(422, "invalid_prompt_sets", str(exc), field="body") from None
+        prepared: list[PromptSet] = []
+        new: list[PromptSet] = []
+        for prompt, contrastive in sets.items():
+            where = f"[{json.dumps(prompt, ensure_ascii=False)}]"
+            cleaned = validated(prompt, contrastive, where, where)
+            try:
+                prompt_set, created = registry.prepare(
+                    prompt, cleaned, None, "imported", pending=len(new)
+                )
+            except RegistryFull:
+                raise ApiError(
+                    422,
+                    "registry_full",
+                    f"importing {len(sets)} sets would exceed the registry's "
+                    f"{registry.max_sets} prompt sets",
+                    field="body",
+                    limit=registry.max_sets,
+                ) from None
+            if created:
+                new.append(prompt_set)
+            prepared.append(prompt_set)
+        pre_encoded = await register(new)
+        if not new:
+            keys = [k for s in prepared for k in scorer.set_cache_keys(s)]
+            pre_encoded = all(k in state.cache for k in keys)
+        return PromptSetImportResponse(
+            request_id=rid,
+            prompt_sets=[_out(s) for s in prepared],
+            created=len(new),
+            pre_encoded=pre_encoded,
+            provenance=state.provenance.block(),
+        )
+
+    @router.get("/prompt-sets", response_model=PromptSetList, tags=["prompt sets"])
+    async def list_prompt_sets(request: Request) -> PromptSetList:
+        """Every registered set, oldest first."""
+        return PromptSetList(
+            request_id=current_request_id(request),
+            prompt_sets=[_out(s) for s in registry.all()],
+            provenance=state.provenance.block(),
+        )
+
+    def lookup(set_id: str) -> PromptSet:
+        found = registry.get(set_id)
+        if found is None:
+            raise ApiError(
+                404, "prompt_set_not_found", f"no prompt set with id {set_id!r}", field="id"
+            )
+        return found
+
+    @router.get(
+        "/prompt-sets/{set_id}",
+        response_model=PromptSetGet,
+        tags=["prompt sets"],
+        responses={404: {"model": ErrorResponse, "description": "no such prompt set"}},
+    )
+    async def get_prompt_set(request: Request, set_id: str) -> PromptSetGet:
+        return PromptSetGet(
+            request_id=current_request_id(request),
+            prompt_set=_out(lookup(set_id)),
+            provenance=state.provenance.block(),
+        )
+
+    @router.delete(
+        "/prompt-sets/{set_id}",
+        response_model=PromptSetDeleted,
+        tags=["prompt sets"],
+        responses={404: {"model": ErrorResponse, "description": "no such prompt set"}},
+    )
+    async def delete_prompt_set(request: Request, set_id: str) -> PromptSetDeleted:
+        """Remove a set; its embeddings become ordinary (evictable) cache entries."""
+        found = lookup(set_id)
+        registry.remove(set_id)
+        for key in scorer.set_cache_keys(found):
+            state.cache.unpin(key)
+        return PromptSetDeleted(
+            request_id=current_request_id(request),
+            id=set_id,
+            deleted=True,
+            provenance=state.provenance.block(),
+        )
+
+
+# -- operations ------------------------------------------------------------------------------------
+def _ops_routes(app: FastAPI, state: GatewayState) -> None:
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    async def healthz(request: Request) -> Health:
+        """The process is alive (says nothing about the backend)."""
+        return Health(status="ok", request_id=current_request_id(request))
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        tags=["operations"],
+        responses={503: {"model": Readiness, "description": "the backend is not ready"}},
+    )
+    async def readyz(request: Request):
+        """200 when the backend is ready to score, else 503 with Retry-After."""
+        ready = await state.backend.ready()
+        body = Readiness(ready=ready, request_id=current_request_id(request))
+        if ready:
+            return body
+        return JSONResponse(
+            body.model_dump(),
+            status_code=503,
+            headers={"Retry-After": str(state.settings.retry_after_s)},
+        )
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics of this gateway."""
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)

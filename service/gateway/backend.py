@@ -1,0 +1,175 @@
+"""What the gateway needs from a reward backend, and the guard rails around every call.
+
+`RewardBackendProtocol` is the interface the app depends on; `service.triton_client.RewardBackend`
+(Triton over gRPC, production) and `service.gateway.onnx_backend.OnnxBackend` (ONNX Runtime in
+process, development and tests) implement it. Errors are the Triton client's two types:
+`BackendUnavailable` (answer 503 with Retry-After) and `BackendError` (answer 502).
+
+`GuardedBackend` wraps any implementation for the gateway: every call gets a timeout (a hung
+backend becomes `BackendUnavailable`, never a hung request), batches are split to the exported
+model's maximum batch size and sent concurrently (so Triton's dynamic batcher can merge them),
+outputs are checked for shape and finiteness (`BackendError` otherwise), unexpected exceptions
+become `BackendError`, and each call's round-trip time is recorded in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from service.gateway.metrics import GatewayMetrics
+from service.triton_client import BackendError, BackendUnavailable
+
+READY_TIMEOUT_S = 5.0
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "GuardedBackend",
+    "RewardBackendProtocol",
+]
+
+
+@runtime_checkable
+class RewardBackendProtocol(Protocol):
+    """The three reward models (DESIGN.md 4) as the gateway calls them."""
+
+    async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] RGB (one size per call) → float32 [B, D] unit embeddings."""
+        ...
+
+    async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
+        """int64 [B, 77] token ids → float32 [B, D] unit embeddings."""
+        ...
+
+    async def rewards(
+        self,
+        image_embeds: np.ndarray,
+        prompt_embeds: np.ndarray,
+        prompt_mask: np.ndarray,
+        scale: np.ndarray,
+        lam: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """[B,D], [B,33,D], bool [B,33], [B,1], [B,1] → {"RAW": [B,1], "TEXTNORM": [B,1], ...}."""
+        ...
+
+    async def ready(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class GuardedBackend:
+    """Timeouts, batch splitting, output checks and timing around a backend."""
+
+    def __init__(
+        self,
+        backend: RewardBackendProtocol,
+        *,
+        timeout_s: float,
+        max_batch: int,
+        embed_dim: int,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.max_batch = max(1, int(max_batch))
+        self.embed_dim = embed_dim
+        self.metrics = metrics
+
+    async def _call(self, call: str, coro, timeout_s: float | None = None):
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await asyncio.wait_for(coro, timeout_s)
+        except TimeoutError:
+            outcome = "timeout"
+            raise BackendUnavailable(f"{call}: no answer within {timeout_s:g} s") from None
+        except BackendUnavailable:
+            outcome = "unavailable"
+            raise
+        except BackendError:
+            outcome = "error"
+            raise
+        except Exception as exc:  # a backend bug or an unexpected transport error
+            outcome = "error"
+            raise BackendError(f"{call}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.metrics.backend_seconds.labels(call, outcome).observe(time.perf_counter() - start)
+
+    def _chunks(self, n: int) -> list[slice]:
+        return [slice(i, min(i + self.max_batch, n)) for i in range(0, n, self.max_batch)]
+
+    def _check_embeddings(self, call: str, out: object, n: int) -> np.ndarray:
+        arr = np.asarray(out)
+        if arr.shape != (n, self.embed_dim):
+            raise BackendError(
+                f"{call}: expected embeddings of shape ({n}, {self.embed_dim}), got {arr.shape}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise BackendError(f"{call}: non-finite values in the embeddings")
+        return arr.astype(np.float32, copy=False)
+
+    async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        parts = await asyncio.gather(
+            *(
+                self._call("encode_images", self.backend.encode_images(images[s]))
+                for s in self._chunks(len(images))
+            )
+        )
+        return self._check_embeddings("encode_images", np.concatenate(parts), len(images))
+
+    async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
+        parts = await asyncio.gather(
+            *(
+                self._call("encode_texts", self.backend.encode_texts(ids[s]))
+                for s in self._chunks(len(ids))
+            )
+        )
+        return self._check_embeddings("encode_texts", np.concatenate(parts), len(ids))
+
+    async def rewards(
+        self,
+        image_embeds: np.ndarray,
+        prompt_embeds: np.ndarray,
+        prompt_mask: np.ndarray,
+        scale: np.ndarray,
+        lam: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        n = len(image_embeds)
+        parts = await asyncio.gather(
+            *(
+                self._call(
+                    "rewards",
+                    self.backend.rewards(
+                        image_embeds[s], prompt_embeds[s], prompt_mask[s], scale[s], lam[s]
+                    ),
+                )
+                for s in self._chunks(n)
+            )
+        )
+        out: dict[str, np.ndarray] = {}
+        for name in parts[0]:
+            if any(name not in p for p in parts):
+                raise BackendError(f"rewards: output {name} missing from part of the batch")
+            value = np.concatenate([np.asarray(p[name]).reshape(-1) for p in parts])
+            if value.shape != (n,):
+                raise BackendError(f"rewards: output {name} has {value.size} values for {n} items")
+            if not np.all(np.isfinite(value)):
+                raise BackendError(f"rewards: non-finite values in {name}")
+            out[name] = value.astype(np.float64)
+        if "RAW" not in out or "TEXTNORM" not in out:
+            raise BackendError(f"rewards: RAW and TEXTNORM expected, got {sorted(out)}")
+        return out
+
+    async def ready(self) -> bool:
+        """The backend's readiness; False on any failure or after READY_TIMEOUT_S (probes of
+        an orchestrator must not wait for the scoring timeout)."""
+        timeout_s = min(self.timeout_s, READY_TIMEOUT_S)
+        try:
+            return bool(await self._call("ready", self.backend.ready(), timeout_s))
+        except (BackendUnavailable, BackendError):
+            return False

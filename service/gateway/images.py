@@ -1,0 +1,152 @@
+"""Base64 images → uint8 RGB arrays, within limits, safely.
+
+Order of checks, cheapest first, each failure an `ApiError` naming the field and the limit:
+1. the encoded length (a string far over the byte limit is never decoded);
+2. strict base64 (an optional `data:image/...;base64,` prefix and whitespace are allowed);
+3. the decoded byte count (`max_image_bytes`, 413);
+4. the format from the content's magic bytes, never from a claim: PNG, JPEG or WebP only (415);
+5. width × height from the header, BEFORE any pixel is decoded (`max_image_pixels`, 413), so a
+   decompression bomb costs nothing; Pillow's own bomb limit is set to the same value as a
+   second line of defence;
+6. decoding (only the first frame of an animation), then conversion to RGB as CLIP's
+   processor does (alpha is dropped); a truncated or corrupt file is a 422.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from service.gateway.errors import ApiError
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+_DATA_URL = re.compile(r"^data:[\w.+/-]*;base64,", re.ASCII)
+_WHITESPACE = re.compile(r"\s")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+
+    @property
+    def max_encoded_chars(self) -> int:
+        return 4 * -(-self.max_bytes // 3)
+
+
+def set_pillow_limits(limits: ImageLimits) -> None:
+    """Pillow's decompression-bomb limit (process-wide) to our pixel limit.
+
+    Images over it are refused from their header (see `decode_image`) before Pillow would warn,
+    so its warning is silenced; over twice the limit Pillow raises, which is a 413 too.
+    """
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format from magic bytes: PNG, JPEG, WEBP, or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def decode_base64(text: str, field: str, limits: ImageLimits) -> bytes:
+    if len(text) > 2 * limits.max_encoded_chars + 256:  # too long even with whitespace
+        raise _too_many_bytes(field, limits)
+    text = _DATA_URL.sub("", text, count=1)
+    if _WHITESPACE.search(text):  # line-wrapped base64 (MIME style)
+        text = "".join(text.split())
+    if len(text) > limits.max_encoded_chars:
+        raise _too_many_bytes(field, limits)
+    if not text:
+        raise ApiError(422, "invalid_image", f"{field}: the image is empty", field=field)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(
+            422, "invalid_base64", f"{field}: not valid base64 (standard alphabet)", field=field
+        ) from None
+    if len(data) > limits.max_bytes:
+        raise _too_many_bytes(field, limits)
+    return data
+
+
+def _too_many_bytes(field: str, limits: ImageLimits) -> ApiError:
+    return ApiError(
+        413,
+        "image_too_large",
+        f"{field}: the image exceeds {limits.max_bytes} bytes (after base64 decoding)",
+        field=field,
+        limit=limits.max_bytes,
+    )
+
+
+def decode_image(text: str, field: str, limits: ImageLimits) -> np.ndarray:
+    """A base64 PNG/JPEG/WebP → uint8 [H, W, 3] RGB, or an ApiError naming `field`."""
+    data = decode_base64(text, field, limits)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ApiError(
+            415,
+            "unsupported_image_format",
+            f"{field}: not a PNG, JPEG or WebP image (detected from its content)",
+            field=field,
+            limit=list(FORMATS),
+        )
+    try:
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(field, limits, None) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, struct.error, ...
+        raise _corrupt(field, fmt, exc) from None
+    with image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ApiError(422, "invalid_image", f"{field}: the image has no pixels", field=field)
+        if width * height > limits.max_pixels:
+            raise _too_many_pixels(field, limits, (width, height))
+        try:
+            image.seek(0)
+            rgb = image.convert("RGB")
+        except Image.DecompressionBombError:
+            raise _too_many_pixels(field, limits, (width, height)) from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # a corrupt or truncated file, whichever way Pillow says it
+            raise _corrupt(field, fmt, exc) from None
+    array = np.asarray(rgb, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ApiError(422, "invalid_image", f"{field}: could not convert to RGB", field=field)
+    return np.ascontiguousarray(array)
+
+
+def _too_many_pixels(field: str, limits: ImageLimits, size: tuple[int, int] | None) -> ApiError:
+    got = f" ({size[0]}×{size[1]})" if size else ""
+    return ApiError(
+        413,
+        "image_too_many_pixels",
+        f"{field}: the image has more than {limits.max_pixels} pixels{got}",
+        field=field,
+        limit=limits.max_pixels,
+    )
+
+
+def _corrupt(field: str, fmt: str, exc: BaseException) -> ApiError:
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return ApiError(
+        422, "invalid_image", f"{field}: corrupt or truncated {fmt} ({reason})", field=field
+    )

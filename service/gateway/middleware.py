@@ -1,0 +1,152 @@
+"""The gateway's one ASGI middleware: request ids, auth, body size, metrics, last-resort errors.
+
+For every HTTP request, before any route runs:
+- a request id is taken from `X-Request-ID` (if valid) or generated; routes replace it with
+  the body's `request_id`; every response carries the final one in `X-Request-ID`;
+- paths under `/v1/` need a valid Bearer key when keys are configured (401 otherwise), checked
+  before the body is read, so an unauthenticated client cannot make the gateway parse anything;
+- a body over `max_request_bytes` is refused: at once from `Content-Length`, or while it
+  streams in (chunked uploads);
+- the request is counted and timed by route template and status;
+- an exception nothing else handled becomes a JSON 500 without a traceback (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.gateway.auth import bearer_token, key_matches
+from service.gateway.errors import ApiError, error_response
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.request_ids import HEADER, new_request_id, valid_request_id
+
+log = logging.getLogger("service.gateway")
+
+PROTECTED_PREFIX = "/v1/"
+
+
+class GatewayMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: list[BaseRoute],
+        metrics: GatewayMetrics,
+        keys: list[bytes],
+        max_request_bytes: int,
+    ) -> None:
+        self.app = app
+        self.routes = routes  # filled by create_app once every route exists
+        self.metrics = metrics
+        self.keys = keys
+        self.max_request_bytes = max_request_bytes
+
+    def _endpoint(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is not None and hasattr(route, "path"):
+            return route.path
+        path = scope.get("path", "")
+        for candidate in self.routes:  # a request refused before routing (401, 413)
+            regex = getattr(candidate, "path_regex", None)
+            if regex is not None and regex.match(path):
+                return candidate.path
+        return "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = Headers(scope=scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = valid_request_id(headers.get(HEADER)) or new_request_id()
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                MutableHeaders(scope=message)[HEADER] = state["request_id"]
+            await send(message)
+
+        try:
+            refusal = self._refuse(scope, headers)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
+                return
+            await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = error_response(
+                500, "internal_error", "internal error (logged)", state["request_id"]
+            )
+            await response(scope, receive, send_with_id)
+        finally:
+            endpoint = self._endpoint(scope)
+            method = scope.get("method", "")
+            elapsed = time.perf_counter() - start
+            self.metrics.requests.labels(endpoint, method, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint, method, str(status)).observe(elapsed)
+
+    def _refuse(self, scope: Scope, headers: Headers):
+        rid = scope["state"]["request_id"]
+        if self.keys and scope.get("path", "").startswith(PROTECTED_PREFIX):
+            token = bearer_token(headers.get("authorization"))
+            if not key_matches(token, self.keys):
+                message = "missing API key" if token is None else "invalid API key"
+                return error_response(
+                    401,
+                    "unauthorized",
+                    f"{message}: send 'Authorization: Bearer <key>'",
+                    rid,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                return error_response(400, "bad_request", "invalid Content-Length header", rid)
+            if size > self.max_request_bytes:
+                return self._too_large(rid)
+        return None
+
+    def _too_large(self, rid: str):
+        return error_response(
+            413,
+            "request_too_large",
+            f"the request body exceeds {self.max_request_bytes} bytes",
+            rid,
+            field="body",
+            limit=self.max_request_bytes,
+        )
+
+    def _limited(self, receive: Receive) -> Receive:
+        limit = self.max_request_bytes
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise ApiError(
+                        413,
+                        "request_too_large",
+                        f"the request body exceeds {limit} bytes",
+                        field="body",
+                        limit=limit,
+                    )
+            return message
+
+        return limited_receive

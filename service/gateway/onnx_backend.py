@@ -1,0 +1,97 @@
+"""A second reward backend: the exported repository's ONNX files under ONNX Runtime, in process.
+
+Same protocol as the Triton client (`RewardBackendProtocol`), same files Triton serves
+(`<repo>/<model>/1/model.onnx`, tensor names of `service.model_contract`), so the gateway runs
+for development without a Triton server and tests exercise the real models. Sessions run in a
+worker thread (`asyncio.to_thread`) so the event loop never blocks; ONNX Runtime errors come out
+as `BackendError`, calls after `close()` as `BackendUnavailable`. onnxruntime is imported
+lazily: it is needed only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+
+from service import model_contract as contract
+from service.gateway.backend import BackendError, BackendUnavailable
+
+_IMAGE = contract.image_encoder(0)
+_TEXT = contract.text_encoder(0)
+_HEAD_INPUTS = tuple(t.name for t in contract.reward_head(0, has_head=False).inputs)
+
+
+class OnnxBackend:
+    """The three models of an exported repository under ONNX Runtime (CPU)."""
+
+    def __init__(self, repository: str | Path, *, intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.repository = Path(repository)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        self._sessions = {}
+        for spec in (_IMAGE, _TEXT, contract.reward_head(0, has_head=False)):
+            path = self.repository / spec.name / "1" / "model.onnx"
+            if not path.is_file():
+                raise ValueError(f"not an exported repository (missing {path})")
+            self._sessions[spec.name] = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        self.reward_outputs = tuple(o.name for o in self._sessions["reward_head"].get_outputs())
+        self._closed = False
+
+    async def _run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise BackendUnavailable(f"{model}: the ONNX backend is closed")
+        session = self._sessions[model]
+        names = [o.name for o in session.get_outputs()]
+        try:
+            values = await asyncio.to_thread(session.run, names, feeds)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"{model}: onnxruntime: {exc}") from exc
+        return dict(zip(names, values, strict=True))
+
+    async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise BackendError(f"images must be uint8 [B,H,W,3], got {images.dtype} {images.shape}")
+        out = await self._run(_IMAGE.name, {_IMAGE.inputs[0].name: images})
+        return out[_IMAGE.outputs[0].name]
+
+    async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] != contract.CONTEXT_LENGTH:
+            raise BackendError(f"ids must be [B,{contract.CONTEXT_LENGTH}], got {ids.shape}")
+        out = await self._run(_TEXT.name, {_TEXT.inputs[0].name: ids})
+        return out[_TEXT.outputs[0].name]
+
+    async def rewards(
+        self,
+        image_embeds: np.ndarray,
+        prompt_embeds: np.ndarray,
+        prompt_mask: np.ndarray,
+        scale: np.ndarray,
+        lam: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        arrays = (
+            np.ascontiguousarray(image_embeds, dtype=np.float32),
+            np.ascontiguousarray(prompt_embeds, dtype=np.float32),
+            np.ascontiguousarray(prompt_mask, dtype=np.bool_),
+            np.ascontiguousarray(scale, dtype=np.float32),
+            np.ascontiguousarray(lam, dtype=np.float32),
+        )
+        if len({a.shape[0] for a in arrays}) != 1:
+            raise BackendError(
+                f"reward inputs disagree on the batch size: {[a.shape for a in arrays]}"
+            )
+        return await self._run("reward_head", dict(zip(_HEAD_INPUTS, arrays, strict=True)))
+
+    async def ready(self) -> bool:
+        return not self._closed
+
+    async def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,133 @@
+"""The registry of contrastive prompt sets (in memory, per gateway process).
+
+A set is a prompt and its cleaned contrastive prompts (`clean_contrastive_set`: stripped, no
+blanks, no prompt, no repeats). It has an id: the client's, or a content hash
+(``ps_`` + 16 hex digits of sha256 over the normalised prompt and the set), so registering the
+same content twice is idempotent. Sets are also indexed by their prompt (normalised as the
+contrastive package compares prompts: case-folded, whitespace collapsed): scoring a prompt that
+has a registered set uses it without naming the id; the latest registration for a prompt wins.
+Imports (`parse_prompt_sets`, the TextNorm authors' JSON format) register one set per prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+
+from service.contrastive import NoContrastivePrompts, clean_contrastive_set
+from service.contrastive.dedupe import normalise as normalise_prompt
+
+PROMPT_SET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+_ID = re.compile(PROMPT_SET_ID_PATTERN)
+
+
+class PromptSetConflict(ValueError):
+    """An id already names a set with different content."""
+
+
+class RegistryFull(ValueError):
+    """The registry holds `max_sets` sets already."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    id: str
+    prompt: str
+    contrastive: tuple[str, ...]
+    source: str  # "registered" | "imported"
+    seq: int = field(default_factory=itertools.count().__next__)  # registration order
+
+    @property
+    def content_key(self) -> tuple[str, tuple[str, ...]]:
+        return normalise_prompt(self.prompt), self.contrastive
+
+
+def content_id(prompt: str, contrastive: list[str] | tuple[str, ...]) -> str:
+    payload = json.dumps([normalise_prompt(prompt), list(contrastive)], ensure_ascii=False)
+    return "ps_" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def valid_set_id(set_id: str) -> bool:
+    return bool(_ID.fullmatch(set_id))
+
+
+class PromptSetRegistry:
+    def __init__(self, max_sets: int) -> None:
+        self.max_sets = max_sets
+        self._sets: dict[str, PromptSet] = {}
+        self._by_prompt: dict[str, str] = {}  # normalised prompt → id (latest registration)
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    @staticmethod
+    def clean(prompt: str, contrastive: list[str]) -> tuple[str, ...]:
+        """The cleaned set; NoContrastivePrompts when nothing is left."""
+        return tuple(clean_contrastive_set(prompt, contrastive))
+
+    def prepare(
+        self,
+        prompt: str,
+        contrastive: tuple[str, ...],
+        set_id: str | None,
+        source: str,
+        pending: int = 0,
+    ) -> tuple[PromptSet, bool]:
+        """The set to add (not added yet) and whether it is new. Raises PromptSetConflict
+        when `set_id` names a set with different content, RegistryFull when the registry
+        (with `pending` sets about to be added) is full."""
+        set_id = set_id or content_id(prompt, contrastive)
+        candidate = PromptSet(set_id, prompt.strip(), contrastive, source)
+        existing = self._sets.get(set_id)
+        if existing is not None:
+            if existing.content_key != candidate.content_key:
+                raise PromptSetConflict(
+                    f"prompt set {set_id!r} already exists with a different prompt or set; "
+                    "delete it first or choose another id"
+                )
+            return existing, False
+        if len(self._sets) + pending >= self.max_sets:
+            raise RegistryFull(f"the registry already holds {self.max_sets} prompt sets")
+        return candidate, True
+
+    def add(self, prompt_set: PromptSet) -> None:
+        self._sets[prompt_set.id] = prompt_set
+        self._by_prompt[normalise_prompt(prompt_set.prompt)] = prompt_set.id
+
+    def get(self, set_id: str) -> PromptSet | None:
+        return self._sets.get(set_id)
+
+    def for_prompt(self, prompt: str) -> PromptSet | None:
+        set_id = self._by_prompt.get(normalise_prompt(prompt))
+        return self._sets.get(set_id) if set_id is not None else None
+
+    def all(self) -> list[PromptSet]:
+        return sorted(self._sets.values(), key=lambda s: s.seq)
+
+    def remove(self, set_id: str) -> PromptSet | None:
+        removed = self._sets.pop(set_id, None)
+        if removed is None:
+            return None
+        key = normalise_prompt(removed.prompt)
+        if self._by_prompt.get(key) == set_id:
+            del self._by_prompt[key]
+            # Another set for the same prompt (registered earlier) takes over, newest first.
+            others = [s for s in self._sets.values() if normalise_prompt(s.prompt) == key]
+            if others:
+                self._by_prompt[key] = max(others, key=lambda s: s.seq).id
+        return removed
+
+
+__all__ = [
+    "NoContrastivePrompts",
+    "PROMPT_SET_ID_PATTERN",
+    "PromptSet",
+    "PromptSetConflict",
+    "PromptSetRegistry",
+    "RegistryFull",
+    "content_id",
+    "valid_set_id",
+]

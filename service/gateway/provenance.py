@@ -1,0 +1,156 @@
+"""An exported repository's provenance.json, read (JSON only) and turned into response blocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from service import model_contract as contract
+from service.gateway.schemas import (
+    ExporterInfo,
+    HeadInfo,
+    ModelCard,
+    ModelInfo,
+    Provenance,
+    TextNormUsed,
+    TokenizerInfo,
+)
+from service.gateway.tokens import ClipTokenizer
+
+GATEWAY_VERSION = "1"
+
+
+def load_provenance(repository: str | Path) -> dict[str, Any]:
+    """provenance.json of an exported repository; ValueError with one line if unusable."""
+    path = Path(repository) / "provenance.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"not an exported repository (no provenance.json): {repository}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable {path}: {exc}") from None
+    check_provenance(data, str(path))
+    return data
+
+
+def check_provenance(data: object, where: str = "provenance") -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}: no 'model' object")
+    for key in ("source", "checkpoint_sha256", "embed_dim"):
+        if key not in model:
+            raise ValueError(f"{where}: model.{key} is missing")
+    if not isinstance(data.get("cache_key"), str):
+        raise ValueError(f"{where}: cache_key is missing")
+
+
+def model_name(source: str) -> str:
+    """A readable name: a hub id as is, a local directory by its last component."""
+    path = PurePosixPath(source)
+    if source.startswith((".", "/", "~")) or len(path.parts) != 2:
+        return path.name or source
+    return source
+
+
+def reward_names(has_head: bool) -> list[str]:
+    names = contract.CLIP_REWARDS + (contract.HEAD_REWARDS if has_head else ())
+    return [n.lower() for n in names]
+
+
+class ProvenanceInfo:
+    """The fixed part of every response's provenance block, built once per app."""
+
+    def __init__(
+        self, data: dict[str, Any], tokenizer: ClipTokenizer, truncate_long_prompts: bool
+    ) -> None:
+        check_provenance(data)
+        self.data = data
+        m = data["model"]
+        self.model = ModelInfo(
+            name=model_name(str(m["source"])),
+            source=str(m["source"]),
+            checkpoint_sha256=str(m["checkpoint_sha256"]),
+            embed_dim=int(m["embed_dim"]),
+            image_size=m.get("image_size"),
+        )
+        head = data.get("head")
+        self.head = HeadInfo(source=head.get("source"), sha256=head.get("sha256")) if head else None
+        options = data.get("options") or {}
+        self.exporter = ExporterInfo(
+            format=data.get("format"),
+            target=options.get("target"),
+            precision=options.get("precision"),
+            max_batch=options.get("max_batch"),
+            versions=data.get("versions") or {},
+        )
+        defaults = data.get("textnorm_defaults") or {}
+        self.default_scale = float(defaults.get("scale", options.get("textnorm_scale", 1.0)))
+        self.default_lambda = float(
+            defaults.get("ensemble_lambda", options.get("ensemble_lambda", 1.0))
+        )
+        self.max_prompts = int(defaults.get("max_prompts", contract.MAX_PROMPTS))
+        self.tokenizer = TokenizerInfo(
+            file=str(tokenizer.path),
+            sha256=tokenizer.sha256,
+            context_length=tokenizer.context_length,
+            pad_id=tokenizer.eos_id,
+            truncate_long_prompts=truncate_long_prompts,
+        )
+        self.cache_key = str(data["cache_key"])
+        self.has_head = self.head is not None
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.model.checkpoint_sha256
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.exporter.max_batch
+
+    def block(
+        self,
+        scale: float | None = None,
+        lam: float | None = None,
+        rule: str | None = None,
+        allow_missing: bool | None = None,
+    ) -> Provenance:
+        return Provenance(
+            model=self.model,
+            head=self.head,
+            textnorm=TextNormUsed(
+                scale=self.default_scale if scale is None else scale,
+                ensemble_lambda=self.default_lambda if lam is None else lam,
+                max_prompts=self.max_prompts,
+                rule=rule,
+                allow_missing=allow_missing,
+            ),
+            tokenizer=self.tokenizer,
+            exporter=self.exporter,
+            cache_key=self.cache_key,
+            gateway={"version": GATEWAY_VERSION},
+        )
+
+    def model_card(self) -> ModelCard:
+        return ModelCard(
+            name=self.model.name,
+            source=self.model.source,
+            checkpoint_sha256=self.model.checkpoint_sha256,
+            head=self.head,
+            embed_dim=self.model.embed_dim,
+            image_size=self.model.image_size,
+            rewards=reward_names(self.has_head),
+            textnorm_defaults={
+                "scale": self.default_scale,
+                "ensemble_lambda": self.default_lambda,
+                "max_prompts": self.max_prompts,
+            },
+            max_batch=self.max_batch,
+            cache_key=self.cache_key,
+        )

@@ -1,0 +1,272 @@
+"""Typed request and response models of the gateway's REST API (they document the OpenAPI).
+
+Requests forbid unknown fields: a typo such as ``"scle"`` is a 422, not a silently ignored
+setting that changes which reward a training run optimised. Limits that depend on settings
+(items per request, prompt length, contrastive prompts per prompt) are checked by the app so
+their errors can name the configured limit.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.gateway.prompt_sets import PROMPT_SET_ID_PATTERN
+from service.gateway.request_ids import REQUEST_ID_PATTERN
+
+RequestId = Annotated[
+    str,
+    StringConstraints(pattern=REQUEST_ID_PATTERN),
+    Field(description="client request id (1-128 printable ASCII characters, no spaces)"),
+]
+PromptSetId = Annotated[
+    str,
+    StringConstraints(pattern=PROMPT_SET_ID_PATTERN),
+    Field(description="id of a registered prompt set"),
+]
+Rule = Literal["auto", "counting", "composition", "attributes"]
+RewardField = Literal["raw", "textnorm", "head", "textnorm_head", "ensemble_mean", "ensemble_uw"]
+Base64Image = Annotated[
+    str,
+    Field(
+        description="base64 PNG, JPEG or WebP (format detected from the content); an optional "
+        "`data:image/...;base64,` prefix is accepted",
+    ),
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests --------------------------------------------------------------------------------------
+class TextNormOptions(_Request):
+    """TextNorm settings for the request; unset fields take the model's defaults."""
+
+    scale: float | None = Field(
+        default=None, gt=0, le=1e4, allow_inf_nan=False, description="TextNorm scale c"
+    )
+    ensemble_lambda: float | None = Field(
+        default=None, ge=0, le=1e4, allow_inf_nan=False, description="λ of the ensemble"
+    )
+    contrastive: list[str] | None = Field(
+        default=None, description="explicit contrastive prompts for every item (cleaned per item)"
+    )
+    prompt_set: PromptSetId | None = Field(
+        default=None, description="registered prompt set to use (its prompt must be the item's)"
+    )
+    rule: Rule = Field(
+        default="auto", description="rule that builds contrastive prompts when none are given"
+    )
+    allow_missing: bool = Field(
+        default=False,
+        description="when a prompt has no contrastive prompts, answer with null TextNorm "
+        "fields instead of a 422",
+    )
+
+
+class ScoreItem(_Request):
+    image: Base64Image
+    prompt: str = Field(description="the prompt the image was generated for")
+    contrastive: list[str] | None = Field(
+        default=None, description="this item's contrastive prompts (overrides the request's)"
+    )
+    prompt_set: PromptSetId | None = Field(
+        default=None, description="this item's registered prompt set (overrides the request's)"
+    )
+
+
+class ScoreRequest(_Request):
+    items: list[ScoreItem] = Field(min_length=1, description="(image, prompt) pairs to score")
+    request_id: RequestId | None = None
+    textnorm: TextNormOptions = Field(default_factory=TextNormOptions)
+
+
+class GroupRequest(_Request):
+    prompt: str = Field(description="the one prompt of the group")
+    images: list[Base64Image] = Field(min_length=1, description="the group's images")
+    request_id: RequestId | None = None
+    textnorm: TextNormOptions = Field(default_factory=TextNormOptions)
+    advantages: bool = Field(
+        default=False, description="also return (r - mean) / (std + eps) over the group"
+    )
+    advantage_of: RewardField = Field(
+        default="textnorm", description="the reward the advantages are computed from"
+    )
+    advantage_eps: float = Field(default=1e-6, ge=0, le=1.0, allow_inf_nan=False)
+
+
+class PromptSetCreate(_Request):
+    id: PromptSetId | None = Field(default=None, description="default: a content hash")
+    prompt: str
+    contrastive: list[str] = Field(min_length=1)
+    request_id: RequestId | None = None
+
+
+# -- responses -------------------------------------------------------------------------------------
+class ModelInfo(BaseModel):
+    name: str
+    source: str
+    checkpoint_sha256: str
+    embed_dim: int
+    image_size: int | None = None
+
+
+class HeadInfo(BaseModel):
+    source: str | None = None
+    sha256: str | None = None
+
+
+class TextNormUsed(BaseModel):
+    scale: float
+    ensemble_lambda: float
+    max_prompts: int
+    rule: Rule | None = None
+    allow_missing: bool | None = None
+
+
+class TokenizerInfo(BaseModel):
+    file: str
+    sha256: str
+    context_length: int
+    pad_id: int
+    truncate_long_prompts: bool
+
+
+class ExporterInfo(BaseModel):
+    format: Any = None
+    target: str | None = None
+    precision: str | None = None
+    max_batch: int | None = None
+    versions: dict[str, Any] = Field(default_factory=dict)
+
+
+class Provenance(BaseModel):
+    """Which reward this is: enough for a training run to prove what it optimised."""
+
+    model: ModelInfo
+    head: HeadInfo | None
+    textnorm: TextNormUsed
+    tokenizer: TokenizerInfo
+    exporter: ExporterInfo
+    cache_key: str
+    gateway: dict[str, str]
+
+
+class ItemResult(BaseModel):
+    raw: float = Field(description="CLIP reward: cosine of image and prompt embeddings")
+    textnorm: float | None = Field(description="P(true prompt) over [prompt] + contrastive")
+    head: float | None = Field(default=None, description="learned reward head (if exported)")
+    textnorm_head: float | None = None
+    ensemble_mean: float | None = None
+    ensemble_uw: float | None = None
+    contrastive_count: int
+    contrastive_source: Literal["explicit", "prompt_set", "rule", "none"]
+    prompt_set: str | None = Field(default=None, description="id of the prompt set used")
+    prompt_truncated: bool
+    contrastive_truncated: int = Field(
+        default=0, description="contrastive prompts truncated to the context length"
+    )
+
+
+class ScoreResponse(BaseModel):
+    request_id: str
+    results: list[ItemResult]
+    provenance: Provenance
+
+
+class GroupResponse(BaseModel):
+    request_id: str
+    prompt: str
+    results: list[ItemResult]
+    advantages: list[float] | None = None
+    advantage_of: RewardField | None = None
+    reward_mean: float | None = None
+    reward_std: float | None = Field(default=None, description="population std (ddof 0)")
+    provenance: Provenance
+
+
+class PromptSetOut(BaseModel):
+    id: str
+    prompt: str
+    contrastive: list[str]
+    contrastive_count: int
+    source: Literal["registered", "imported"]
+
+
+class PromptSetResponse(BaseModel):
+    request_id: str
+    prompt_set: PromptSetOut
+    created: bool
+    pre_encoded: bool = Field(description="its embeddings are cached (backend was up)")
+    provenance: Provenance
+
+
+class PromptSetImportResponse(BaseModel):
+    request_id: str
+    prompt_sets: list[PromptSetOut]
+    created: int
+    pre_encoded: bool
+    provenance: Provenance
+
+
+class PromptSetList(BaseModel):
+    request_id: str
+    prompt_sets: list[PromptSetOut]
+    provenance: Provenance
+
+
+class PromptSetGet(BaseModel):
+    request_id: str
+    prompt_set: PromptSetOut
+    provenance: Provenance
+
+
+class PromptSetDeleted(BaseModel):
+    request_id: str
+    id: str
+    deleted: bool
+    provenance: Provenance
+
+
+class ModelCard(BaseModel):
+    name: str
+    source: str
+    checkpoint_sha256: str
+    head: HeadInfo | None
+    embed_dim: int
+    image_size: int | None
+    rewards: list[str]
+    textnorm_defaults: dict[str, Any]
+    max_batch: int | None
+    cache_key: str
+
+
+class ModelsResponse(BaseModel):
+    request_id: str
+    models: list[ModelCard]
+    provenance: Provenance
+
+
+class Health(BaseModel):
+    status: str
+    request_id: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    request_id: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable error name")
+    message: str
+    field: str | None = Field(default=None, description="offending field, e.g. items[3].image")
+    limit: Any = Field(default=None, description="the limit that was exceeded, if any")
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    request_id: str

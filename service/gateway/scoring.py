@@ -1,0 +1,369 @@
+"""Scoring orchestration: contrastive sets → text embeddings (cached) → image embeddings → rewards.
+
+Per item the contrastive prompts come from, in order of precedence: the item's explicit list,
+the item's prompt-set id, the request's explicit list, the request's prompt-set id, a set
+registered for the item's prompt, and finally the request's rule (default "auto"; a rule's
+output is cut to the first `max_contrastive_prompts`). A prompt with no contrastive prompts is a
+422 naming the item, unless the client allowed missing sets (then TextNorm fields are null: the
+1/|P| = 1.0 of a one-prompt set would be misleading).
+
+Per request: every unique prompt (true and contrastive, compared after the tokenizer's own
+normalisation) is looked up in the embedding cache and only the misses are encoded, in one
+batch; images are grouped by size (one size per encode call); all items' rewards come from one
+`rewards` call with the prompt sets padded to MAX_PROMPTS and masked. (`GuardedBackend` splits
+any call over the exported model's maximum batch into concurrent calls.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service import model_contract as contract
+from service.contrastive import NoContrastivePrompts, contrastive_prompts
+from service.contrastive.dedupe import normalise as normalise_prompt
+from service.contrastive.errors import quote_prompt
+from service.gateway.backend import GuardedBackend
+from service.gateway.embedding_cache import CacheKey, EmbeddingCache
+from service.gateway.errors import ApiError
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.prompt_sets import PromptSet, PromptSetRegistry
+from service.gateway.provenance import ProvenanceInfo
+from service.gateway.schemas import ItemResult, TextNormOptions
+from service.gateway.tokens import ClipTokenizer, Tokenized
+
+_OUTPUTS = {
+    "HEAD": "head",
+    "TEXTNORM_HEAD": "textnorm_head",
+    "ENSEMBLE_MEAN": "ensemble_mean",
+    "ENSEMBLE_UW": "ensemble_uw",
+}
+_NEED_CONTRASTIVE = {"TEXTNORM_HEAD", "ENSEMBLE_MEAN", "ENSEMBLE_UW"}
+
+
+@dataclass
+class ContrastivePlan:
+    prompts: list[str]
+    source: str  # "explicit" | "prompt_set" | "rule" | "none"
+    set_id: str | None = None
+    field: str = ""  # the request field the contrastive prompts came from
+
+    @property
+    def metric_label(self) -> str:
+        return self.set_id if self.source == "prompt_set" and self.set_id else self.source
+
+
+@dataclass
+class PlannedItem:
+    """One (image, prompt) to score, with everything decided before any backend call."""
+
+    prompt: str
+    plan: ContrastivePlan
+    prompt_field: str
+    image_field: str
+    prompt_truncated: bool = False
+    contrastive_truncated: int = 0
+    keys: list[str] = field(default_factory=list)  # normalised [prompt, *contrastive]
+
+
+@dataclass
+class TextPlan:
+    """Unique prompts of a request, keyed by the tokenizer's normalisation."""
+
+    texts: dict[str, str] = field(default_factory=dict)  # normalised → first original text
+    tokens: dict[str, int] = field(default_factory=dict)  # normalised → row in `tokenized`
+    tokenized: Tokenized | None = None
+
+
+class Scorer:
+    def __init__(
+        self,
+        *,
+        backend: GuardedBackend,
+        tokenizer: ClipTokenizer,
+        cache: EmbeddingCache,
+        registry: PromptSetRegistry,
+        metrics: GatewayMetrics,
+        provenance: ProvenanceInfo,
+        max_prompt_chars: int,
+        max_contrastive: int,
+        truncate_long_prompts: bool,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.registry = registry
+        self.metrics = metrics
+        self.provenance = provenance
+        self.max_prompt_chars = max_prompt_chars
+        self.max_contrastive = min(max_contrastive, contract.MAX_PROMPTS - 1)
+        self.truncate_long_prompts = truncate_long_prompts
+
+    # -- checks --------------------------------------------------------------------------------
+    def check_prompt(self, prompt: str, field_name: str) -> str:
+        if not prompt.strip():
+            raise ApiError(
+                422, "empty_prompt", f"{field_name}: the prompt is empty", field=field_name
+            )
+        if len(prompt) > self.max_prompt_chars:
+            raise ApiError(
+                422,
+                "prompt_too_many_characters",
+                f"{field_name}: {len(prompt)} characters, over the limit of "
+                f"{self.max_prompt_chars}",
+                field=field_name,
+                limit=self.max_prompt_chars,
+            )
+        return prompt
+
+    def check_contrastive_list(self, prompts: list[str], field_name: str) -> None:
+        if len(prompts) > self.max_contrastive:
+            raise ApiError(
+                422,
+                "too_many_contrastive_prompts",
+                f"{field_name}: {len(prompts)} contrastive prompts, over the limit of "
+                f"{self.max_contrastive}",
+                field=field_name,
+                limit=self.max_contrastive,
+            )
+        for j, text in enumerate(prompts):
+            if len(text) > self.max_prompt_chars:
+                raise ApiError(
+                    422,
+                    "prompt_too_many_characters",
+                    f"{field_name}[{j}]: {len(text)} characters, over the limit of "
+                    f"{self.max_prompt_chars}",
+                    field=f"{field_name}[{j}]",
+                    limit=self.max_prompt_chars,
+                )
+
+    def _set_for_id(self, set_id: str, prompt: str, field_name: str) -> PromptSet:
+        found = self.registry.get(set_id)
+        if found is None:
+            raise ApiError(
+                422,
+                "unknown_prompt_set",
+                f"{field_name}: no prompt set with id {set_id!r}",
+                field=field_name,
+            )
+        if found.content_key[0] != normalise_prompt(prompt):
+            raise ApiError(
+                422,
+                "prompt_set_mismatch",
+                f"{field_name}: prompt set {set_id!r} is for {quote_prompt(found.prompt)}, "
+                f"not {quote_prompt(prompt)}",
+                field=field_name,
+            )
+        return found
+
+    # -- planning ------------------------------------------------------------------------------
+    def plan_contrastive(
+        self,
+        prompt: str,
+        prompt_field: str,
+        options: TextNormOptions,
+        item_prefix: str | None = None,
+        item_contrastive: list[str] | None = None,
+        item_set: str | None = None,
+    ) -> ContrastivePlan:
+        """The contrastive prompts of one item (see the module docstring for the order)."""
+        if item_contrastive is not None:
+            where = f"{item_prefix}.contrastive"
+            return self._explicit(prompt, prompt_field, item_contrastive, where, options)
+        if item_set is not None:
+            where = f"{item_prefix}.prompt_set"
+            found = self._set_for_id(item_set, prompt, where)
+            return ContrastivePlan(list(found.contrastive), "prompt_set", found.id, where)
+        if options.contrastive is not None:
+            where = "textnorm.contrastive"
+            return self._explicit(prompt, prompt_field, options.contrastive, where, options)
+        if options.prompt_set is not None:
+            where = "textnorm.prompt_set"
+            found = self._set_for_id(options.prompt_set, prompt, where)
+            return ContrastivePlan(list(found.contrastive), "prompt_set", found.id, where)
+        registered = self.registry.for_prompt(prompt)
+        if registered is not None:
+            return ContrastivePlan(
+                list(registered.contrastive), "prompt_set", registered.id, prompt_field
+            )
+        try:
+            generated = contrastive_prompts(prompt, options.rule)
+        except NoContrastivePrompts as exc:
+            return self._missing(prompt_field, prompt, options, f"rule {options.rule!r}: {exc}")
+        return ContrastivePlan(generated[: self.max_contrastive], "rule", field=prompt_field)
+
+    def _explicit(
+        self,
+        prompt: str,
+        prompt_field: str,
+        candidates: list[str],
+        field_name: str,
+        options: TextNormOptions,
+    ) -> ContrastivePlan:
+        self.check_contrastive_list(candidates, field_name)
+        try:
+            cleaned = PromptSetRegistry.clean(prompt, candidates)
+        except NoContrastivePrompts as exc:
+            return self._missing(prompt_field, prompt, options, f"{field_name}: {exc}")
+        return ContrastivePlan(list(cleaned), "explicit", field=field_name)
+
+    def _missing(
+        self, where: str, prompt: str, options: TextNormOptions, reason: str
+    ) -> ContrastivePlan:
+        if options.allow_missing:
+            return ContrastivePlan([], "none")
+        raise ApiError(
+            422,
+            "no_contrastive_prompts",
+            f"{where}: no contrastive prompts for prompt {quote_prompt(prompt)} ({reason}); "
+            "TextNorm over the prompt alone would be a meaningless 1.0. Supply "
+            "textnorm.contrastive or a prompt_set, pick another textnorm.rule, or set "
+            "textnorm.allow_missing to get null TextNorm fields",
+            field=where,
+        )
+
+    def plan_texts(self, items: Sequence[PlannedItem]) -> TextPlan:
+        """Tokenise every unique prompt once; enforce (or record) the context length."""
+        plan = TextPlan()
+        for item in items:
+            item.keys = []
+            for text in (item.prompt, *item.plan.prompts):
+                key = self.tokenizer.normalise(text)
+                item.keys.append(key)
+                plan.texts.setdefault(key, text)
+        keys = list(plan.texts)
+        plan.tokenized = self.tokenizer.encode([plan.texts[k] for k in keys])
+        plan.tokens = {k: i for i, k in enumerate(keys)}
+        ctx = self.tokenizer.context_length
+        for item in items:
+            rows = [plan.tokens[k] for k in item.keys]
+            truncated = plan.tokenized.truncated[rows]
+            if truncated.any() and not self.truncate_long_prompts:
+                j = int(np.argmax(truncated))
+                n_tokens = int(plan.tokenized.lengths[rows[j]])
+                if j == 0:
+                    where, what = item.prompt_field, "the prompt"
+                else:
+                    where = item.plan.field or item.prompt_field
+                    what = f"contrastive prompt {quote_prompt(item.plan.prompts[j - 1])}"
+                raise ApiError(
+                    422,
+                    "prompt_too_long",
+                    f"{where}: {what} has {n_tokens} tokens, over CLIP's {ctx}-token context "
+                    "(the server is configured to refuse rather than truncate)",
+                    field=where,
+                    limit=ctx,
+                )
+            item.prompt_truncated = bool(truncated[0])
+            item.contrastive_truncated = int(truncated[1:].sum())
+        return plan
+
+    # -- backend work --------------------------------------------------------------------------
+    def cache_key(self, normalised: str) -> CacheKey:
+        return (self.provenance.checkpoint_sha256, normalised)
+
+    async def text_embeddings(self, plan: TextPlan) -> dict[str, np.ndarray]:
+        """normalised prompt → embedding, from the cache or one encode of the misses."""
+        found: dict[str, np.ndarray] = {}
+        misses: list[str] = []
+        for key in plan.texts:
+            value = self.cache.get(self.cache_key(key))
+            if value is None:
+                misses.append(key)
+            else:
+                found[key] = value
+        self.metrics.cache_hits.inc(len(found))
+        self.metrics.cache_misses.inc(len(misses))
+        if misses:
+            assert plan.tokenized is not None
+            ids = plan.tokenized.ids[[plan.tokens[k] for k in misses]]
+            embeds = await self.backend.encode_texts(ids)
+            for key, emb in zip(misses, embeds, strict=True):
+                self.cache.put(self.cache_key(key), emb)
+                found[key] = emb
+            self.metrics.cache_entries.set(len(self.cache))
+        return found
+
+    async def image_embeddings(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """[N, D] in item order; one encode call per image size."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(i)
+        parts = await asyncio.gather(
+            *(
+                self.backend.encode_images(np.stack([images[i] for i in idx]))
+                for idx in groups.values()
+            )
+        )
+        out = np.empty((len(images), self.provenance.embed_dim), np.float32)
+        for idx, emb in zip(groups.values(), parts, strict=True):
+            out[idx] = emb
+        return out
+
+    async def score(
+        self,
+        items: Sequence[PlannedItem],
+        text_plan: TextPlan,
+        images: Sequence[np.ndarray],
+        scale: float,
+        lam: float,
+    ) -> list[ItemResult]:
+        texts, image_embeds = await asyncio.gather(
+            self.text_embeddings(text_plan), self.image_embeddings(images)
+        )
+        n, p, d = len(items), contract.MAX_PROMPTS, self.provenance.embed_dim
+        prompt_embeds = np.zeros((n, p, d), np.float32)
+        mask = np.zeros((n, p), bool)
+        for i, item in enumerate(items):
+            for j, key in enumerate(item.keys):
+                prompt_embeds[i, j] = texts[key]
+            mask[i, : len(item.keys)] = True
+        out = await self.backend.rewards(
+            image_embeds,
+            prompt_embeds,
+            mask,
+            np.full((n, 1), scale, np.float32),
+            np.full((n, 1), lam, np.float32),
+        )
+        results = []
+        for i, item in enumerate(items):
+            has_set = bool(item.plan.prompts)
+            values = {
+                "raw": float(out["RAW"][i]),
+                "textnorm": float(out["TEXTNORM"][i]) if has_set else None,
+            }
+            for name, key in _OUTPUTS.items():
+                if name in out and (has_set or name not in _NEED_CONTRASTIVE):
+                    values[key] = float(out[name][i])
+            results.append(
+                ItemResult(
+                    **values,
+                    contrastive_count=len(item.plan.prompts),
+                    contrastive_source=item.plan.source,
+                    prompt_set=item.plan.set_id,
+                    prompt_truncated=item.prompt_truncated,
+                    contrastive_truncated=item.contrastive_truncated,
+                )
+            )
+            if has_set:
+                self.metrics.observe_textnorm(item.plan.metric_label, values["textnorm"])
+            if item.prompt_truncated:
+                self.metrics.prompts_truncated.inc()
+        return results
+
+    async def pre_encode(self, texts: Sequence[str]) -> None:
+        """Encode and cache `texts` (a registered set) now; backend errors propagate."""
+        keys: dict[str, str] = {}
+        for text in texts:
+            keys.setdefault(self.tokenizer.normalise(text), text)
+        plan = TextPlan(texts=keys)
+        plan.tokenized = self.tokenizer.encode(list(keys.values()))
+        plan.tokens = {k: i for i, k in enumerate(keys)}
+        await self.text_embeddings(plan)
+
+    def set_cache_keys(self, prompt_set: PromptSet) -> list[CacheKey]:
+        texts = (prompt_set.prompt, *prompt_set.contrastive)
+        return list(dict.fromkeys(self.cache_key(self.tokenizer.normalise(t)) for t in texts))

@@ -1,0 +1,72 @@
+"""CLIP tokenisation without transformers: HF `tokenizers` on the model's tokenizer.json.
+
+Matches `CLIPTokenizer(prompts, padding="max_length", max_length=77, truncation=True)` (the
+exporter's `export.clip_model.tokenize`): `<|startoftext|>` … `<|endoftext|>`, a prompt over the
+context keeps its first 75 tokens and the end token, and rows are padded to 77 with the end
+token's id (the text encoder pools at the first end token, so padding never changes the
+embedding). Whether a prompt was truncated is reported, never silently hidden.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.model_contract import CONTEXT_LENGTH
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids: np.ndarray  # int64 [N, 77]
+    truncated: np.ndarray  # bool [N]
+    lengths: np.ndarray  # int [N], tokens before truncation (special tokens included)
+
+
+class ClipTokenizer:
+    def __init__(self, path: str | Path, context_length: int = CONTEXT_LENGTH) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"tokenizer file not found: {self.path}")
+        raw = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            self._tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises its own exception types
+            raise ValueError(f"cannot load tokenizer {self.path}: {exc}") from exc
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.bos_id = self._tok.token_to_id(BOS)
+        self.eos_id = self._tok.token_to_id(EOS)
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"{self.path}: not a CLIP tokenizer (no {BOS} / {EOS} tokens)")
+        self.context_length = context_length
+
+    def normalise(self, prompt: str) -> str:
+        """The tokenizer's own normalisation (CLIP: NFC, whitespace collapsed, lower case):
+        prompts equal after it have the same token ids, so it keys the embedding cache."""
+        normalizer = self._tok.normalizer
+        return normalizer.normalize_str(prompt) if normalizer is not None else prompt
+
+    def encode(self, prompts: list[str]) -> Tokenized:
+        n, ctx = len(prompts), self.context_length
+        ids = np.full((n, ctx), self.eos_id, dtype=np.int64)
+        truncated = np.zeros(n, dtype=bool)
+        lengths = np.zeros(n, dtype=np.int64)
+        for row, encoding in enumerate(self._tok.encode_batch(prompts, add_special_tokens=True)):
+            tokens = list(encoding.ids)
+            if not tokens or tokens[0] != self.bos_id:  # a tokenizer.json without the template
+                tokens.insert(0, self.bos_id)
+            if tokens[-1] != self.eos_id or len(tokens) == 1:
+                tokens.append(self.eos_id)
+            lengths[row] = len(tokens)
+            if len(tokens) > ctx:
+                tokens = tokens[: ctx - 1] + [self.eos_id]
+                truncated[row] = True
+            ids[row, : len(tokens)] = tokens
+        return Tokenized(ids=ids, truncated=truncated, lengths=lengths)

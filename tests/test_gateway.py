@@ -1,0 +1,793 @@
+"""The REST gateway (service/gateway) end to end, on a real exported repository.
+
+The backend is `OnnxBackend`: ONNX Runtime on the exported repository's own ONNX files (the
+files Triton serves). Tests against a running Triton live elsewhere. The repository is exported
+once per session from the shipped model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.contrastive import contrastive_prompts
+from service.gateway import BackendError, BackendUnavailable, check_bind, create_app
+from service.gateway.onnx_backend import OnnxBackend
+from service.gateway.provenance import load_provenance
+from service.model_contract import CONTEXT_LENGTH
+from service.settings import REPO_ROOT, SHIPPED_MODEL_DIR, Settings
+from service.textnorm import textnorm
+from shapes_world.grammar import describe
+from shapes_world.perturb import perturb
+from shapes_world.render import render
+from shapes_world.sampling import random_scene
+from shapes_world.scene import Caption, Group, Scene
+
+TRUE_PROMPT = "three red triangles on a grass background"
+TRUE_SCENE = Scene(groups=(Group(3, "red", "triangle"),), background="grass")
+SHORT_SET = [
+    "two red triangles on a grass background",
+    "three blue triangles on a grass background",
+    "three red circles on a grass background",
+    "three red triangles on a sand background",
+]
+
+
+# -- fixtures and helpers --------------------------------------------------------------------------
+def _model_dir() -> Path:
+    assert (SHIPPED_MODEL_DIR / "model.safetensors").is_file(), "the shipped model is missing"
+    return SHIPPED_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory) -> Path:
+    model = _model_dir()
+    out = tmp_path_factory.mktemp("gateway") / "repo"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "service.cli", "export", "--model", str(model), "--no-head"]
+    cmd += ["--out", str(out), "--max-batch", "16"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def provenance(repo) -> dict:
+    return load_provenance(repo)
+
+
+@pytest.fixture(scope="session")
+def onnx_backend(repo) -> OnnxBackend:
+    return OnnxBackend(repo, intra_op_threads=1)
+
+
+class RecordingBackend:
+    """Passes calls through to a real backend and records what the gateway asked for."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.image_shapes: list[tuple[int, ...]] = []
+        self.text_rows: list[int] = []
+        self.reward_rows: list[int] = []
+
+    async def encode_images(self, images):
+        self.image_shapes.append(images.shape)
+        return await self.inner.encode_images(images)
+
+    async def encode_texts(self, ids):
+        self.text_rows.append(len(ids))
+        return await self.inner.encode_texts(ids)
+
+    async def rewards(self, image_embeds, prompt_embeds, prompt_mask, scale, lam):
+        self.reward_rows.append(len(image_embeds))
+        return await self.inner.rewards(image_embeds, prompt_embeds, prompt_mask, scale, lam)
+
+    async def ready(self):
+        return await self.inner.ready()
+
+    async def close(self):
+        pass
+
+
+class DownBackend:
+    """A backend whose server is gone: every call raises BackendUnavailable."""
+
+    async def encode_images(self, images):
+        raise BackendUnavailable("image_encoder: connection refused")
+
+    async def encode_texts(self, ids):
+        raise BackendUnavailable("text_encoder: connection refused")
+
+    async def rewards(self, *args):
+        raise BackendUnavailable("reward_head: connection refused")
+
+    async def ready(self):
+        return False
+
+    async def close(self):
+        pass
+
+
+class HangingBackend(DownBackend):
+    """A backend that never answers."""
+
+    async def encode_images(self, images):
+        await asyncio.sleep(3600)
+
+    async def encode_texts(self, ids):
+        await asyncio.sleep(3600)
+
+    async def ready(self):
+        await asyncio.sleep(3600)
+
+
+@contextmanager
+def gateway(provenance, backend, **overrides):
+    app = create_app(Settings(**overrides), backend, provenance)
+    with TestClient(app) as client:
+        client.app_state = app.state.gateway
+        yield client
+
+
+@pytest.fixture
+def client(provenance, onnx_backend):
+    with gateway(provenance, onnx_backend) as c:
+        yield c
+
+
+def b64(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def world_image(scene: Scene = TRUE_SCENE, seed: int = 0, size: int = 96) -> Image.Image:
+    return render(scene, seed, size).image
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width × height but holds almost no data (a bomb's shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def metric(client, name: str, labels: dict | None = None) -> float:
+    value = client.app_state.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def assert_error(response, status: int, code: str, field: str | None = None, limit=None):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code, body
+    assert body["request_id"] == response.headers["x-request-id"]
+    if field is not None:
+        assert body["error"]["field"] == field, body
+        assert field in body["error"]["message"]
+    if limit is not None:
+        assert body["error"]["limit"] == limit, body
+    return body
+
+
+# -- rewards ---------------------------------------------------------------------------------------
+def test_rewards_equal_direct_onnx_and_numpy_textnorm(client, repo, provenance):
+    """Gateway results = ONNX Runtime on the same files + numpy TextNorm, within 1e-6."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    image_s = ort.InferenceSession(str(repo / "image_encoder/1/model.onnx"), options)
+    text_s = ort.InferenceSession(str(repo / "text_encoder/1/model.onnx"), options)
+    tok = Tokenizer.from_file(str(Path(provenance["model"]["source"]) / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+
+    def token_ids(prompts):
+        ids = np.full((len(prompts), CONTEXT_LENGTH), eos, np.int64)
+        for i, p in enumerate(prompts):
+            e = tok.encode(p).ids
+            ids[i, : len(e)] = e
+        return ids
+
+    rng = np.random.default_rng(1)
+    scale = 3.0
+    items, expected = [], []
+    for k in range(6):
+        scene = random_scene(rng, 1 + k % 2)
+        prompt = describe(Caption.of(scene))
+        image = world_image(scene, k, (64, 96, 128)[k % 3])
+        explicit = SHORT_SET if k == 5 else None
+        contrastive = [p for p in explicit if p != prompt] if explicit else None
+        contrastive = contrastive or contrastive_prompts(prompt, "auto")[:32]
+        items.append({"image": b64(image), "prompt": prompt, "contrastive": explicit})
+        img = image_s.run(None, {"IMAGE": np.asarray(image)[None]})[0][0]
+        txt = text_s.run(None, {"INPUT_IDS": token_ids([prompt, *contrastive])})[0]
+        sims = txt.astype(np.float64) @ img.astype(np.float64)
+        expected.append((sims[0], float(textnorm(sims, scale)), len(contrastive)))
+    r = client.post("/v1/score", json={"items": items, "textnorm": {"scale": scale}})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == len(items)
+    for got, (raw, tn, n) in zip(results, expected, strict=True):
+        assert abs(got["raw"] - raw) < 1e-6
+        assert abs(got["textnorm"] - tn) < 1e-6
+        assert got["contrastive_count"] == n
+    assert r.json()["provenance"]["textnorm"]["scale"] == scale
+
+
+def test_true_prompt_beats_one_attribute_off_prompts(client):
+    rng = np.random.default_rng(0)
+    wins = []
+    for k in range(12):
+        scene = random_scene(rng, 1)
+        image = b64(world_image(scene, k))
+        prompts = [describe(Caption.of(scene))]
+        for attribute in ("count", "colour", "shape", "background"):
+            prompts.append(describe(Caption.of(perturb(scene, attribute, rng))))
+        r = client.post(
+            "/v1/score", json={"items": [{"image": image, "prompt": p} for p in prompts]}
+        )
+        assert r.status_code == 200, r.text
+        tn = [x["textnorm"] for x in r.json()["results"]]
+        assert all(0 < t <= 1 for t in tn)
+        wins += [tn[0] > other for other in tn[1:]]
+    assert np.mean(wins) >= 0.8, np.mean(wins)
+
+
+def test_item_order_preserved_with_mixed_sizes(provenance, onnx_backend):
+    sizes = [(64, 64), (96, 96), (64, 64), (80, 120), (96, 96), (64, 64)]
+    rng = np.random.default_rng(5)
+    items = []
+    for k, (w, h) in enumerate(sizes):
+        scene = random_scene(rng, 1)
+        image = world_image(scene, k, max(w, h)).resize((w, h))
+        items.append({"image": b64(image), "prompt": describe(Caption.of(scene))})
+    recorder = RecordingBackend(onnx_backend)
+    with gateway(provenance, recorder) as c:
+        together = c.post("/v1/score", json={"items": items}).json()["results"]
+        # one encode call per distinct size, each call of one size
+        assert sorted(s[1:3] for s in recorder.image_shapes) == [(64, 64), (96, 96), (120, 80)]
+        assert sorted(s[0] for s in recorder.image_shapes) == [1, 2, 3]
+        assert recorder.reward_rows == [len(items)]  # one rewards call for all items
+        for item, result in zip(items, together, strict=True):
+            alone = c.post("/v1/score", json={"items": [item]}).json()["results"][0]
+            assert abs(alone["raw"] - result["raw"]) < 1e-6
+            assert abs(alone["textnorm"] - result["textnorm"]) < 1e-6
+
+
+def test_unique_prompts_encoded_once_and_cached_across_requests(provenance, onnx_backend):
+    recorder = RecordingBackend(onnx_backend)
+    image = b64(world_image())
+    items = [{"image": image, "prompt": TRUE_PROMPT, "contrastive": SHORT_SET}] * 3
+    with gateway(provenance, recorder) as c:
+        first = c.post("/v1/score", json={"items": items})
+        assert first.status_code == 200
+        assert sum(recorder.text_rows) == 1 + len(SHORT_SET)  # once, though used thrice
+        assert metric(c, "reward_gateway_embedding_cache_misses_total") == 5
+        hits_before = metric(c, "reward_gateway_embedding_cache_hits_total")
+        second = c.post("/v1/score", json={"items": items})
+        assert sum(recorder.text_rows) == 1 + len(SHORT_SET)  # nothing new encoded
+        assert metric(c, "reward_gateway_embedding_cache_hits_total") == hits_before + 5
+        # Case and spacing the tokenizer normalises away hit the same entries.
+        third = c.post(
+            "/v1/score",
+            json={
+                "items": [
+                    {"image": image, "prompt": "  Three RED triangles on a grass  background"}
+                ]
+            },
+        )
+        assert third.status_code == 200
+        assert first.json()["results"] == second.json()["results"]
+
+
+def test_long_prompt_refused_or_truncated(provenance, onnx_backend):
+    long_prompt = TRUE_PROMPT + ", " + "very " * 80 + "bright"
+    item = {"image": b64(world_image()), "prompt": long_prompt, "contrastive": SHORT_SET}
+    with gateway(provenance, onnx_backend) as c:
+        r = c.post("/v1/score", json={"items": [item]})
+        body = assert_error(r, 422, "prompt_too_long", "items[0].prompt", CONTEXT_LENGTH)
+        assert "truncate" in body["error"]["message"]
+    with gateway(provenance, onnx_backend, truncate_long_prompts=True) as c:
+        r = c.post("/v1/score", json={"items": [item]})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["prompt_truncated"] is True
+        assert r.json()["provenance"]["tokenizer"]["truncate_long_prompts"] is True
+        assert metric(c, "reward_gateway_prompts_truncated_total") == 1
+
+
+def test_missing_contrastive_prompts_422_unless_allowed(client):
+    image = b64(world_image())
+    items = [{"image": image, "prompt": TRUE_PROMPT}, {"image": image, "prompt": "hello world"}]
+    r = client.post("/v1/score", json={"items": items})
+    body = assert_error(r, 422, "no_contrastive_prompts", "items[1].prompt")
+    assert "'hello world'" in body["error"]["message"]
+    # Only the prompt itself in an explicit list: nothing left after cleaning.
+    solo = [{"image": image, "prompt": TRUE_PROMPT, "contrastive": [TRUE_PROMPT.upper()]}]
+    assert_error(client.post("/v1/score", json={"items": solo}), 422, "no_contrastive_prompts")
+    r = client.post("/v1/score", json={"items": items, "textnorm": {"allow_missing": True}})
+    assert r.status_code == 200, r.text
+    good, missing = r.json()["results"]
+    assert good["textnorm"] is not None and good["contrastive_source"] == "rule"
+    assert missing["textnorm"] is None and missing["contrastive_count"] == 0
+    assert missing["contrastive_source"] == "none" and -1 <= missing["raw"] <= 1
+
+
+# -- group endpoint --------------------------------------------------------------------------------
+def test_group_scores_and_advantages(provenance, onnx_backend):
+    rng = np.random.default_rng(3)
+    scenes = [TRUE_SCENE] * 3 + [perturb(TRUE_SCENE, a, rng) for a in ("count", "colour", "shape")]
+    images = [b64(world_image(s, seed)) for seed, s in enumerate(scenes)]
+    recorder = RecordingBackend(onnx_backend)
+    with gateway(provenance, recorder) as c:
+        body = {
+            "prompt": TRUE_PROMPT,
+            "images": images,
+            "textnorm": {"contrastive": SHORT_SET},
+            "advantages": True,
+            "request_id": "grpo-step-7",
+        }
+        r = c.post("/v1/score/group", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert recorder.text_rows == [1 + len(SHORT_SET)]  # one text encode for the group
+        assert out["request_id"] == "grpo-step-7" and out["advantage_of"] == "textnorm"
+        adv = np.array(out["advantages"])
+        assert len(adv) == len(images)
+        assert abs(adv.mean()) < 1e-9 and abs(adv.std() - 1) < 1e-3
+        tn = np.array([x["textnorm"] for x in out["results"]])
+        assert np.argmax(adv) == np.argmax(tn)
+        assert abs(out["reward_mean"] - tn.mean()) < 1e-12
+        # the same numbers as scoring the items one by one
+        items = [{"image": im, "prompt": TRUE_PROMPT, "contrastive": SHORT_SET} for im in images]
+        single = c.post("/v1/score", json={"items": items}).json()["results"]
+        assert np.allclose([x["textnorm"] for x in single], tn, atol=1e-6)
+        raw = c.post("/v1/score/group", json={**body, "advantage_of": "raw"}).json()
+        assert abs(np.mean(raw["advantages"])) < 1e-9 and raw["advantage_of"] == "raw"
+        head = c.post("/v1/score/group", json={**body, "advantage_of": "head"})
+        assert_error(head, 422, "advantage_unavailable", "advantage_of")
+        many = c.post("/v1/score/group", json={**body, "images": images * 20})
+        assert_error(many, 422, "too_many_items", "images", 64)
+
+
+# -- prompt sets -----------------------------------------------------------------------------------
+def test_prompt_set_register_use_list_delete(provenance, onnx_backend):
+    recorder = RecordingBackend(onnx_backend)
+    image = b64(world_image())
+    with gateway(provenance, recorder) as c:
+        r = c.post(
+            "/v1/prompt-sets",
+            json={"id": "tri", "prompt": TRUE_PROMPT, "contrastive": [*SHORT_SET, SHORT_SET[0]]},
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["created"] and r.json()["pre_encoded"]
+        assert r.json()["prompt_set"]["contrastive"] == SHORT_SET  # cleaned: repeat dropped
+        assert sum(recorder.text_rows) == 1 + len(SHORT_SET)
+        again = c.post(
+            "/v1/prompt-sets", json={"id": "tri", "prompt": TRUE_PROMPT, "contrastive": SHORT_SET}
+        )
+        assert again.status_code == 200 and not again.json()["created"]
+        clash = c.post(
+            "/v1/prompt-sets", json={"id": "tri", "prompt": TRUE_PROMPT, "contrastive": ["x y"]}
+        )
+        assert_error(clash, 409, "prompt_set_conflict", "id")
+        anon = c.post(
+            "/v1/prompt-sets", json={"prompt": "a red circle", "contrastive": ["a blue circle"]}
+        )
+        assert anon.status_code == 201 and anon.json()["prompt_set"]["id"].startswith("ps_")
+        encoded_at_registration = sum(recorder.text_rows)
+        assert encoded_at_registration == 1 + len(SHORT_SET) + 2
+
+        listed = c.get("/v1/prompt-sets").json()["prompt_sets"]
+        assert [s["id"] for s in listed] == ["tri", anon.json()["prompt_set"]["id"]]
+        assert c.get("/v1/prompt-sets/tri").json()["prompt_set"]["contrastive_count"] == 4
+
+        by_id = c.post(
+            "/v1/score",
+            json={
+                "items": [{"image": image, "prompt": TRUE_PROMPT}],
+                "textnorm": {"prompt_set": "tri"},
+            },
+        )
+        assert by_id.status_code == 200, by_id.text
+        result = by_id.json()["results"][0]
+        assert (result["contrastive_source"], result["prompt_set"]) == ("prompt_set", "tri")
+        assert sum(recorder.text_rows) == encoded_at_registration  # pre-encoded: no new encode
+        explicit = c.post(
+            "/v1/score",
+            json={"items": [{"image": image, "prompt": TRUE_PROMPT, "contrastive": SHORT_SET}]},
+        ).json()["results"][0]
+        assert abs(explicit["textnorm"] - result["textnorm"]) < 1e-7
+        # the registered set is found by its prompt, without the id
+        by_prompt = c.post("/v1/score", json={"items": [{"image": image, "prompt": TRUE_PROMPT}]})
+        assert by_prompt.json()["results"][0]["prompt_set"] == "tri"
+        mismatch = c.post(
+            "/v1/score",
+            json={"items": [{"image": image, "prompt": "a red circle", "prompt_set": "tri"}]},
+        )
+        assert_error(mismatch, 422, "prompt_set_mismatch", "items[0].prompt_set")
+
+        assert c.delete("/v1/prompt-sets/tri").json()["deleted"] is True
+        assert_error(c.get("/v1/prompt-sets/tri"), 404, "prompt_set_not_found", "id")
+        assert_error(c.delete("/v1/prompt-sets/tri"), 404, "prompt_set_not_found")
+        gone = c.post(
+            "/v1/score",
+            json={
+                "items": [{"image": image, "prompt": TRUE_PROMPT}],
+                "textnorm": {"prompt_set": "tri"},
+            },
+        )
+        assert_error(gone, 422, "unknown_prompt_set", "textnorm.prompt_set")
+        after = c.post("/v1/score", json={"items": [{"image": image, "prompt": TRUE_PROMPT}]})
+        assert after.json()["results"][0]["contrastive_source"] == "rule"
+
+
+def test_prompt_set_import(client):
+    document = {
+        "two red circles": ["a red circle", "three red circles", "two blue circles"],
+        "a green star": ["two green stars", "a green square"],
+    }
+    r = client.post("/v1/prompt-sets/import", json=document)
+    assert r.status_code == 200, r.text
+    assert r.json()["created"] == 2 and r.json()["pre_encoded"] is True
+    ids = {s["prompt"]: s["id"] for s in r.json()["prompt_sets"]}
+    assert set(ids) == set(document) and all(
+        s["source"] == "imported" for s in r.json()["prompt_sets"]
+    )
+    again = client.post("/v1/prompt-sets/import", json=document)
+    assert again.json()["created"] == 0  # content-hash ids: importing twice is a no-op
+    scene = Scene(groups=(Group(2, "red", "circle"),), background="white")
+    r = client.post(
+        "/v1/score",
+        json={"items": [{"image": b64(world_image(scene)), "prompt": "two red circles"}]},
+    )
+    result = r.json()["results"][0]
+    assert result["prompt_set"] == ids["two red circles"] and result["contrastive_count"] == 3
+
+    bad = client.post("/v1/prompt-sets/import", json={"a red circle": "a blue circle"})
+    body = assert_error(bad, 422, "invalid_prompt_sets")
+    assert "expected an array" in body["error"]["message"]
+    dup = client.post(
+        "/v1/prompt-sets/import",
+        content=b'{"a red circle": ["a blue circle"], "a red circle": ["two red circles"]}',
+        headers={"content-type": "application/json"},
+    )
+    assert "duplicate" in assert_error(dup, 422, "invalid_prompt_sets")["error"]["message"]
+    assert_error(
+        client.post("/v1/prompt-sets/import", content=b"{nope", headers={"X-Request-ID": "imp-1"}),
+        400,
+        "malformed_json",
+    )
+    too_many = client.post(
+        "/v1/prompt-sets/import", json={"a red circle": [f"x{i}" for i in range(33)]}
+    )
+    assert_error(too_many, 422, "too_many_contrastive_prompts", limit=32)
+
+
+# -- limits and validation -------------------------------------------------------------------------
+def test_too_many_items(provenance, onnx_backend):
+    with gateway(provenance, onnx_backend, max_items_per_request=2) as c:
+        item = {"image": b64(world_image()), "prompt": TRUE_PROMPT}
+        assert_error(
+            c.post("/v1/score", json={"items": [item] * 3}), 422, "too_many_items", "items", 2
+        )
+
+
+def test_image_limits_and_formats(provenance, onnx_backend):
+    image = world_image()
+    good = {"prompt": TRUE_PROMPT, "image": b64(image)}
+    with gateway(provenance, onnx_backend, max_image_bytes=24_000, max_image_pixels=128 * 128) as c:
+
+        def post_image(data: str, index: int = 1):
+            items = [good, good]
+            items[index] = {"prompt": TRUE_PROMPT, "image": data}
+            return c.post("/v1/score", json={"items": items})
+
+        pixels = np.random.default_rng(0).integers(0, 256, (100, 100, 3), np.uint8)
+        noisy = Image.fromarray(pixels)  # 10 000 pixels (allowed) but ~30 kB as PNG
+        assert len(base64.b64decode(b64(noisy))) > 24_000
+        assert_error(post_image(b64(noisy)), 413, "image_too_large", "items[1].image", 24_000)
+        big = Image.new("RGB", (200, 100))
+        assert_error(post_image(b64(big)), 413, "image_too_many_pixels", "items[1].image", 16384)
+        # a bomb: the header claims 30000 × 30000; refused before decoding, quickly
+        start = time.perf_counter()
+        bomb = base64.b64encode(png_header_only(30000, 30000)).decode()
+        assert_error(post_image(bomb), 413, "image_too_many_pixels", "items[1].image")
+        assert time.perf_counter() - start < 5
+        # formats come from the content: GIF/BMP are refused whatever the claim says
+        gif = "data:image/png;base64," + b64(image.resize((32, 32)), "GIF")
+        body = assert_error(post_image(gif), 415, "unsupported_image_format", "items[1].image")
+        assert body["error"]["limit"] == ["PNG", "JPEG", "WEBP"]
+        assert_error(
+            post_image(b64(image.resize((32, 32)), "BMP"), 0),
+            415,
+            "unsupported_image_format",
+            "items[0].image",
+        )
+        truncated = base64.b64encode(base64.b64decode(b64(image))[:300]).decode()
+        assert_error(post_image(truncated), 422, "invalid_image", "items[1].image")
+        assert_error(post_image("not base64!!"), 422, "invalid_base64", "items[1].image")
+        # JPEG and WebP (small enough) are accepted, with or without a data-URL claim
+        small = image.resize((48, 48))
+        for data in (b64(small, "JPEG"), "data:image/png;base64," + b64(small, "WEBP")):
+            r = post_image(data)
+            assert r.status_code == 200, r.text
+
+
+def test_request_body_limit(provenance, onnx_backend):
+    with gateway(provenance, onnx_backend, max_request_bytes=2000) as c:
+        payload = {"items": [{"image": "A" * 3000, "prompt": TRUE_PROMPT}]}
+        assert_error(c.post("/v1/score", json=payload), 413, "request_too_large", "body", 2000)
+        # a chunked upload (no Content-Length) is cut off while it streams in
+        import json
+
+        data = json.dumps(payload).encode()
+        chunks = iter([data[i : i + 500] for i in range(0, len(data), 500)])
+        r = c.post("/v1/score", content=chunks, headers={"content-type": "application/json"})
+        assert_error(r, 413, "request_too_large", "body", 2000)
+
+
+def test_contrastive_prompts_limit(client):
+    image = b64(world_image())
+    many = [f"{i} red triangles" for i in range(33)]
+    r = client.post(
+        "/v1/score",
+        json={
+            "items": [{"image": image, "prompt": TRUE_PROMPT}],
+            "textnorm": {"contrastive": many},
+        },
+    )
+    assert_error(r, 422, "too_many_contrastive_prompts", "textnorm.contrastive", 32)
+    r = client.post(
+        "/v1/score", json={"items": [{"image": image, "prompt": TRUE_PROMPT, "contrastive": many}]}
+    )
+    assert_error(r, 422, "too_many_contrastive_prompts", "items[0].contrastive", 32)
+    r = client.post(
+        "/v1/score",
+        json={"items": [{"image": image, "prompt": TRUE_PROMPT, "contrastive": many[:32]}]},
+    )
+    assert r.status_code == 200 and r.json()["results"][0]["contrastive_count"] == 32
+
+
+def test_validation_errors_in_the_error_shape(client):
+    image = b64(world_image())
+    r = client.post("/v1/score", json={"items": [{"image": image}], "request_id": "val-1"})
+    body = assert_error(r, 422, "invalid_request", "items[0].prompt")
+    assert body["request_id"] == "val-1"
+    r = client.post(
+        "/v1/score", json={"items": [{"image": image, "prompt": "x"}], "textnorm": {"scale": 0}}
+    )
+    assert_error(r, 422, "invalid_request", "textnorm.scale")
+    r = client.post("/v1/score", json={"items": [{"image": image, "prompt": "x", "colour": 1}]})
+    assert_error(r, 422, "invalid_request", "items[0].colour")
+    assert_error(client.post("/v1/score", json={"items": []}), 422, "invalid_request", "items")
+    r = client.post(
+        "/v1/score",
+        content=b'{"items": [',
+        headers={"content-type": "application/json", "X-Request-ID": "bad-json"},
+    )
+    assert assert_error(r, 400, "malformed_json")["request_id"] == "bad-json"
+    r = client.post("/v1/score", json={"items": [{"image": image, "prompt": "   "}]})
+    assert_error(r, 422, "empty_prompt", "items[0].prompt")
+    r = client.post("/v1/score", json={"items": [{"image": image, "prompt": "x" * 2001}]})
+    assert_error(r, 422, "prompt_too_many_characters", "items[0].prompt", 2000)
+    assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+
+
+# -- request ids, auth, backend failures -----------------------------------------------------------
+def test_request_ids_are_echoed(client):
+    item = {"image": b64(world_image()), "prompt": TRUE_PROMPT}
+    r = client.post(
+        "/v1/score",
+        json={"items": [item], "request_id": "body-id"},
+        headers={"X-Request-ID": "hdr"},
+    )
+    assert r.json()["request_id"] == "body-id" == r.headers["x-request-id"]
+    r = client.post("/v1/score", json={"items": [item]}, headers={"X-Request-ID": "hdr-id"})
+    assert r.json()["request_id"] == "hdr-id" == r.headers["x-request-id"]
+    r = client.post(
+        "/v1/score", json={"items": [item]}, headers={"X-Request-ID": "bad id with spaces"}
+    )
+    assert len(r.json()["request_id"]) == 32 and r.json()["request_id"] != "bad id with spaces"
+    provenance = r.json()["provenance"]
+    assert provenance["model"]["checkpoint_sha256"] and len(provenance["tokenizer"]["sha256"]) == 64
+    assert provenance["cache_key"] and provenance["exporter"]["versions"]["onnxruntime"]
+
+
+def test_api_keys(provenance, onnx_backend):
+    item = {"image": b64(world_image()), "prompt": TRUE_PROMPT}
+    with gateway(provenance, onnx_backend, api_keys=["k-one", "k-two"]) as c:
+        r = c.post("/v1/score", json={"items": [item]}, headers={"X-Request-ID": "auth-1"})
+        body = assert_error(r, 401, "unauthorized")
+        assert body["request_id"] == "auth-1" and r.headers["www-authenticate"] == "Bearer"
+        wrong = c.post(
+            "/v1/score", json={"items": [item]}, headers={"Authorization": "Bearer nope"}
+        )
+        assert "invalid" in assert_error(wrong, 401, "unauthorized")["error"]["message"]
+        assert_error(
+            c.get("/v1/models", headers={"Authorization": "Basic k-one"}), 401, "unauthorized"
+        )
+        ok = c.post("/v1/score", json={"items": [item]}, headers={"Authorization": "Bearer k-two"})
+        assert ok.status_code == 200
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert c.get(path).status_code == 200
+        assert (
+            metric(
+                c,
+                "reward_gateway_requests_total",
+                {"endpoint": "/v1/score", "method": "POST", "status": "401"},
+            )
+            == 2
+        )
+
+
+def test_check_bind(monkeypatch):
+    with pytest.raises(ValueError, match="refusing to bind '0.0.0.0'"):
+        check_bind("0.0.0.0", Settings(api_keys=[]))
+    with pytest.raises(ValueError):
+        check_bind("::", Settings(api_keys=["  "]))  # a blank key is no key
+    with pytest.raises(ValueError):
+        check_bind("example.com", Settings())
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind(host, Settings())
+    check_bind("0.0.0.0", Settings(api_keys=["secret"]))
+    monkeypatch.setenv("REWARD_API_KEYS", '["from-env"]')
+    check_bind("0.0.0.0", Settings())  # keys from the environment count
+    assert "from-env" not in repr(Settings())  # keys never show in a settings dump
+
+
+def test_backend_unavailable_is_503_with_retry_after(provenance):
+    item = {"image": b64(world_image()), "prompt": TRUE_PROMPT}
+    with gateway(provenance, DownBackend(), retry_after_s=7) as c:
+        r = c.post("/v1/score", json={"items": [item], "request_id": "down-1"})
+        body = assert_error(r, 503, "backend_unavailable")
+        assert r.headers["retry-after"] == "7" and body["request_id"] == "down-1"
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert ready.headers["retry-after"] == "7"
+        assert c.get("/healthz").status_code == 200
+        # registering a set still works, it is just not pre-encoded
+        reg = c.post("/v1/prompt-sets", json={"prompt": TRUE_PROMPT, "contrastive": SHORT_SET})
+        assert reg.status_code == 201 and reg.json()["pre_encoded"] is False
+
+
+def test_hanging_backend_times_out_and_errors_are_502(provenance, onnx_backend):
+    item = {"image": b64(world_image()), "prompt": TRUE_PROMPT}
+    with gateway(provenance, HangingBackend(), backend_timeout_s=0.3) as c:
+        start = time.perf_counter()
+        r = c.post("/v1/score", json={"items": [item]})
+        assert_error(r, 503, "backend_unavailable")
+        assert "retry-after" in r.headers and time.perf_counter() - start < 5
+        assert c.get("/readyz").status_code == 503
+
+    class BrokenRewards(RecordingBackend):
+        async def rewards(self, *args):
+            raise BackendError("reward_head: [INTERNAL] onnxruntime failed")
+
+    class WrongShapes(RecordingBackend):
+        async def encode_images(self, images):
+            return np.zeros((len(images), 3), np.float32)
+
+    for backend in (BrokenRewards(onnx_backend), WrongShapes(onnx_backend)):
+        with gateway(provenance, backend) as c:
+            r = c.post("/v1/score", json={"items": [item]})
+            body = assert_error(r, 502, "backend_error")
+            assert "Traceback" not in body["error"]["message"]
+
+
+# -- models, metrics, OpenAPI ----------------------------------------------------------------------
+def test_models_endpoint(client, provenance):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    (card,) = r.json()["models"]
+    assert card["checkpoint_sha256"] == provenance["model"]["checkpoint_sha256"]
+    assert card["embed_dim"] == provenance["model"]["embed_dim"] and card["head"] is None
+    assert card["rewards"] == ["raw", "textnorm"]
+    assert card["textnorm_defaults"]["scale"] == provenance["textnorm_defaults"]["scale"]
+
+
+def test_metrics_exposed(provenance, onnx_backend):
+    image = b64(world_image())
+    with gateway(provenance, onnx_backend) as c:
+        c.post(
+            "/v1/prompt-sets",
+            json={"id": "drift-set", "prompt": "a red circle", "contrastive": ["a blue circle"]},
+        )
+        items = [
+            {"image": image, "prompt": TRUE_PROMPT},
+            {"image": image, "prompt": TRUE_PROMPT, "contrastive": SHORT_SET},
+            {"image": image, "prompt": "a red circle"},
+        ]
+        assert c.post("/v1/score", json={"items": items}).status_code == 200
+        text = c.get("/metrics").text
+        for name in (
+            "reward_gateway_requests_total",
+            "reward_gateway_request_seconds_bucket",
+            "reward_gateway_images_scored_total",
+            "reward_gateway_embedding_cache_hits_total",
+            "reward_gateway_embedding_cache_misses_total",
+            "reward_gateway_backend_seconds_bucket",
+            "reward_gateway_textnorm_bucket",
+        ):
+            assert name in text, name
+        for label in ("rule", "explicit", "drift-set"):
+            assert metric(c, "reward_gateway_textnorm_count", {"prompt_set": label}) == 1
+        assert metric(c, "reward_gateway_images_scored_total", {"endpoint": "/v1/score"}) == 3
+        calls = {"call": "encode_images", "outcome": "ok"}
+        assert metric(c, "reward_gateway_backend_seconds_count", calls) == 1
+
+
+def test_openapi_documents_typed_api(client):
+    spec = client.get("/openapi.json").json()
+    for path in (
+        "/v1/score",
+        "/v1/score/group",
+        "/v1/prompt-sets",
+        "/v1/prompt-sets/import",
+        "/v1/prompt-sets/{set_id}",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
+        assert path in spec["paths"], path
+    schemas = spec["components"]["schemas"]
+    for name in (
+        "ScoreRequest",
+        "ScoreResponse",
+        "GroupRequest",
+        "GroupResponse",
+        "ErrorResponse",
+        "Provenance",
+        "TextNormOptions",
+    ):
+        assert name in schemas, name
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    responses = spec["paths"]["/v1/score"]["post"]["responses"]
+    assert {"200", "401", "413", "422", "503"} <= set(responses)
+
+
+def test_unexpected_errors_are_json_500_without_traceback(provenance, onnx_backend):
+    with gateway(provenance, onnx_backend) as c:
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("secret internal detail")
+
+        c.app_state.scorer.plan_texts = boom
+        item = {"image": b64(world_image()), "prompt": TRUE_PROMPT}
+        r = c.post("/v1/score", json={"items": [item], "request_id": "oops-1"})
+        body = assert_error(r, 500, "internal_error")
+        assert body["request_id"] == "oops-1"
+        assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_both_backends_implement_the_protocol(onnx_backend):
+    from service.gateway import RewardBackendProtocol
+    from service.triton_client import RewardBackend
+
+    assert isinstance(onnx_backend, RewardBackendProtocol)
+    assert isinstance(RewardBackend("127.0.0.1:1"), RewardBackendProtocol)  # connects lazily
