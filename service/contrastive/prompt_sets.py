@@ -79,7 +79,7 @@ def load_prompt_sets(path: str | os.PathLike[str]) -> dict[str, list[str]]:
         except UnicodeDecodeError as error:
             raise PromptSetFormatError(f"{path}: not UTF-8 text ({error.reason})") from error
     try:
-        data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        data = json.loads(text, object_pairs_hook=reject_duplicate_keys)
         return parse_prompt_sets(data)
     except json.JSONDecodeError as error:
         raise PromptSetFormatError(
@@ -111,7 +111,7 @@ def _parse_prompt_set(key: str, value: object) -> list[str]:
         ) from error
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """``json.loads`` object hook: a key repeated in one object is an error, not last-wins."""
     result: dict[str, object] = {}
     for key, value in pairs:

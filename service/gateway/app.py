@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 
 from service.contrastive import NoContrastivePrompts, PromptSetFormatError, parse_prompt_sets
 from service.contrastive.errors import quote_prompt
+from service.contrastive.prompt_sets import reject_duplicate_keys
 from service.gateway.auth import configured_keys
 from service.gateway.backend import (
     BackendError,
@@ -336,17 +337,6 @@ def _out(prompt_set: PromptSet) -> PromptSetOut:
     )
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise PromptSetFormatError(
-                f"duplicate key {quote_prompt(key)}: each prompt must appear once"
-            )
-        result[key] = value
-    return result
-
-
 def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
     scorer, registry = state.scorer, state.registry
 
@@ -438,7 +428,7 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
         rid = current_request_id(request)
         raw = await request.body()
         try:
-            data = json.loads(raw, object_pairs_hook=_reject_duplicate_keys)
+            data = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
             sets = parse_prompt_sets(data)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             message = f"request body is not valid JSON: {exc}"
