@@ -280,6 +280,56 @@ def serve_cmd(
     serve(settings)
 
 
+@app.command("score")
+@user_errors
+def score_cmd(
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG/WebP files")],
+    prompt: Annotated[str, typer.Option(help="the prompt every image is scored against")],
+    url: Annotated[str, typer.Option(help="gateway URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="REWARD_API_KEY", help="Bearer key")] = None,
+    contrastive: Annotated[
+        list[str] | None, typer.Option(help="contrastive prompt (repeatable) [default: rule]")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the full JSON response")] = False,
+) -> None:
+    """Score images against a prompt through a running service (a person at a terminal)."""
+    import httpx
+
+    from textnorm_reward_client import RewardClient, RewardServiceError
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {missing[0]}")
+    textnorm = {"contrastive": contrastive} if contrastive else None
+    with RewardClient(url, api_key=api_key, attempts=2) as client:
+        try:
+            response = client.score(list(images), prompt, textnorm=textnorm)
+        except RewardServiceError as exc:
+            raise ValueError(str(exc)) from None
+        except httpx.TransportError as exc:
+            raise ValueError(f"cannot reach {url}: {exc}") from None
+    if as_json:
+        print(json.dumps(response))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{prompt!r} — model {response['provenance']['model']['name']}")
+    fields = [
+        f
+        for f in ("raw", "textnorm", "head", "textnorm_head", "ensemble_uw")
+        if f in response["results"][0]
+    ]
+    table.add_column("image")
+    for field in fields:
+        table.add_column(field, justify="right")
+    for path, result in zip(images, response["results"], strict=True):
+        table.add_row(
+            path.name, *(f"{result[f]:.4f}" if result[f] is not None else "-" for f in fields)
+        )
+    Console(file=sys.stdout).print(table)
+
+
 @app.command("export")
 @user_errors
 def export_cmd(

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -567,3 +568,59 @@ def test_triton_killed_then_restarted_by_watchdog(client, stack):
     assert stack.proc.poll() is None and stack.proc.pid == launcher
     assert output.count("Started server process") == 1  # the same gateway process throughout
     print(f"503 after {down:.2f} s; ready again {recovered:.1f} s after the kill")
+
+
+def test_cli_client_and_python_client_through_the_stack(stack, client, tmp_path):
+    """`reward-service score` (a person at a terminal) and `textnorm_reward_client` (a trainer)
+    return the numbers of a direct REST call; a wrong key and an unreachable URL are one-line
+    errors."""
+    from tests.conftest import run_cli
+    from textnorm_reward_client import RewardClient, RewardServiceError
+
+    scene = Scene(groups=(Group(2, "orange", "star"),), background="sky")
+    paths = []
+    for seed in (1, 2):
+        path = tmp_path / f"img{seed}.png"
+        world_image(scene, seed, 128).save(path)
+        paths.append(path)
+    prompt = describe(Caption.of(scene))
+    direct = score(
+        client,
+        [{"image": base64.b64encode(p.read_bytes()).decode(), "prompt": prompt} for p in paths],
+    )
+    env_key = {**os.environ, "REWARD_API_KEY": API_KEY}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "score",
+            *map(str, paths),
+            "--prompt",
+            prompt,
+            "--url",
+            stack.url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env_key,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    via_cli = json.loads(res.stdout)["results"]
+    with RewardClient(stack.url, api_key=API_KEY) as trainer:
+        via_lib = trainer.score(paths, prompt)["results"]
+        with pytest.raises(RewardServiceError) as bad:
+            trainer.score(paths, prompt, textnorm={"scale": -1})
+        assert bad.value.status == 422
+    for a, b, c in zip(direct, via_cli, via_lib, strict=True):
+        for key in ("raw", "textnorm", "head", "ensemble_uw"):
+            assert abs(a[key] - b[key]) < 1e-6 and abs(a[key] - c[key]) < 1e-6
+    wrong = run_cli(
+        "score", str(paths[0]), "--prompt", prompt, "--url", stack.url, "--api-key", "nope"
+    )
+    assert wrong.returncode == 2 and "HTTP 401" in wrong.stderr
+    assert wrong.stderr.strip().count("\n") == 0
+    down = run_cli("score", str(paths[0]), "--prompt", prompt, "--url", "http://127.0.0.1:9")
+    assert down.returncode == 2 and "cannot reach" in down.stderr
