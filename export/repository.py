@@ -52,6 +52,7 @@ class ExportOptions:
     target: str = "cpu"  # cpu | gpu
     precision: str = "fp32"  # fp32 | fp16 (fp16 applies to TensorRT engines)
     max_batch: int = 64
+    queue_delay_us: int = 500  # dynamic batching max queue delay, chosen by measurement (README)
     textnorm_scale: float = 5.0
     ensemble_lambda: float = 1.0
 
@@ -64,6 +65,8 @@ class ExportOptions:
             raise ValueError("--precision fp16 needs --target gpu (ONNX Runtime on CPU runs fp32)")
         if not 1 <= self.max_batch <= 4096:
             raise ValueError(f"--max-batch must be between 1 and 4096, got {self.max_batch}")
+        if not 0 <= self.queue_delay_us <= 1_000_000:
+            raise ValueError(f"--queue-delay-us must be 0..1000000, got {self.queue_delay_us}")
 
 
 def _versions() -> dict[str, str | None]:
@@ -243,7 +246,7 @@ def export_repository(
 
         _tensorrt()  # fail fast, before minutes of ONNX export
     dim = bundle.model.config.projection_dim
-    batching = Batching(max_batch_size=options.max_batch)
+    batching = Batching(max_batch_size=options.max_batch, max_queue_delay_us=options.queue_delay_us)
     progress = progress or Progress(transient=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     try:

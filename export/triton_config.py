@@ -19,7 +19,7 @@ from service.model_contract import ModelSpec, Tensor
 class Batching:
     max_batch_size: int = 64
     preferred: tuple[int, ...] = (8, 16, 32)
-    max_queue_delay_us: int = 2_000
+    max_queue_delay_us: int = 500
     instances: int = 1
     intra_op_threads: int = 1  # ONNX Runtime threads per instance (CPU flavour; 0 = all cores)
 

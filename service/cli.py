@@ -345,6 +345,9 @@ def export_cmd(
     target: Annotated[str, typer.Option(help="cpu | gpu")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 | fp16 (gpu)")] = "fp32",
     max_batch: Annotated[int, typer.Option(help="max batch (TensorRT profile max)")] = 64,
+    queue_delay_us: Annotated[
+        int | None, typer.Option(help="dynamic batching max queue delay [default: settings]")
+    ] = None,
 ) -> None:
     """Export a CLIP checkpoint (+ head) to ONNX/TensorRT as a Triton model repository."""
     from export.repository import ExportOptions, export_repository
@@ -355,6 +358,7 @@ def export_cmd(
         target=target,
         precision=precision,
         max_batch=max_batch,
+        queue_delay_us=settings.triton_queue_delay_us if queue_delay_us is None else queue_delay_us,
         textnorm_scale=settings.textnorm_scale,
         ensemble_lambda=settings.ensemble_lambda,
     )

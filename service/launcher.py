@@ -37,6 +37,7 @@ def repository_dir(settings: Settings) -> Path:
             settings.max_batch,
             settings.textnorm_scale,
             settings.ensemble_lambda,
+            settings.triton_queue_delay_us,
         ]
     )
     name = Path(settings.model.rstrip("/")).name or "model"
@@ -59,6 +60,8 @@ def ensure_repository(settings: Settings) -> Path:
         settings.model,
         "--max-batch",
         str(settings.max_batch),
+        "--queue-delay-us",
+        str(settings.triton_queue_delay_us),
     ]
     cmd += ["--head", settings.head] if settings.head else ["--no-head"]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         description="where `serve` exports model repositories (content-addressed, reused)",
     )
     max_batch: int = Field(default=64, ge=1, le=4096, description="Triton max batch size")
+    triton_queue_delay_us: int = Field(
+        default=500,
+        ge=0,
+        le=1_000_000,
+        description="dynamic batching max queue delay in µs (chosen by `bench serving`; README)",
+    )
 
     # -- gateway (service/gateway): security, request limits, caches, backend calls ------------
     api_keys: list[SecretStr] = Field(
