@@ -416,8 +416,6 @@ def bench_encoders_cmd(
     vit_b32: Annotated[bool, typer.Option(help="also a ViT-B/32-sized random-init CLIP")] = True,
 ) -> None:
     """Image-encoder images/s: PyTorch eager vs ONNX Runtime at batch 1, 8, 32."""
-    import torch
-
     from export.bench import bench_image_encoder, vit_b32_checkpoint
     from export.clip_model import load_clip
     from export.repository import ExportOptions, export_repository, read_provenance
@@ -426,7 +424,6 @@ def bench_encoders_cmd(
     prov = read_provenance(repo)
     if prov is None:
         raise ValueError(f"not an exported repository (no readable provenance.json): {repo}")
-    torch.set_num_threads(torch.get_num_threads())
     bundle = load_clip(prov["model"]["source"])
     models = {
         "shipped" if prov["model"]["source"] == get_settings().model else prov["model"]["source"]: (
