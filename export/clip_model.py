@@ -82,8 +82,8 @@ def _is_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).exists()
 
 
-def load_clip(source: str | Path) -> ClipBundle:
-    """Load a CLIP checkpoint from a local directory or a Hugging Face hub id.
+def check_clip_source(source: str | Path) -> CLIPConfig:
+    """Check (without loading weights) that `source` is a CLIP checkpoint; return its config.
 
     Raises `ModelLoadError` with a one-line message for a missing directory, a directory that is
     not a CLIP checkpoint, or a hub id that cannot be fetched.
@@ -101,6 +101,14 @@ def load_clip(source: str | Path) -> ClipBundle:
         raise ModelLoadError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from exc
     if config.model_type != "clip":
         raise ModelLoadError(f"{source!r} is a {config.model_type!r} checkpoint, not CLIP")
+    return config
+
+
+def load_clip(source: str | Path) -> ClipBundle:
+    """Load a CLIP checkpoint (model, tokenizer, processor) from a local directory or a hub id;
+    errors as `check_clip_source`."""
+    source = str(source)
+    check_clip_source(source)
     try:
         model = CLIPModel.from_pretrained(source).eval()
         tokenizer = CLIPTokenizer.from_pretrained(source)

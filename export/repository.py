@@ -4,6 +4,7 @@ Layout (both flavours expose the same model names and tensors, `service.model_co
 
     OUT/provenance.json            sha256 of every artifact, sources, versions, TextNorm defaults
     OUT/README.md                  what is inside and how it runs
+    OUT/tokenizer.json             the model's tokenizer (the gateway tokenizes with it)
     OUT/image_encoder/             cpu: python backend + ONNX (preprocessing in-graph);
                                    gpu: ensemble image_preprocess (ORT, GPU) → image_tower (TRT)
     OUT/text_encoder/1/…           cpu: model.py + model.onnx; gpu: model.plan
@@ -30,7 +31,13 @@ import onnx
 from rich.progress import Progress
 
 from export import onnx_export
-from export.clip_model import ClipBundle, checkpoint_hash, load_clip, local_checkpoint_dir
+from export.clip_model import (
+    ClipBundle,
+    check_clip_source,
+    checkpoint_hash,
+    load_clip,
+    local_checkpoint_dir,
+)
 from export.reward_head import RewardHead, load_head
 from export.triton_config import (
     Batching,
@@ -98,6 +105,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _code_hashes() -> dict[str, str]:
+    """The code an export copies or runs: a change to it must invalidate cached exports."""
+    export_dir = Path(__file__).resolve().parent
+    files = [PYTHON_MODEL, SCORE_MODEL, REPO_ROOT / "service" / "model_contract.py"]
+    files += [
+        export_dir / f"{m}.py"
+        for m in (
+            "onnx_preprocess",
+            "onnx_export",
+            "triton_config",
+            "repository",
+            "textnorm_torch",
+            "reward_head",
+        )
+    ]
+    return {f.name: sha256_file(f) for f in files}
+
+
 def cache_key(checkpoint_sha: str, head_sha: str | None, options: ExportOptions) -> str:
     versions = {k: v for k, v in _versions().items() if k != "python"}
     payload = {
@@ -105,6 +130,7 @@ def cache_key(checkpoint_sha: str, head_sha: str | None, options: ExportOptions)
         "head": head_sha,
         "options": asdict(options),
         "versions": versions,
+        "code": _code_hashes(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -130,9 +156,12 @@ def is_up_to_date(out: Path, key: str) -> bool:
     prov = read_provenance(out)
     if not prov or prov.get("cache_key") != key:
         return False
+    artifacts = prov.get("artifacts")
+    if not isinstance(artifacts, dict) or not artifacts:
+        return False
     return all(
         (out / rel).is_file() and sha256_file(out / rel) == digest
-        for rel, digest in prov["artifacts"].items()
+        for rel, digest in artifacts.items()
     )
 
 
@@ -228,7 +257,8 @@ def export_repository(
     options = options or ExportOptions()
     out = Path(out)
     _check_writable(out)
-    bundle = load_clip(source)
+    check_clip_source(source)  # one-line errors for bad input, before any work
+    bundle = None if Path(source).expanduser().is_dir() else load_clip(source)  # hub: download all
     checkpoint_sha = checkpoint_hash(local_checkpoint_dir(source))
     head: RewardHead | None = None
     head_sha = None
@@ -240,6 +270,7 @@ def export_repository(
     key = cache_key(checkpoint_sha, head_sha, options)
     if is_up_to_date(out, key):
         return read_provenance(out), False
+    bundle = bundle or load_clip(source)  # local weights are loaded only on a cache miss
 
     if options.target == "gpu":
         from export.tensorrt import _tensorrt
@@ -282,6 +313,8 @@ def export_repository(
                 progress.update(task, advance=1, description=f"exporting {stages[-1][0].name}")
         _write_score_model(root, contract.score(dim, head is not None), batching)
         (root / "README.md").write_text(_readme(options))
+        # The gateway tokenizes with this copy: the repository alone is enough to serve.
+        bundle.tokenizer.backend_tokenizer.save(str(root / "tokenizer.json"))
         provenance = _provenance(
             root, source, checkpoint_sha, head_dir, head_sha, key, options, bundle
         )

@@ -20,8 +20,15 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from export.clip_model import image_embeddings, load_clip, text_embeddings, tokenize
-from export.repository import read_provenance
+from export.clip_model import (
+    checkpoint_hash,
+    image_embeddings,
+    load_clip,
+    local_checkpoint_dir,
+    text_embeddings,
+    tokenize,
+)
+from export.repository import head_hash, read_provenance
 from export.reward_head import load_head
 from service import model_contract as contract
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
@@ -84,8 +91,20 @@ def verify_repository(
     prov = read_provenance(repo)
     if prov is None:
         raise ValueError(f"not an exported repository (no readable provenance.json): {repo}")
-    bundle = load_clip(prov["model"]["source"])
-    head = load_head(Path(prov["head"]["source"]))[0] if prov["head"] else None
+    if prov.get("options", {}).get("target") != "cpu":
+        raise ValueError(
+            "verify runs the ONNX files of a --target cpu repository; GPU engines "
+            "are checked by the `gpu` tests (tests/test_export.py)"
+        )
+    source = prov["model"]["source"]
+    if checkpoint_hash(local_checkpoint_dir(source)) != prov["model"]["checkpoint_sha256"]:
+        raise ValueError(f"{source} changed since this repository was exported: re-export it")
+    bundle = load_clip(source)
+    head = None
+    if prov["head"]:
+        if head_hash(Path(prov["head"]["source"])) != prov["head"]["sha256"]:
+            raise ValueError(f"head {prov['head']['source']} changed since export: re-export")
+        head = load_head(Path(prov["head"]["source"]))[0]
     image_s, text_s, head_s = (
         _session(repo, m) for m in ("image_encoder", "text_encoder", "reward_head")
     )

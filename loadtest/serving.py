@@ -196,12 +196,9 @@ def ceiling_rates(onnx_path: Path, batches=(1, 8, 32), seconds: float = 2.0, run
 
 def bench_serving(workdir: Path, concurrencies=(1, 8, 32), seconds: float = 5.0, runs: int = 3):
     """{"gateway": {C: img/s}, "grpc": {C: img/s}, "ceiling_onnxruntime": {batch: img/s}}."""
-    import json
-
     stack = Stack(workdir)
     try:
-        prov = json.loads((stack.repository / "provenance.json").read_text())
-        tokenizer = Path(prov["model"]["source"]) / "tokenizer.json"
+        tokenizer = stack.repository / "tokenizer.json"
         grpc_url = f"127.0.0.1:{stack.grpc_port}"
         result = {
             "gateway": asyncio.run(_gateway_rates(stack.url, concurrencies, seconds, runs)),

@@ -138,6 +138,8 @@ def serve(settings: Settings) -> None:
     check_bind(settings.host, settings)
     repo = ensure_repository(settings)
     provenance = json.loads((repo / "provenance.json").read_text())
+    if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
+        settings = settings.model_copy(update={"tokenizer_file": str(repo / "tokenizer.json")})
     server = TritonServer(
         repo,
         grpc_port=settings.triton_grpc_port,

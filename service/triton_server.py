@@ -273,6 +273,8 @@ class TritonServer:
         """Prepare the runtime, launch the server and wait until it is ready. Idempotent."""
         if self.running():
             return self
+        if self._proc is not None:  # it died: reap it and kill what is left of its group
+            self.stop()
         if not (self.model_repository.is_dir()):
             raise TritonStartError(f"no model repository at {self.model_repository}")
         source = pytriton_root()

@@ -624,3 +624,19 @@ def test_cli_client_and_python_client_through_the_stack(stack, client, tmp_path)
     assert wrong.stderr.strip().count("\n") == 0
     down = run_cli("score", str(paths[0]), "--prompt", prompt, "--url", "http://127.0.0.1:9")
     assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+def test_grpc_score_model_refuses_inputs_that_would_give_wrong_rewards(grpc, stack):
+    """Raw KServe v2 callers skip the gateway's validation: the `score` model itself refuses a
+    missing true prompt and a non-positive TextNorm scale, without failing valid requests."""
+    from tritonclient.utils import InferenceServerException
+
+    tokenizer = ClipTokenizer(stack.repository / "tokenizer.json")
+    image = np.asarray(world_image(Scene((Group(1, "red", "circle"),), "white"), 3, 64))[None]
+    texts = [["a red circle on a white background", "two red circles on a white background"]]
+    good = score_over_grpc(grpc, tokenizer, image, texts, 5.0, 1.0)
+    assert 0 < float(good["textnorm"][0, 0]) < 1
+    with pytest.raises(InferenceServerException, match="TEXTNORM_SCALE must be finite and > 0"):
+        score_over_grpc(grpc, tokenizer, image, texts, -1.0, 1.0)
+    with pytest.raises(InferenceServerException, match="ENSEMBLE_LAMBDA"):
+        score_over_grpc(grpc, tokenizer, image, texts, 5.0, float("nan"))

@@ -41,6 +41,16 @@ class TritonPythonModel:
         images = [_get(r, "IMAGE") for r in requests]
         ids = np.concatenate([_get(r, "INPUT_IDS") for r in requests])
         mask = np.concatenate([_get(r, "PROMPT_MASK") for r in requests]).astype(bool)
+        scale = np.concatenate([_get(r, "TEXTNORM_SCALE") for r in requests])
+        lam = np.concatenate([_get(r, "ENSEMBLE_LAMBDA") for r in requests])
+        # Callers here speak raw KServe v2, without the gateway's validation: refuse what would
+        # give a silently wrong reward instead of computing it.
+        if not mask[:, 0].all():
+            raise ValueError("PROMPT_MASK[:, 0] must be true: row 0 is the true prompt")
+        if not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("TEXTNORM_SCALE must be finite and > 0")
+        if not (np.isfinite(lam).all() and (lam >= 0).all()):
+            raise ValueError("ENSEMBLE_LAMBDA must be finite and >= 0")
         sizes = [len(x) for x in images]
         embeds = [None] * len(images)
         by_shape = {}
@@ -74,8 +84,8 @@ class TritonPythonModel:
                 "IMAGE_EMBEDS": image_embeds,
                 "PROMPT_EMBEDS": prompt_embeds,
                 "PROMPT_MASK": mask,
-                "TEXTNORM_SCALE": np.concatenate([_get(r, "TEXTNORM_SCALE") for r in requests]),
-                "ENSEMBLE_LAMBDA": np.concatenate([_get(r, "ENSEMBLE_LAMBDA") for r in requests]),
+                "TEXTNORM_SCALE": scale,
+                "ENSEMBLE_LAMBDA": lam,
             },
             self.outputs,
         )
@@ -98,6 +108,9 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.extend(self._score([request]))
+            except ValueError as exc:
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
             except Exception as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
         return responses
