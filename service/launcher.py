@@ -117,7 +117,7 @@ class TritonWatchdog(threading.Thread):
 
     def stop(self) -> None:
         self._stopping.set()
-        self.join(timeout=self.server.stop_timeout + 10)
+        self.join()  # a restart in progress finishes (bounded by Triton's startup timeout)
 
 
 async def _discover(backend) -> None:

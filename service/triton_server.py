@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -207,6 +208,9 @@ class TritonServer:
             self._ports = (http_port, grpc_port, metrics_port)  # type: ignore[assignment]
         self._log_file = Path(log_file) if log_file else None
         self._proc: subprocess.Popen[bytes] | None = None
+        # start() and stop() may run on different threads (the launcher's watchdog restarts,
+        # the main thread stops): never both at once.
+        self._lock = threading.RLock()
         self._log_offset = 0  # where the current run's output starts in the log file
         self.startup_seconds: float | None = None
 
@@ -271,6 +275,10 @@ class TritonServer:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> TritonServer:
         """Prepare the runtime, launch the server and wait until it is ready. Idempotent."""
+        with self._lock:
+            return self._start()
+
+    def _start(self) -> TritonServer:
         if self.running():
             return self
         if self._proc is not None:  # it died: reap it and kill what is left of its group
@@ -363,6 +371,10 @@ class TritonServer:
 
     def stop(self) -> int | None:
         """SIGTERM to the PID, wait, then SIGKILL the group; returns the exit code. Idempotent."""
+        with self._lock:
+            return self._stop()
+
+    def _stop(self) -> int | None:
         proc, self._proc = self._proc, None
         atexit.unregister(self.stop)
         if proc is None:
