@@ -63,6 +63,19 @@ class Settings(BaseSettings):
         ge=1,
         description="width × height per image, checked from the header before decoding",
     )
+    max_image_aspect_ratio: float = Field(
+        default=20.0,
+        gt=1,
+        description="longer side / shorter side per image, checked from the header before "
+        "decoding (the encoder resizes the shorter side to its input size, so a 1 × N image "
+        "would cost N times the pixels)",
+    )
+    max_request_pixels: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="width × height summed over a request's images, checked from each header "
+        "before decoding (bounds a request's decoded memory: 3 bytes per pixel)",
+    )
     max_request_bytes: int = Field(
         default=128 * 1024 * 1024, ge=1, description="HTTP request body size in bytes"
     )

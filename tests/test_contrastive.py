@@ -513,6 +513,17 @@ def test_clean_contrastive_set() -> None:
     assert cleaned == ["two cats", "a dog"]
 
 
+def test_unicode_equivalent_spellings_are_the_prompt() -> None:
+    from service.contrastive.dedupe import normalise
+
+    precomposed, decomposed = "a caf\u00e9 sign", "a cafe\u0301 sign"
+    assert normalise(decomposed) == normalise(precomposed) == normalise("A  CAF\u00c9 Sign")
+    assert clean_contrastive_set(precomposed, [decomposed, "a blue sign"]) == ["a blue sign"]
+    assert clean_contrastive_set("a red sign", [precomposed, decomposed]) == [precomposed]
+    with pytest.raises(NoContrastivePrompts):
+        clean_contrastive_set(decomposed, ["A CAF\u00c9 SIGN"])
+
+
 def test_clean_contrastive_set_nothing_left() -> None:
     with pytest.raises(NoContrastivePrompts, match="no contrastive prompts"):
         clean_contrastive_set("a cat", ["", " a cat ", "A CAT"])

@@ -337,6 +337,39 @@ def test_missing_contrastive_prompts_422_unless_allowed(client):
     assert missing["contrastive_source"] == "none" and -1 <= missing["raw"] <= 1
 
 
+def test_contrastive_prompts_equal_to_the_prompt_after_normalisation_are_dropped(client):
+    from service.gateway.errors import ApiError
+    from service.gateway.scoring import ContrastivePlan, PlannedItem
+
+    image = b64(world_image())
+    prompt = "a caf\u00e9 sign"  # precomposed é
+    decomposed = "a cafe\u0301 sign"  # e + combining acute: the same text after NFC
+    item = {"image": image, "prompt": prompt, "contrastive": [decomposed, "a blue sign"]}
+    r = client.post("/v1/score", json={"items": [item]})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["contrastive_count"] == 1
+    solo = {**item, "contrastive": [decomposed]}
+    assert_error(client.post("/v1/score", json={"items": [solo]}), 422, "no_contrastive_prompts")
+
+    # The scorer itself drops prompts with the true prompt's cache key, and repeats, whatever
+    # produced the plan: P never holds the same embedding twice.
+    scorer = client.app_state.scorer
+    plan = ContrastivePlan(
+        ["A CAFE\u0301  sign", "a blue sign", "A Blue sign"], "explicit", field="x"
+    )
+    planned = [PlannedItem(prompt, plan, "prompt", "images[0]") for _ in range(2)]
+    text_plan = scorer.plan_texts(planned)
+    for p in planned:
+        assert p.plan.prompts == ["a blue sign"]
+        assert p.keys == [scorer.tokenizer.normalise(prompt), "a blue sign"]
+    assert plan.prompts == ["A CAFE\u0301  sign", "a blue sign", "A Blue sign"]  # not mutated
+    assert len(text_plan.texts) == 2
+    empty = [PlannedItem(prompt, ContrastivePlan([decomposed], "explicit", field="x"), "p", "i")]
+    with pytest.raises(ApiError) as info:
+        scorer.plan_texts(empty)
+    assert (info.value.code, info.value.field) == ("no_contrastive_prompts", "x")
+
+
 # -- group endpoint --------------------------------------------------------------------------------
 def test_group_scores_and_advantages(provenance, onnx_backend):
     rng = np.random.default_rng(3)
@@ -488,6 +521,26 @@ def test_prompt_set_import(client):
     assert_error(too_many, 422, "too_many_contrastive_prompts", limit=32)
 
 
+def test_import_conflict_is_409_and_ps_ids_are_reserved(client):
+    from service.gateway.prompt_sets import PromptSet, content_id
+
+    # A set already under the content-hash id an import computes, with other content (a legacy
+    # client id or a hash collision): a 409 naming the prompt, never a 500.
+    taken = content_id("a red circle", ["a blue circle"])
+    client.app_state.registry.add(PromptSet(taken, "a green star", ("a green square",), "x"))
+    r = client.post("/v1/prompt-sets/import", json={"a red circle": ["a blue circle"]})
+    assert (
+        taken in assert_error(r, 409, "prompt_set_conflict", '["a red circle"]')["error"]["message"]
+    )
+    # Clients cannot take ids of that shape in the first place.
+    reserved = {"id": "ps_0123456789abcdef", "prompt": "a red circle", "contrastive": ["x y"]}
+    body = assert_error(client.post("/v1/prompt-sets", json=reserved), 422, "invalid_request", "id")
+    assert "reserved" in body["error"]["message"]
+    for ok_id in ("my-ps_set", "PS_upper", "ps-dash"):
+        r = client.post("/v1/prompt-sets", json={**reserved, "id": ok_id})
+        assert r.status_code == 201, r.text
+
+
 # -- limits and validation -------------------------------------------------------------------------
 def test_too_many_items(provenance, onnx_backend):
     with gateway(provenance, onnx_backend, max_items_per_request=2) as c:
@@ -536,6 +589,82 @@ def test_image_limits_and_formats(provenance, onnx_backend):
         for data in (b64(small, "JPEG"), "data:image/png;base64," + b64(small, "WEBP")):
             r = post_image(data)
             assert r.status_code == 200, r.text
+
+
+def test_image_aspect_ratio_refused_from_the_header(provenance, onnx_backend):
+    good = {"prompt": TRUE_PROMPT, "image": b64(world_image())}
+    # 1 × 16,000,000: within max_image_pixels and a tiny file, but the encoder resizes the
+    # shorter side to its input size (terabytes); refused before decoding, quickly. (A backend
+    # that never encodes, so that a regression fails this test instead of exhausting memory.)
+    with gateway(provenance, DownBackend()) as c:
+        start = time.perf_counter()
+        sliver = base64.b64encode(png_header_only(1, 16_000_000)).decode()
+        r = c.post("/v1/score", json={"items": [good, {"prompt": TRUE_PROMPT, "image": sliver}]})
+        body = assert_error(r, 422, "image_aspect_ratio", "items[1].image", 20.0)
+        assert "1×16000000" in body["error"]["message"]
+        assert time.perf_counter() - start < 5
+    with gateway(provenance, onnx_backend) as c:
+        wide = b64(Image.new("RGB", (210, 10)))  # 21:1
+        r = c.post("/v1/score/group", json={"prompt": TRUE_PROMPT, "images": [wide]})
+        assert_error(r, 422, "image_aspect_ratio", "images[0]", 20.0)
+        at_limit = {"prompt": TRUE_PROMPT, "image": b64(Image.new("RGB", (10, 200)))}  # 20:1
+        assert c.post("/v1/score", json={"items": [at_limit]}).status_code == 200
+    with pytest.raises(ValueError):
+        Settings(max_image_aspect_ratio=1.0)
+
+
+def test_request_pixel_budget_checked_before_decoding(provenance, onnx_backend):
+    assert Settings().max_request_pixels == 64 * 1024 * 1024
+    image = b64(world_image())  # 96 × 96
+    with gateway(provenance, onnx_backend, max_request_pixels=2 * 96 * 96 + 1) as c:
+        items = [{"prompt": TRUE_PROMPT, "image": image}] * 3
+        body = assert_error(
+            c.post("/v1/score", json={"items": items}),
+            413,
+            "request_too_many_pixels",
+            "items[2].image",
+            2 * 96 * 96 + 1,
+        )
+        assert "in all" in body["error"]["message"]
+        r = c.post("/v1/score/group", json={"prompt": TRUE_PROMPT, "images": [image] * 3})
+        assert_error(r, 413, "request_too_many_pixels", "images[2]")
+        # the image that crosses the budget is refused from its header, never decoded
+        bomb = base64.b64encode(png_header_only(4000, 4000)).decode()
+        r = c.post(
+            "/v1/score", json={"items": [*items[:2], {"prompt": TRUE_PROMPT, "image": bomb}]}
+        )
+        assert_error(r, 413, "request_too_many_pixels", "items[2].image")
+        assert c.post("/v1/score", json={"items": items[:2]}).status_code == 200
+
+
+def test_image_batches_to_the_backend_stay_under_a_gibibyte():
+    from service.gateway.backend import MAX_CALL_BYTES, GuardedBackend
+    from service.gateway.metrics import GatewayMetrics
+
+    assert MAX_CALL_BYTES <= 1 << 30
+
+    class Counting:
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, int]] = []
+
+        async def encode_images(self, images):
+            self.calls.append((len(images), images.nbytes))
+            return np.ones((len(images), 8), np.float32)
+
+    inner = Counting()
+    guarded = GuardedBackend(
+        inner, timeout_s=5, max_batch=64, embed_dim=8, metrics=GatewayMetrics()
+    )
+    # 64 images of 4096² (3.2 GB) without allocating them: one broadcast pixel
+    images = np.broadcast_to(np.zeros((1, 4096, 4096, 3), np.uint8), (64, 4096, 4096, 3))
+    out = asyncio.run(guarded.encode_images(images))
+    assert out.shape == (64, 8)
+    assert sum(n for n, _ in inner.calls) == 64 and len(inner.calls) > 1
+    assert all(nbytes <= MAX_CALL_BYTES for _, nbytes in inner.calls), inner.calls
+    # small images are still split by max_batch only
+    inner.calls.clear()
+    asyncio.run(guarded.encode_images(np.zeros((130, 8, 8, 3), np.uint8)))
+    assert [n for n, _ in inner.calls] == [64, 64, 2]
 
 
 def test_request_body_limit(provenance, onnx_backend):
@@ -791,3 +920,34 @@ def test_both_backends_implement_the_protocol(onnx_backend):
 
     assert isinstance(onnx_backend, RewardBackendProtocol)
     assert isinstance(RewardBackend("127.0.0.1:1"), RewardBackendProtocol)  # connects lazily
+
+
+def test_client_retries_503_504_and_transport_errors_but_not_502():
+    import httpx
+
+    from textnorm_reward_client import RewardClient, RewardServiceError
+
+    def counting_client(status: int | None):
+        calls = []
+
+        def handler(request):
+            calls.append(request)
+            if status is None:
+                raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(status, json={"error": {"message": f"status {status}"}})
+
+        trainer = RewardClient("http://gateway.test", attempts=2)
+        trainer._http = httpx.Client(
+            base_url="http://gateway.test", transport=httpx.MockTransport(handler)
+        )
+        return trainer, calls
+
+    for status, attempts in ((502, 1), (422, 1), (503, 2), (504, 2)):
+        trainer, calls = counting_client(status)
+        with pytest.raises(RewardServiceError) as info:
+            trainer.score([b"png"], "a red circle")
+        assert info.value.status == status and len(calls) == attempts, status
+    trainer, calls = counting_client(None)
+    with pytest.raises(httpx.ConnectError):
+        trainer.score([b"png"], "a red circle")
+    assert len(calls) == 2

@@ -30,7 +30,8 @@ class RewardServiceError(RuntimeError):
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
         return True
-    return isinstance(exc, RewardServiceError) and exc.status in (502, 503, 504)
+    # 502 is the backend failing on this input (a bad output, a model error): not transient.
+    return isinstance(exc, RewardServiceError) and exc.status in (503, 504)
 
 
 def _b64(image: ImageInput) -> str:

@@ -1,12 +1,14 @@
 """The last step every generator shares: drop the original prompt and repeats, or say why empty.
 
-Prompts are compared case-insensitively with whitespace collapsed, so "A  Cat" repeats "a cat".
+Prompts are compared case-insensitively with whitespace collapsed and Unicode canonically
+normalised, so "A  Cat" repeats "a cat" and "cafe\u0301" (a combining accent) repeats "café".
 The first of any repeats is kept, so the order stays deterministic, and an empty result raises
 NoContrastivePrompts with the reason the rule did not apply.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 
 from service.contrastive.errors import NoContrastivePrompts, quote_prompt
@@ -19,8 +21,10 @@ def check_prompt(prompt: object) -> None:
 
 
 def normalise(prompt: str) -> str:
-    """The comparison key of a prompt: whitespace collapsed, case folded."""
-    return " ".join(prompt.split()).casefold()
+    """The comparison key of a prompt: whitespace collapsed, case folded, NFC (Unicode's
+    canonical caseless match: equal keys for canonically equivalent spellings)."""
+    collapsed = unicodedata.normalize("NFD", " ".join(prompt.split()))
+    return unicodedata.normalize("NFC", collapsed.casefold())
 
 
 def finalise(prompt: str, candidates: Iterable[str], reason: str) -> list[str]:

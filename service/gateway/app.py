@@ -40,7 +40,7 @@ from service.gateway.backend import (
 )
 from service.gateway.embedding_cache import EmbeddingCache
 from service.gateway.errors import ApiError, install_error_handlers
-from service.gateway.images import ImageLimits, decode_image, set_pillow_limits
+from service.gateway.images import ImageLimits, decode_images, set_pillow_limits
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware
 from service.gateway.prompt_sets import (
@@ -79,7 +79,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, description in {
         400: "malformed JSON or request",
         401: "missing or invalid API key",
-        413: "request, image bytes or image pixels over a limit",
+        413: "request, image bytes or image pixels (per image or per request) over a limit",
         415: "image not PNG, JPEG or WebP",
         422: "invalid request or a limit exceeded (the field and limit are named)",
         502: "the reward backend failed",
@@ -150,7 +150,12 @@ def create_app(
     )
     cache = EmbeddingCache(settings.embedding_cache_entries)
     registry = PromptSetRegistry(settings.max_prompt_sets)
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    limits = ImageLimits(
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+        max_aspect_ratio=settings.max_image_aspect_ratio,
+        max_request_pixels=settings.max_request_pixels,
+    )
     set_pillow_limits(limits)
     scorer = Scorer(
         backend=guarded,
@@ -207,6 +212,8 @@ def create_app(
         )
 
     app.include_router(v1)
+    # Not a duplicate: the app's router holds v1 as one included-router entry (no path_regex),
+    # so v1's routes are labelled from v1 itself and the app's own routes (ops, docs) below.
     labelled_routes += v1.routes
     _ops_routes(app, state)
     labelled_routes += [r for r in app.router.routes if hasattr(r, "path_regex")]
@@ -215,12 +222,7 @@ def create_app(
 
 # -- scoring ---------------------------------------------------------------------------------------
 async def _decode_all(state: GatewayState, images: list[tuple[str, str]]) -> list[np.ndarray]:
-    limits = state.image_limits
-
-    def run() -> list[np.ndarray]:
-        return [decode_image(text, field, limits) for text, field in images]
-
-    return await asyncio.to_thread(run)
+    return await asyncio.to_thread(decode_images, images, state.image_limits)
 
 
 def _check_count(n: int, limit: int, field: str, what: str) -> None:
@@ -421,6 +423,7 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
         response_model=PromptSetImportResponse,
         tags=["prompt sets"],
         openapi_extra={"requestBody": _IMPORT_SCHEMA},
+        responses={409: {"model": ErrorResponse, "description": "a content-hash id is taken"}},
     )
     async def import_prompt_sets(request: Request) -> PromptSetImportResponse:
         """Import the TextNorm authors' JSON (`{"prompt": ["contrastive", ...], ...}`) as the
@@ -444,6 +447,8 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
                 prompt_set, created = registry.prepare(
                     prompt, cleaned, None, "imported", pending=len(new)
                 )
+            except PromptSetConflict as exc:
+                raise ApiError(409, "prompt_set_conflict", f"{where}: {exc}", field=where) from None
             except RegistryFull:
                 raise ApiError(
                     422,

@@ -7,7 +7,8 @@ process, development and tests) implement it. Errors are the Triton client's two
 
 `GuardedBackend` wraps any implementation for the gateway: every call gets a timeout (a hung
 backend becomes `BackendUnavailable`, never a hung request), batches are split to the exported
-model's maximum batch size and sent concurrently (so Triton's dynamic batcher can merge them),
+model's maximum batch size (image batches also to at most MAX_CALL_BYTES, far below gRPC's 2 GB
+message limit) and sent concurrently (so Triton's dynamic batcher can merge them),
 outputs are checked for shape and finiteness (`BackendError` otherwise), unexpected exceptions
 become `BackendError`, and each call's round-trip time is recorded in the metrics.
 """
@@ -24,6 +25,7 @@ from service.gateway.metrics import GatewayMetrics
 from service.triton_client import BackendError, BackendUnavailable
 
 READY_TIMEOUT_S = 5.0
+MAX_CALL_BYTES = 1 << 30  # image bytes per backend call (gRPC messages are limited to 2 GB)
 
 __all__ = [
     "BackendError",
@@ -72,10 +74,12 @@ class GuardedBackend:
         max_batch: int,
         embed_dim: int,
         metrics: GatewayMetrics,
+        max_call_bytes: int = MAX_CALL_BYTES,
     ) -> None:
         self.backend = backend
         self.timeout_s = timeout_s
         self.max_batch = max(1, int(max_batch))
+        self.max_call_bytes = max_call_bytes
         self.embed_dim = embed_dim
         self.metrics = metrics
 
@@ -100,8 +104,12 @@ class GuardedBackend:
         finally:
             self.metrics.backend_seconds.labels(call, outcome).observe(time.perf_counter() - start)
 
-    def _chunks(self, n: int) -> list[slice]:
-        return [slice(i, min(i + self.max_batch, n)) for i in range(0, n, self.max_batch)]
+    def _chunks(self, n: int, row_bytes: int = 0) -> list[slice]:
+        """Slices of at most max_batch rows and (one row at least) max_call_bytes."""
+        step = self.max_batch
+        if row_bytes > 0:
+            step = max(1, min(step, self.max_call_bytes // row_bytes))
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def _check_embeddings(self, call: str, out: object, n: int) -> np.ndarray:
         arr = np.asarray(out)
@@ -117,7 +125,7 @@ class GuardedBackend:
         parts = await asyncio.gather(
             *(
                 self._call("encode_images", self.backend.encode_images(images[s]))
-                for s in self._chunks(len(images))
+                for s in self._chunks(len(images), images[0].nbytes if len(images) else 0)
             )
         )
         return self._check_embeddings("encode_images", np.concatenate(parts), len(images))

@@ -65,6 +65,3 @@ class EmbeddingCache:
             value = self._pinned.pop(key, None)
             if value is not None:
                 self.put(key, value)
-
-    def pinned(self, key: CacheKey) -> bool:
-        return self._pins[key] > 0

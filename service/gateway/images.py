@@ -8,7 +8,11 @@ Order of checks, cheapest first, each failure an `ApiError` naming the field and
 5. width × height from the header, BEFORE any pixel is decoded (`max_image_pixels`, 413), so a
    decompression bomb costs nothing; Pillow's own bomb limit is set to the same value as a
    second line of defence;
-6. decoding (only the first frame of an animation), then conversion to RGB as CLIP's
+6. the aspect ratio from the header (`max_image_aspect_ratio`, 422): the encoder resizes the
+   shorter side to its input size, so a 1 × 16,000,000 image would be enormous there;
+7. the request's running total of width × height from the headers (`max_request_pixels`, 413,
+   naming the image that crossed it), so a small body of flat images cannot decode to GBs;
+8. decoding (only the first frame of an animation), then conversion to RGB as CLIP's
    processor does (alpha is dropped); a truncated or corrupt file is a 422.
 """
 
@@ -35,6 +39,8 @@ _WHITESPACE = re.compile(r"\s")
 class ImageLimits:
     max_bytes: int
     max_pixels: int
+    max_aspect_ratio: float
+    max_request_pixels: int
 
     @property
     def max_encoded_chars(self) -> int:
@@ -93,8 +99,22 @@ def _too_many_bytes(field: str, limits: ImageLimits) -> ApiError:
     )
 
 
-def decode_image(text: str, field: str, limits: ImageLimits) -> np.ndarray:
-    """A base64 PNG/JPEG/WebP → uint8 [H, W, 3] RGB, or an ApiError naming `field`."""
+def decode_images(images: list[tuple[str, str]], limits: ImageLimits) -> list[np.ndarray]:
+    """(base64, field) pairs → uint8 [H, W, 3] arrays in order, within the request's pixels."""
+    arrays: list[np.ndarray] = []
+    used = 0  # pixels of the images decoded so far
+    for text, field in images:
+        array = decode_image(text, field, limits, request_pixels=used)
+        used += array.shape[0] * array.shape[1]
+        arrays.append(array)
+    return arrays
+
+
+def decode_image(text: str, field: str, limits: ImageLimits, request_pixels: int = 0) -> np.ndarray:
+    """A base64 PNG/JPEG/WebP → uint8 [H, W, 3] RGB, or an ApiError naming `field`.
+
+    `request_pixels`: pixels the request's earlier images hold (`max_request_pixels` budget).
+    """
     data = decode_base64(text, field, limits)
     fmt = sniff_format(data)
     if fmt is None:
@@ -119,6 +139,24 @@ def decode_image(text: str, field: str, limits: ImageLimits) -> np.ndarray:
             raise ApiError(422, "invalid_image", f"{field}: the image has no pixels", field=field)
         if width * height > limits.max_pixels:
             raise _too_many_pixels(field, limits, (width, height))
+        if max(width, height) > limits.max_aspect_ratio * min(width, height):
+            raise ApiError(
+                422,
+                "image_aspect_ratio",
+                f"{field}: the image's aspect ratio ({width}×{height}) exceeds "
+                f"{limits.max_aspect_ratio:g}:1",
+                field=field,
+                limit=limits.max_aspect_ratio,
+            )
+        if request_pixels + width * height > limits.max_request_pixels:
+            raise ApiError(
+                413,
+                "request_too_many_pixels",
+                f"{field}: the request's images exceed {limits.max_request_pixels} pixels "
+                "in all (width × height summed)",
+                field=field,
+                limit=limits.max_request_pixels,
+            )
         try:
             image.seek(0)
             rgb = image.convert("RGB")

@@ -2,10 +2,11 @@
 
 A set is a prompt and its cleaned contrastive prompts (`clean_contrastive_set`: stripped, no
 blanks, no prompt, no repeats). It has an id: the client's, or a content hash
-(``ps_`` + 16 hex digits of sha256 over the normalised prompt and the set), so registering the
-same content twice is idempotent. Sets are also indexed by their prompt (normalised as the
-contrastive package compares prompts: case-folded, whitespace collapsed): scoring a prompt that
-has a registered set uses it without naming the id; the latest registration for a prompt wins.
+(``ps_`` + 16 hex digits of sha256 over the normalised prompt and the set; client ids may not
+start with ``ps_``), so registering the same content twice is idempotent. Sets are also indexed
+by their prompt (normalised as the contrastive package compares prompts: NFC, case-folded,
+whitespace collapsed): scoring a prompt that has a registered set uses it without naming the
+id; the latest registration for a prompt wins.
 Imports (`parse_prompt_sets`, the TextNorm authors' JSON format) register one set per prompt.
 """
 
@@ -14,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 from dataclasses import dataclass, field
 
 from service.contrastive import NoContrastivePrompts, clean_contrastive_set
 from service.contrastive.dedupe import normalise as normalise_prompt
 
 PROMPT_SET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
-_ID = re.compile(PROMPT_SET_ID_PATTERN)
+CONTENT_ID_PREFIX = "ps_"  # content-hash ids; clients may not choose ids starting with it
 
 
 class PromptSetConflict(ValueError):
@@ -47,11 +47,7 @@ class PromptSet:
 
 def content_id(prompt: str, contrastive: list[str] | tuple[str, ...]) -> str:
     payload = json.dumps([normalise_prompt(prompt), list(contrastive)], ensure_ascii=False)
-    return "ps_" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def valid_set_id(set_id: str) -> bool:
-    return bool(_ID.fullmatch(set_id))
+    return CONTENT_ID_PREFIX + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
 class PromptSetRegistry:
@@ -122,6 +118,7 @@ class PromptSetRegistry:
 
 
 __all__ = [
+    "CONTENT_ID_PREFIX",
     "NoContrastivePrompts",
     "PROMPT_SET_ID_PATTERN",
     "PromptSet",
@@ -129,5 +126,4 @@ __all__ = [
     "PromptSetRegistry",
     "RegistryFull",
     "content_id",
-    "valid_set_id",
 ]

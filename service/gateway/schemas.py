@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from service.gateway.prompt_sets import PROMPT_SET_ID_PATTERN
+from service.gateway.prompt_sets import CONTENT_ID_PREFIX, PROMPT_SET_ID_PATTERN
 from service.gateway.request_ids import REQUEST_ID_PATTERN
 
 RequestId = Annotated[
@@ -98,10 +98,23 @@ class GroupRequest(_Request):
 
 
 class PromptSetCreate(_Request):
-    id: PromptSetId | None = Field(default=None, description="default: a content hash")
+    id: PromptSetId | None = Field(
+        default=None,
+        description=f"default: a content hash (ids starting with {CONTENT_ID_PREFIX!r} are "
+        "reserved for those)",
+    )
     prompt: str
     contrastive: list[str] = Field(min_length=1)
     request_id: RequestId | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(CONTENT_ID_PREFIX):
+            raise ValueError(
+                f"ids starting with {CONTENT_ID_PREFIX!r} are reserved for content-hash ids"
+            )
+        return value
 
 
 # -- responses -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -226,13 +226,32 @@ class Scorer:
         )
 
     def plan_texts(self, items: Sequence[PlannedItem]) -> TextPlan:
-        """Tokenise every unique prompt once; enforce (or record) the context length."""
+        """Tokenise every unique prompt once; enforce (or record) the context length.
+
+        Contrastive prompts the tokenizer cannot tell from the prompt or from an earlier one
+        (same cache key, so the same embedding) are dropped: the true prompt twice in P would
+        cap TextNorm near 1/2."""
         plan = TextPlan()
         for item in items:
-            item.keys = []
-            for text in (item.prompt, *item.plan.prompts):
+            item.keys = [self.tokenizer.normalise(item.prompt)]
+            kept = []
+            for text in item.plan.prompts:
                 key = self.tokenizer.normalise(text)
-                item.keys.append(key)
+                if key not in item.keys:
+                    item.keys.append(key)
+                    kept.append(text)
+            if len(kept) < len(item.plan.prompts):
+                if not kept:
+                    where = item.plan.field or item.prompt_field
+                    raise ApiError(
+                        422,
+                        "no_contrastive_prompts",
+                        f"{where}: every contrastive prompt tokenises the same as the prompt "
+                        f"{quote_prompt(item.prompt)}",
+                        field=where,
+                    )
+                item.plan = replace(item.plan, prompts=kept)
+            for key, text in zip(item.keys, (item.prompt, *kept), strict=True):
                 plan.texts.setdefault(key, text)
         keys = list(plan.texts)
         plan.tokenized = self.tokenizer.encode([plan.texts[k] for k in keys])
