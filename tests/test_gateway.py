@@ -36,6 +36,7 @@ from shapes_world.perturb import perturb
 from shapes_world.render import render
 from shapes_world.sampling import random_scene
 from shapes_world.scene import Caption, Group, Scene
+from tests.conftest import assert_error
 
 TRUE_PROMPT = "three red triangles on a grass background"
 TRUE_SCENE = Scene(groups=(Group(3, "red", "triangle"),), background="grass")
@@ -178,19 +179,6 @@ def png_header_only(width: int, height: int) -> bytes:
 def metric(client, name: str, labels: dict | None = None) -> float:
     value = client.app_state.metrics.registry.get_sample_value(name, labels or {})
     return 0.0 if value is None else value
-
-
-def assert_error(response, status: int, code: str, field: str | None = None, limit=None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["error"]["code"] == code, body
-    assert body["request_id"] == response.headers["x-request-id"]
-    if field is not None:
-        assert body["error"]["field"] == field, body
-        assert field in body["error"]["message"]
-    if limit is not None:
-        assert body["error"]["limit"] == limit, body
-    return body
 
 
 # -- rewards ---------------------------------------------------------------------------------------

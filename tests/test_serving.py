@@ -49,6 +49,7 @@ from shapes_world.render import render
 from shapes_world.sampling import random_scene
 from shapes_world.scene import Caption, Group, Scene
 from shapes_world.vocab import ATTRIBUTES
+from tests.conftest import assert_error
 
 pytestmark = pytest.mark.slow
 
@@ -297,17 +298,6 @@ def score(client: httpx.Client, items: list[dict], **textnorm_options) -> list[d
     r = client.post("/v1/score", json=body)
     assert r.status_code == 200, r.text
     return r.json()["results"]
-
-
-def assert_error(response: httpx.Response, status: int, code: str, field: str | None = None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["error"]["code"] == code, body
-    assert body["request_id"] == response.headers["x-request-id"]
-    if field is not None:
-        assert body["error"]["field"] == field, body
-        assert field in body["error"]["message"], body
-    return body
 
 
 # -- 1. REST = PyTorch reference -------------------------------------------------------------------
