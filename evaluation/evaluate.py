@@ -1,9 +1,10 @@
 """Score the world's benchmark and report mean per-prompt AUROC for every reward.
 
 Each benchmark prompt is encoded once, together with its contrastive prompts (from the rule that
-matches its category). Both reward models — raw CLIP and the learned head — then score every
-image against [prompt, contrastive prompts...], and each reward in `REWARDS` is a function of
-those score matrices: raw scores, TextNorm over them, and ensembles of the two TextNorms.
+matches its category: ``service.contrastive.CONTRASTIVE_RULES``). Both reward models — raw CLIP
+and the learned head — then score every image against [prompt, contrastive prompts...], and each
+reward in `REWARDS` is a function of those score matrices: raw scores, TextNorm over them, and
+ensembles of the two TextNorms.
 """
 
 from __future__ import annotations
@@ -18,18 +19,9 @@ from rich.progress import Progress
 from evaluation.auroc import mean_per_prompt_auroc
 from export.clip_model import ClipBundle, image_embeddings, text_embeddings, tokenize
 from export.reward_head import RewardHead
-from service.contrastive import attribute_swaps, contrastive_prompts
+from service.contrastive import CONTRASTIVE_RULES
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
 from shapes_world.benchmark import BenchmarkPrompt
-
-# Benchmark category → how its contrastive prompts are made.
-CONTRASTIVE_RULES: dict[str, Callable[[str], list[str]]] = {
-    "counting": lambda p: contrastive_prompts(p, "counting"),
-    "color": lambda p: attribute_swaps(p, ("colour",)),
-    "background": lambda p: attribute_swaps(p, ("background",)),
-    "object": lambda p: attribute_swaps(p, ("object",)),
-    "composition": lambda p: contrastive_prompts(p, "composition"),
-}
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from export.clip_model import (
 from export.repository import head_hash, read_provenance
 from export.reward_head import load_head
 from service import model_contract as contract
+from service.contrastive import CONTRASTIVE_RULES
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
 from shapes_world.benchmark import build_benchmark
 
@@ -69,8 +70,6 @@ def _session(repo: Path, model: str) -> ort.InferenceSession:
 
 def _held_out(n_prompts: int, seed: int) -> list[tuple[list[Image.Image], list[str]]]:
     """Per prompt: its images and [prompt, contrastive...] texts, from a held-out benchmark."""
-    from evaluation.evaluate import CONTRASTIVE_RULES
-
     bench = build_benchmark(
         seed=seed, prompts_per_category=max(1, n_prompts // 5), images_per_prompt=len(IMAGE_SIZES)
     )

@@ -6,17 +6,26 @@ import random
 import pytest
 
 from service.contrastive import (
+    CONTRASTIVE_RULES,
+    DEFAULT_VOCABULARY_FILE,
     NoContrastivePrompts,
     PromptSetFormatError,
+    Vocabulary,
     attribute_swaps,
     clean_contrastive_set,
     contrastive_prompts,
+    default_vocabulary,
     load_prompt_sets,
+    load_vocabulary,
     parse_prompt_sets,
+    parse_vocabulary,
     pluralize,
     singularize,
 )
+from service.contrastive.phrases import MAX_READ_COUNT
+from service.contrastive.phrases import NUMBER_WORDS as ENGLISH_NUMBER_WORDS
 from shapes_world.vocab import BACKGROUNDS, COLOURS, SHAPES
+from shapes_world.vocab import NUMBER_WORDS as SHAPES_NUMBER_WORDS
 
 # --------------------------------------------------------------------------------------------
 # Counting
@@ -612,3 +621,222 @@ def test_load_prompt_sets_rejects_non_utf8_and_missing(tmp_path) -> None:
         load_prompt_sets(path)
     with pytest.raises(FileNotFoundError):
         load_prompt_sets(tmp_path / "missing.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary: the words attribute swaps use are data
+# --------------------------------------------------------------------------------------------
+
+CUSTOM = Vocabulary(("crimson", "teal"), {"cube": "cubes"}, ("desert",))
+RICHER = Vocabulary(
+    ("crimson", "teal", "amber"), {"cube": "cubes", "cone": "cones"}, ("desert", "snow")
+)
+
+
+def test_default_vocabulary_is_the_shapes_world_vocabulary() -> None:
+    """The shipped JSON and shapes_world.vocab must not drift apart (order included)."""
+    raw = json.loads(DEFAULT_VOCABULARY_FILE.read_text(encoding="utf-8"))
+    assert raw == {
+        "colours": list(COLOURS),
+        "shapes": SHAPES,
+        "backgrounds": list(BACKGROUNDS),
+    }
+    default = default_vocabulary()
+    assert default.colours == tuple(COLOURS)
+    assert list(default.shapes.items()) == list(SHAPES.items())
+    assert default.backgrounds == BACKGROUNDS
+    assert default == load_vocabulary(DEFAULT_VOCABULARY_FILE)
+
+
+def test_english_number_words_read_every_shapes_world_count() -> None:
+    for value, word in SHAPES_NUMBER_WORDS.items():
+        assert ENGLISH_NUMBER_WORDS[value] == word
+        assert value <= MAX_READ_COUNT
+    assert contrastive_prompts("twelve red stars", "counting")[-1] == "fourteen red stars"
+
+
+def test_none_means_the_default_vocabulary() -> None:
+    prompt = "two red circles on a sky background"
+    default = default_vocabulary()
+    assert attribute_swaps(prompt, vocabulary=default) == attribute_swaps(prompt)
+    for rule in ("attributes", "auto"):
+        assert contrastive_prompts(prompt, rule, vocabulary=default) == contrastive_prompts(
+            prompt, rule
+        )
+
+
+def test_custom_vocabulary_changes_the_swaps() -> None:
+    prompt = "a crimson cube on a desert background"
+    assert attribute_swaps(prompt, vocabulary=CUSTOM) == ["a teal cube on a desert background"]
+    assert contrastive_prompts(prompt, "attributes", vocabulary=CUSTOM) == [
+        "a teal cube on a desert background"
+    ]
+    assert CONTRASTIVE_RULES["color"](prompt, vocabulary=CUSTOM) == [
+        "a teal cube on a desert background"
+    ]
+    # The shapes world's words are not swapped under another vocabulary.
+    with pytest.raises(NoContrastivePrompts, match="no colour or shape"):
+        attribute_swaps("a red circle on a sky background", vocabulary=CUSTOM)
+    with pytest.raises(NoContrastivePrompts):
+        attribute_swaps(prompt)
+
+
+def test_custom_vocabulary_kinds_plurals_articles_and_auto() -> None:
+    prompt = "two crimson cubes on a desert background"
+    assert attribute_swaps(prompt, vocabulary=RICHER) == [
+        "two teal cubes on a desert background",
+        "two amber cubes on a desert background",
+        "two crimson cones on a desert background",
+        "two crimson cubes on a snow background",
+    ]
+    assert attribute_swaps("a teal cone", ("colour",), vocabulary=RICHER) == [
+        "a crimson cone",
+        "an amber cone",
+    ]
+    assert attribute_swaps("A cone", ("shape",), vocabulary=RICHER) == ["A cube"]
+    assert contrastive_prompts("two teal cubes", vocabulary=RICHER) == [
+        "a teal cube",
+        "three teal cubes",
+        "four teal cubes",
+        "two crimson cubes",
+        "two amber cubes",
+        "two teal cones",
+    ]
+
+
+def test_load_vocabulary_from_a_file(tmp_path) -> None:
+    path = tmp_path / "vocabulary.json"
+    data = {"colours": ["crimson", "teal"], "shapes": {"cube": "cubes"}, "backgrounds": ["desert"]}
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert load_vocabulary(path) == load_vocabulary(str(path)) == CUSTOM == parse_vocabulary(data)
+    assert attribute_swaps("three teal cubes", vocabulary=load_vocabulary(path)) == [
+        "three crimson cubes"
+    ]
+
+
+def test_vocabulary_is_frozen_and_hashable() -> None:
+    with pytest.raises(AttributeError):
+        CUSTOM.colours = ("red",)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        CUSTOM.shapes["sphere"] = "spheres"  # type: ignore[index]
+    assert hash(CUSTOM) == hash(parse_vocabulary(json.loads(json.dumps(_as_json(CUSTOM)))))
+    assert CUSTOM != RICHER
+    assert Vocabulary(("teal", "crimson"), {"cube": "cubes"}, ("desert",)) != CUSTOM  # order
+    assert CUSTOM.shape_of("cubes") == CUSTOM.shape_of("cube") == "cube"
+    assert CUSTOM.shape_of("circle") is None
+
+
+def _as_json(vocabulary: Vocabulary) -> dict:
+    return {
+        "colours": list(vocabulary.colours),
+        "shapes": dict(vocabulary.shapes),
+        "backgrounds": list(vocabulary.backgrounds),
+    }
+
+
+def test_a_colour_may_also_be_a_background() -> None:
+    words = Vocabulary(("white", "black"), {"cube": "cubes"}, ("white", "sky"))
+    assert attribute_swaps("a white cube on a white background", vocabulary=words) == [
+        "a black cube on a white background",
+        "a white cube on a sky background",
+    ]
+
+
+_GOOD = '"colours": ["red"], "shapes": {"cube": "cubes"}, "backgrounds": ["sky"]'
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "invalid JSON at line 1 column 1"),
+        ('{"colours": ["red"]', "invalid JSON at line 1"),
+        ('["red"]', "expected a JSON object with keys colours, shapes, backgrounds, got array"),
+        ('{"colours": ["red"], "shapes": {}}', "missing key 'backgrounds'"),
+        ("{" + _GOOD + ', "sizes": ["big"]}', "unknown key 'sizes'; expected only: colours"),
+        ("{" + _GOOD + ', "colours": ["blue"]}', "duplicate key 'colours'"),
+        (
+            '{"colours": "red", "shapes": {}, "backgrounds": []}',
+            "colours: expected an array of words, got string",
+        ),
+        (
+            '{"colours": [], "shapes": ["cube"], "backgrounds": []}',
+            "shapes: expected an object mapping singular to plural, got array",
+        ),
+        (
+            '{"colours": [], "shapes": {}, "backgrounds": {"sky": 1}}',
+            "backgrounds: expected an array of words, got object",
+        ),
+        (
+            '{"colours": ["red", 3], "shapes": {}, "backgrounds": []}',
+            r"colours\[1\]: expected a word \(string\), got number",
+        ),
+        (
+            '{"colours": ["Red"], "shapes": {}, "backgrounds": []}',
+            r"colours\[0\]: expected one lowercase word, got 'Red'",
+        ),
+        (
+            '{"colours": [], "shapes": {}, "backgrounds": ["night sky"]}',
+            r"backgrounds\[0\]: expected one lowercase word, got 'night sky'",
+        ),
+        (
+            '{"colours": [""], "shapes": {}, "backgrounds": []}',
+            r"colours\[0\]: expected one lowercase word, got ''",
+        ),
+        (
+            '{"colours": ["red", "blue", "red"], "shapes": {}, "backgrounds": []}',
+            r"colours\[2\]: 'red' is repeated",
+        ),
+        (
+            '{"colours": [], "shapes": {"cube": "cubes", "cube": "cubez"}, "backgrounds": []}',
+            "duplicate key 'cube'",
+        ),
+        (
+            '{"colours": [], "shapes": {"cube": null}, "backgrounds": []}',
+            r"shapes\['cube'\]: expected a word \(string\), got null",
+        ),
+        (
+            '{"colours": [], "shapes": {"Cube": "cubes"}, "backgrounds": []}',
+            "shapes key: expected one lowercase word, got 'Cube'",
+        ),
+        (
+            '{"colours": [], "shapes": {"box": "cube", "cube": "cubes"}, "backgrounds": []}',
+            r"shapes\['box'\]: plural 'cube' already names a shape",
+        ),
+        (
+            '{"colours": [], "shapes": {"cube": "cubes", "die": "cubes"}, "backgrounds": []}',
+            r"shapes\['die'\]: plural 'cubes' already names a shape",
+        ),
+        (
+            '{"colours": ["orange"], "shapes": {"orange": "oranges"}, "backgrounds": []}',
+            "shapes: 'orange' is also in colours",
+        ),
+        (
+            '{"colours": [], "shapes": {"cube": "cubes"}, "backgrounds": ["cubes"]}',
+            "shapes: 'cubes' is also in backgrounds",
+        ),
+    ],
+)
+def test_malformed_vocabulary_files_are_refused(tmp_path, content: str, message: str) -> None:
+    path = tmp_path / "vocabulary.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as info:
+        load_vocabulary(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: ")
+    assert "\n" not in text
+
+
+def test_vocabulary_file_not_utf8_or_missing(tmp_path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"colours": ["caf\xe9"], "shapes": {}, "backgrounds": []}')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_vocabulary(path)
+    with pytest.raises(FileNotFoundError):
+        load_vocabulary(tmp_path / "missing.json")
+
+
+def test_vocabulary_constructor_validates() -> None:
+    with pytest.raises(ValueError, match="colours: expected a list of words, got a single string"):
+        Vocabulary("red", {}, ())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"backgrounds\[0\]: expected one lowercase word"):
+        Vocabulary((), {}, ("Sky",))

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-from evaluation.evaluate import CONTRASTIVE_RULES, EvalSettings, evaluate, score_benchmark
+from evaluation.evaluate import EvalSettings, evaluate, score_benchmark
 from export.clip_model import load_clip
 from export.reward_head import load_head
+from service.contrastive import CONTRASTIVE_RULES
 from service.settings import SHIPPED_HEAD_DIR
-from shapes_world.benchmark import build_benchmark
+from shapes_world.benchmark import CATEGORIES, build_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,10 @@ def test_shipped_clip_is_trained(report):
 
 def test_textnorm_raises_counting_auroc(report):
     assert report["textnorm_clip"]["counting"] > report["clip"]["counting"]
+
+
+def test_contrastive_rules_cover_exactly_the_benchmark_categories():
+    assert list(CONTRASTIVE_RULES) == list(CATEGORIES)
 
 
 def test_contrastive_rules_never_return_the_prompt():

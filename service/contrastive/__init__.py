@@ -8,7 +8,9 @@ the probability of the true prompt. This package builds those sets without any m
   words) and getting articles and plurals right;
 - **composition**: for "<NP1> and <NP2>[ context]", each object alone, every count combination up
   to three of each, and the "X-like Y" / "Y-like X" blends;
-- **attributes**: the Lee et al. shapes-world swaps of colour, shape ("object") and background;
+- **attributes**: the Lee et al. swaps of colour, shape ("object") and background, over a
+  :class:`Vocabulary` (data: the shapes world's words by default, or any JSON file read by
+  :func:`load_vocabulary`);
 - **auto**: composition when it applies, otherwise counting followed by attribute swaps.
 
 It also cleans caller-supplied sets and imports the JSON format the TextNorm authors released,
@@ -18,13 +20,14 @@ Every generator works on the original string: only the words it changes are rewr
 rest of the prompt (capitalisation, punctuation, trailing context) is preserved exactly. The
 original prompt never appears in an output (compared case-insensitively with whitespace
 collapsed), duplicates are removed keeping the first, and the order is deterministic.
-The package is torch-free: stdlib plus the shapes-world vocabulary.
+The package is torch-free and stdlib-only; it imports no other package of this project.
 
 Modules, bottom-up: ``tokens`` (word spans), ``inflection`` (plurals, articles), ``phrases``
-(count-phrase detection and re-counting), ``counting``, ``composition`` and ``attributes``
-(one rule each), ``dedupe`` (dropping the original and repeats), ``rules`` (the
-:func:`contrastive_prompts` dispatcher), ``prompt_sets`` (caller-supplied sets, JSON import)
-and ``errors``.
+(count-phrase detection and re-counting, English number words), ``vocabulary`` (the words
+attribute swaps use), ``counting``, ``composition`` and ``attributes`` (one rule each),
+``dedupe`` (dropping the original and repeats), ``rules`` (the :func:`contrastive_prompts`
+dispatcher and the benchmark category → rule table), ``prompt_sets`` (caller-supplied sets,
+JSON import) and ``errors``.
 """
 
 from service.contrastive.attributes import ATTRIBUTE_KINDS, attribute_swaps
@@ -36,19 +39,33 @@ from service.contrastive.prompt_sets import (
     load_prompt_sets,
     parse_prompt_sets,
 )
-from service.contrastive.rules import RULES, contrastive_prompts
+from service.contrastive.rules import CONTRASTIVE_RULES, RULES, CategoryRule, contrastive_prompts
+from service.contrastive.vocabulary import (
+    DEFAULT_VOCABULARY_FILE,
+    Vocabulary,
+    default_vocabulary,
+    load_vocabulary,
+    parse_vocabulary,
+)
 
 __all__ = [
     "ATTRIBUTE_KINDS",
     "COMPOSITION_MAX_COUNT",
+    "CONTRASTIVE_RULES",
+    "DEFAULT_VOCABULARY_FILE",
     "RULES",
+    "CategoryRule",
     "NoContrastivePrompts",
     "PromptSetFormatError",
+    "Vocabulary",
     "attribute_swaps",
     "clean_contrastive_set",
     "contrastive_prompts",
+    "default_vocabulary",
     "load_prompt_sets",
+    "load_vocabulary",
     "parse_prompt_sets",
+    "parse_vocabulary",
     "pluralize",
     "singularize",
 ]

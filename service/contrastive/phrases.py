@@ -16,11 +16,30 @@ from dataclasses import dataclass
 
 from service.contrastive.inflection import article, pluralize, singularize
 from service.contrastive.tokens import Token, adjacent, match_case, next_adjacent, word_set
-from shapes_world.vocab import NUMBER_WORDS
 
+# Plain English count words, not any world's vocabulary: counts up to MAX_READ_COUNT are read
+# in a prompt; the counting rule's +2 may write up to two more.
+MAX_READ_COUNT = 12
+NUMBER_WORDS: dict[int, str] = {
+    1: "one",
+    2: "two",
+    3: "three",
+    4: "four",
+    5: "five",
+    6: "six",
+    7: "seven",
+    8: "eight",
+    9: "nine",
+    10: "ten",
+    11: "eleven",
+    12: "twelve",
+    13: "thirteen",
+    14: "fourteen",
+}
 _DIGIT_COUNT_RE = re.compile(r"[1-9][0-9]?")
-_WORD_NUMBERS: dict[int, str] = {**NUMBER_WORDS, 13: "thirteen", 14: "fourteen"}
-_NUMBER_VALUES: dict[str, int] = {word: value for value, word in NUMBER_WORDS.items()}
+_NUMBER_VALUES: dict[str, int] = {
+    word: value for value, word in NUMBER_WORDS.items() if value <= MAX_READ_COUNT
+}
 
 _ARTICLES = frozenset(("a", "an", "one"))
 # An article phrase right after one of these is a location/complement, not the counted object.
@@ -107,7 +126,7 @@ def render_phrase(
         first_word = head if len(phrase.words) == 1 else phrase.words[0].text
         number = match_case(article(first_word), template)
     else:
-        number = match_case(_WORD_NUMBERS[count], template)
+        number = match_case(NUMBER_WORDS[count], template)
     return number + between + head
 
 
@@ -139,7 +158,7 @@ def _count_phrase_at(
 
 def _explicit_count(token: Token) -> tuple[int, bool] | None:
     """(count, written as digits) for a number word one..twelve or digits 1..12."""
-    if _DIGIT_COUNT_RE.fullmatch(token.text) and int(token.text) <= 12:
+    if _DIGIT_COUNT_RE.fullmatch(token.text) and int(token.text) <= MAX_READ_COUNT:
         return int(token.text), True
     if token.lower in _NUMBER_VALUES:
         return _NUMBER_VALUES[token.lower], False

@@ -44,7 +44,7 @@ def parse_prompt_sets(data: object) -> dict[str, list[str]]:
     if not isinstance(data, dict):
         raise PromptSetFormatError(
             "expected a JSON object mapping each prompt to an array of contrastive prompts, "
-            f"got {_json_type(data)}"
+            f"got {json_type(data)}"
         )
     if not data:
         raise PromptSetFormatError("expected at least one prompt set, got an empty object")
@@ -94,13 +94,13 @@ def _parse_prompt_set(key: str, value: object) -> list[str]:
     if not isinstance(value, list):
         raise PromptSetFormatError(
             f"prompt set {quote_prompt(key)}: expected an array of contrastive prompt strings, "
-            f"got {_json_type(value)}"
+            f"got {json_type(value)}"
         )
     for index, item in enumerate(value):
         if not isinstance(item, str):
             raise PromptSetFormatError(
                 f"prompt set {quote_prompt(key)}, index {index}: expected a string, "
-                f"got {_json_type(item)}"
+                f"got {json_type(item)}"
             )
     try:
         return clean_contrastive_set(key, value)
@@ -123,7 +123,7 @@ def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     """The JSON name of a value's type, for error messages."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     if isinstance(value, int | float) and not isinstance(value, bool):

@@ -4,23 +4,39 @@ RULES names the rules. "counting", "composition" and "attributes" run one genera
 "auto" uses composition when the prompt is "<NP1> and <NP2>", otherwise counting followed by
 attribute swaps. Every rule's output goes through the shared dedupe step, so the original
 prompt never appears, repeats are dropped and an empty result raises NoContrastivePrompts.
+
+CONTRASTIVE_RULES maps each TIA2 benchmark category (``shapes_world.benchmark.CATEGORIES``) to
+the :class:`CategoryRule` that makes its contrastive prompts; evaluation and ``export.verify``
+share it. It lives here, torch-free, so neither of those packages has to import the other.
 """
 
 from __future__ import annotations
 
-from service.contrastive.attributes import attribute_candidates, attribute_swaps
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from service.contrastive.attributes import (
+    ATTRIBUTE_KINDS,
+    attribute_candidates,
+    attribute_swaps,
+)
 from service.contrastive.composition import composition_candidates
 from service.contrastive.counting import counting_candidates
 from service.contrastive.dedupe import check_prompt, finalise
+from service.contrastive.vocabulary import Vocabulary
 
 RULES: tuple[str, ...] = ("auto", "counting", "composition", "attributes")
 
 
-def contrastive_prompts(prompt: str, rule: str = "auto") -> list[str]:
+def contrastive_prompts(
+    prompt: str, rule: str = "auto", *, vocabulary: Vocabulary | None = None
+) -> list[str]:
     """Contrastive prompts for `prompt` by `rule` (see the package docstring).
 
     rule: "counting", "composition", "attributes" or "auto" (composition if it applies,
-    otherwise counting followed by attribute swaps). Raises ValueError for an unknown rule and
+    otherwise counting followed by attribute swaps). `vocabulary`: the words attribute swaps
+    use (None: the default, the shapes world's). Raises ValueError for an unknown rule and
     NoContrastivePrompts (a ValueError) when the rule does not apply to the prompt.
     """
     if rule not in RULES:
@@ -32,14 +48,41 @@ def contrastive_prompts(prompt: str, rule: str = "auto") -> list[str]:
         reason = "no '<noun phrase> and <noun phrase>' composition with counts found"
         return finalise(prompt, composition_candidates(prompt), reason)
     if rule == "attributes":
-        return attribute_swaps(prompt)
-    return _auto(prompt)
+        return attribute_swaps(prompt, vocabulary=vocabulary)
+    return _auto(prompt, vocabulary)
 
 
-def _auto(prompt: str) -> list[str]:
+def _auto(prompt: str, vocabulary: Vocabulary | None) -> list[str]:
     """Composition when it applies, otherwise counting followed by attribute swaps."""
     composition = composition_candidates(prompt)
     if composition:
         return finalise(prompt, composition, "no composition prompts left")
     reason = "no count phrase, composition or colour/shape/background word found"
-    return finalise(prompt, counting_candidates(prompt) + attribute_candidates(prompt), reason)
+    candidates = counting_candidates(prompt) + attribute_candidates(prompt, vocabulary=vocabulary)
+    return finalise(prompt, candidates, reason)
+
+
+@dataclass(frozen=True)
+class CategoryRule:
+    """How one benchmark category's contrastive prompts are made: a rule from RULES, and for
+    "attributes" the kinds to swap. Calling it returns the prompts (as contrastive_prompts)."""
+
+    rule: str
+    attributes: tuple[str, ...] = ATTRIBUTE_KINDS
+
+    def __call__(self, prompt: str, *, vocabulary: Vocabulary | None = None) -> list[str]:
+        if self.rule == "attributes":
+            return attribute_swaps(prompt, self.attributes, vocabulary=vocabulary)
+        return contrastive_prompts(prompt, self.rule, vocabulary=vocabulary)
+
+
+# Benchmark category → how its contrastive prompts are made.
+CONTRASTIVE_RULES: Mapping[str, CategoryRule] = MappingProxyType(
+    {
+        "counting": CategoryRule("counting"),
+        "color": CategoryRule("attributes", ("colour",)),
+        "background": CategoryRule("attributes", ("background",)),
+        "object": CategoryRule("attributes", ("object",)),
+        "composition": CategoryRule("composition"),
+    }
+)
