@@ -9,10 +9,10 @@ MODEL  := models/shapes-clip
 
 .PHONY: serve test lint format clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[serve,export,dev]'
+	$(BIN)/python -m pip install -q -e ./client -e '.[serve,dev]'
 	@touch $(STAMP)
 
 # The shipped model is committed; this rebuilds it only if it is missing.

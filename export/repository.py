@@ -2,17 +2,24 @@
 
 Layout (both flavours expose the same model names and tensors, `service.model_contract`):
 
-    OUT/provenance.json            sha256 of every artifact, sources, versions, TextNorm defaults
+    OUT/provenance.json            sha256 of every artifact, the content hash (export_sha256),
+                                   sources, versions, TextNorm defaults
     OUT/README.md                  what is inside and how it runs
     OUT/tokenizer.json             the model's tokenizer (the gateway tokenizes with it)
-    OUT/image_encoder/             cpu: python backend + ONNX (preprocessing in-graph);
+    OUT/image_encoder/             cpu: ONNX with preprocessing in-graph;
                                    gpu: ensemble image_preprocess (ORT, GPU) → image_tower (TRT)
-    OUT/text_encoder/1/…           cpu: model.py + model.onnx; gpu: model.plan
-    OUT/reward_head/1/…            cpu: model.py + model.onnx; gpu: model.plan
+    OUT/text_encoder/1/…           cpu: model.onnx (+ model.py shim); gpu: model.onnx → model.plan
+    OUT/reward_head/1/…            model.onnx (+ model.py shim on cpu); fp32 in both flavours
+    OUT/score/1/model.py           the one-call BLS pipeline for direct gRPC clients
+    OUT/engines.json               gpu: the TensorRT engines `build-engines` builds on the node
+
+CPU models have two configs: `config.pbtxt` (native onnxruntime backend, the NGC server) and
+`configs/bundled.pbtxt` (Python backend, the pip-bundled server). Every config carries the
+content hash, which the gateway checks against provenance.json before it serves.
 
 The repository is built in a temporary directory beside OUT and moved into place only when
-complete. Exporting inputs whose cache key (checkpoint, head, options, library versions) equals
-the one recorded in OUT/provenance.json is a no-op.
+complete. Exporting inputs whose cache key (checkpoint, head, options, library versions, export
+code) equals the one recorded in OUT/provenance.json is a no-op.
 """
 
 from __future__ import annotations
@@ -39,19 +46,20 @@ from export.clip_model import (
     local_checkpoint_dir,
 )
 from export.reward_head import RewardHead, load_head
+from export.tensorrt import ENGINES_FILE, batch_profile
 from export.triton_config import (
     Batching,
     ensemble_config,
     gpu_config,
     model_config,
+    onnxruntime_cpu_config,
     python_onnx_config,
+    with_export_hash,
 )
+from model_repository import PYTHON_ONNX_MODEL, SCORE_MODEL
 from service import model_contract as contract
-from service.settings import REPO_ROOT
 
-PYTHON_MODEL = REPO_ROOT / "model_repository" / "python_onnx" / "model.py"
-SCORE_MODEL = REPO_ROOT / "model_repository" / "score" / "model.py"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content hash in every config, native + bundled CPU configs
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,7 @@ def sha256_file(path: Path) -> str:
 def _code_hashes() -> dict[str, str]:
     """The code an export copies or runs: a change to it must invalidate cached exports."""
     export_dir = Path(__file__).resolve().parent
-    files = [PYTHON_MODEL, SCORE_MODEL, REPO_ROOT / "service" / "model_contract.py"]
+    files = [PYTHON_ONNX_MODEL, SCORE_MODEL, Path(contract.__file__)]
     files += [
         export_dir / f"{m}.py"
         for m in (
@@ -175,13 +183,21 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"output path exists and is not a directory: {out}")
 
 
+Configs = dict[str, str]  # repository-relative config path → text, written once hashed
+
+
 def _write_cpu_model(
     root: Path, spec: contract.ModelSpec, model: onnx.ModelProto, batching: Batching
-) -> None:
+) -> Configs:
+    """`model.onnx` + the Python shim; native onnxruntime config, bundled-server config."""
     version = root / spec.name / "1"
     onnx_export.save_model(model, version / "model.onnx")
-    shutil.copyfile(PYTHON_MODEL, version / "model.py")
-    (root / spec.name / "config.pbtxt").write_text(python_onnx_config(spec, batching))
+    shutil.copyfile(PYTHON_ONNX_MODEL, version / "model.py")
+    bundled = f"{spec.name}/configs/{contract.BUNDLED_CONFIG_NAME}.pbtxt"
+    return {
+        f"{spec.name}/config.pbtxt": onnxruntime_cpu_config(spec, batching),
+        bundled: python_onnx_config(spec, batching),
+    }
 
 
 def _write_gpu_model(
@@ -190,26 +206,41 @@ def _write_gpu_model(
     model: onnx.ModelProto,
     batching: Batching,
     options: ExportOptions,
-    work: Path,
-) -> None:
-    from export.tensorrt import batch_profile, build_engine
-
-    onnx_path = work / f"{spec.name}.onnx"
-    onnx_export.save_model(model, onnx_path)
+    engines: list[dict],
+) -> Configs:
+    """A TensorRT model: its ONNX (the engine's source) and the engine to build on the GPU
+    node (`reward-service build-engines`), recorded in `engines`."""
+    onnx_rel = f"{spec.name}/1/model.onnx"
+    onnx_export.save_model(model, root / onnx_rel)
     profiles = {t.name: batch_profile(t.dims, options.max_batch) for t in spec.inputs}
-    build_engine(
-        onnx_path,
-        root / spec.name / "1" / "model.plan",
-        profiles,
-        fp16=options.precision == "fp16",
-        timing_cache=work / "timing.cache",
+    engines.append(
+        {
+            "model": spec.name,
+            "onnx": onnx_rel,
+            "plan": f"{spec.name}/1/model.plan",
+            "precision": options.precision,
+            "profiles": {name: asdict(p) for name, p in profiles.items()},
+        }
     )
-    (root / spec.name / "config.pbtxt").write_text(gpu_config(spec, "tensorrt", batching))
+    return {f"{spec.name}/config.pbtxt": gpu_config(spec, "tensorrt", batching)}
+
+
+def _write_gpu_onnx_model(
+    root: Path, spec: contract.ModelSpec, model: onnx.ModelProto, batching: Batching
+) -> Configs:
+    """ONNX Runtime on the GPU (CUDA provider), fp32: what TensorRT does not take or must not
+    round (the reward head: min-max + softmax in fp16 loses up to ~20% on close cosines)."""
+    onnx_export.save_model(model, root / spec.name / "1" / "model.onnx")
+    return {f"{spec.name}/config.pbtxt": gpu_config(spec, "onnxruntime", batching)}
 
 
 def _write_gpu_image_encoder(
-    root: Path, bundle: ClipBundle, batching: Batching, options: ExportOptions, work: Path
-) -> None:
+    root: Path,
+    bundle: ClipBundle,
+    batching: Batching,
+    options: ExportOptions,
+    engines: list[dict],
+) -> Configs:
     """Preprocessing on ONNX Runtime's CUDA provider (TensorRT takes no antialiased dynamic
     Resize), the vision tower on TensorRT, joined by an ensemble under the contract's name."""
     from export.onnx_preprocess import build_preprocess_model
@@ -220,30 +251,38 @@ def _write_gpu_image_encoder(
     embeds = contract.image_encoder(dim)
     pre = contract.ModelSpec("image_preprocess", embeds.inputs, (pixels,))
     tower = contract.ModelSpec("image_tower", (pixels,), embeds.outputs)
-    onnx_export.save_model(
-        build_preprocess_model(bundle.processor), root / pre.name / "1" / "model.onnx"
-    )
-    (root / pre.name / "config.pbtxt").write_text(gpu_config(pre, "onnxruntime", batching))
-    _write_gpu_model(root, tower, onnx_export.export_image_tower(bundle), batching, options, work)
+    configs = _write_gpu_onnx_model(root, pre, build_preprocess_model(bundle.processor), batching)
+    tower_onnx = onnx_export.export_image_tower(bundle)
+    configs |= _write_gpu_model(root, tower, tower_onnx, batching, options, engines)
     steps = [
         (pre.name, {"IMAGE": "IMAGE"}, {"PIXEL_VALUES": "pixels"}),
         (tower.name, {"PIXEL_VALUES": "pixels"}, {"IMAGE_EMBEDS": "IMAGE_EMBEDS"}),
     ]
     (root / embeds.name / "1").mkdir(parents=True)
-    (root / embeds.name / "config.pbtxt").write_text(
-        ensemble_config(embeds.name, embeds, steps, batching.max_batch_size)
+    configs[f"{embeds.name}/config.pbtxt"] = ensemble_config(
+        embeds.name, embeds, steps, batching.max_batch_size
     )
+    return configs
 
 
-def _write_score_model(root: Path, spec: contract.ModelSpec, batching: Batching) -> None:
+def _write_score_model(root: Path, spec: contract.ModelSpec, batching: Batching) -> Configs:
     """The BLS pipeline model (Python backend on CPU in both flavours; it only routes)."""
     version = root / spec.name / "1"
     version.mkdir(parents=True)
     shutil.copyfile(SCORE_MODEL, version / "model.py")
     params = {"text_max_batch": str(batching.max_batch_size)}
-    (root / spec.name / "config.pbtxt").write_text(
-        model_config(spec, "python", batching, "KIND_CPU", params)
-    )
+    return {f"{spec.name}/config.pbtxt": model_config(spec, "python", batching, "KIND_CPU", params)}
+
+
+def content_hash(root: Path) -> str:
+    """sha256 over every file under `root` (relative path + file hash): the export's identity.
+
+    Taken before the configs and provenance are written, so it names what computes rewards
+    (graphs, model code, tokenizer, engine recipes), and each config can carry it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(root)}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def export_repository(
@@ -253,7 +292,10 @@ def export_repository(
     options: ExportOptions | None = None,
     progress: Progress | None = None,
 ) -> tuple[dict, bool]:
-    """Export and return (provenance, changed). `changed` is False for a cache hit."""
+    """Export and return (provenance, changed). `changed` is False for a cache hit.
+
+    `--target gpu` writes ONNX files, configs and `engines.json`; TensorRT engines are built
+    where they run, by `build_engines` (`reward-service build-engines`) on the GPU node."""
     options = options or ExportOptions()
     out = Path(out)
     _check_writable(out)
@@ -272,52 +314,54 @@ def export_repository(
         return read_provenance(out), False
     bundle = bundle or load_clip(source)  # local weights are loaded only on a cache miss
 
-    if options.target == "gpu":
-        from export.tensorrt import _tensorrt
-
-        _tensorrt()  # fail fast, before minutes of ONNX export
     dim = bundle.model.config.projection_dim
     batching = Batching(max_batch_size=options.max_batch, max_queue_delay_us=options.queue_delay_us)
     progress = progress or Progress(transient=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    configs: Configs = {}
+    engines: list[dict] = []
     try:
-        root, work = tmp / "repo", tmp / "work"
+        root = tmp / "repo"
         root.mkdir()
-        work.mkdir()
         with progress:
-            task = progress.add_task("exporting", total=3)
-            progress.update(task, description="exporting image encoder")
+            task = progress.add_task("exporting image encoder", total=3)
             if options.target == "cpu":
-                _write_cpu_model(
-                    root,
-                    contract.image_encoder(dim),
-                    onnx_export.export_image_encoder(bundle),
-                    batching,
-                )
+                image_onnx = onnx_export.export_image_encoder(bundle)
+                configs |= _write_cpu_model(root, contract.image_encoder(dim), image_onnx, batching)
             else:
-                _write_gpu_image_encoder(root, bundle, batching, options, work)
+                configs |= _write_gpu_image_encoder(root, bundle, batching, options, engines)
             progress.update(task, advance=1, description="exporting text encoder")
-            stages = [
-                (contract.text_encoder(dim), onnx_export.export_text_encoder),
-                (
-                    contract.reward_head(dim, head is not None),
-                    lambda _b: onnx_export.export_reward_head(dim, head),
-                ),
-            ]
-            for spec, build in stages:
-                model = build(bundle)
-                if options.target == "cpu":
-                    _write_cpu_model(root, spec, model, batching)
-                else:
-                    _write_gpu_model(root, spec, model, batching, options, work)
-                progress.update(task, advance=1, description=f"exporting {stages[-1][0].name}")
-        _write_score_model(root, contract.score(dim, head is not None), batching)
-        (root / "README.md").write_text(_readme(options))
+            text_spec, text_onnx = (
+                contract.text_encoder(dim),
+                onnx_export.export_text_encoder(bundle),
+            )
+            if options.target == "cpu":
+                configs |= _write_cpu_model(root, text_spec, text_onnx, batching)
+            else:
+                configs |= _write_gpu_model(root, text_spec, text_onnx, batching, options, engines)
+            progress.update(task, advance=1, description="exporting reward head")
+            head_spec = contract.reward_head(dim, head is not None)
+            head_onnx = onnx_export.export_reward_head(dim, head)
+            if options.target == "cpu":
+                configs |= _write_cpu_model(root, head_spec, head_onnx, batching)
+            else:  # always fp32, never a TensorRT fp16 engine
+                configs |= _write_gpu_onnx_model(root, head_spec, head_onnx, batching)
+            progress.update(task, advance=1)
+        configs |= _write_score_model(root, contract.score(dim, head is not None), batching)
+        if engines:
+            (root / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
         # The gateway tokenizes with this copy: the repository alone is enough to serve.
         bundle.tokenizer.backend_tokenizer.save(str(root / "tokenizer.json"))
+        export_sha = content_hash(root)
+        for rel, text in configs.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(with_export_hash(text, export_sha))
+        (root / "README.md").write_text(_readme(options))
+        models = sorted({rel.split("/")[0] for rel in configs})
         provenance = _provenance(
             root, source, checkpoint_sha, head_dir, head_sha, key, options, bundle
         )
+        provenance |= {"export_sha256": export_sha, "models": models}
         (root / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         _replace(out, root)
     finally:
@@ -375,15 +419,20 @@ def _provenance(
 def _readme(options: ExportOptions) -> str:
     if options.target == "cpu":
         how = (
-            "Every model runs ONNX Runtime inside Triton's Python backend (`model.py` next to "
-            "`model.onnx`); image preprocessing is part of the image encoder's graph."
+            "Every model is `model.onnx`: `config.pbtxt` serves it on Triton's native "
+            "onnxruntime backend (KIND_CPU, the NGC image); `configs/bundled.pbtxt` runs it "
+            "with ONNX Runtime inside the Python backend (`model.py`), for the pip-bundled "
+            "tritonserver (`--model-config-name=bundled`). Image preprocessing is part of the "
+            "image encoder's graph."
         )
     else:
         how = (
-            "Text encoder, vision tower and reward head are TensorRT engines. Image "
+            "Text encoder and vision tower are TensorRT engines, built on the GPU node by "
+            "`reward-service build-engines` from the ONNX files (`engines.json`). Image "
             "preprocessing (antialiased bicubic resize with data-dependent sizes, which "
             "TensorRT does not take) runs in `image_preprocess` on ONNX Runtime's CUDA "
-            "provider; the `image_encoder` ensemble chains it to `image_tower` on the GPU."
+            "provider; the `image_encoder` ensemble chains it to `image_tower`. The reward "
+            "head stays fp32 on ONNX Runtime."
         )
     return (
         f"# Triton model repository ({options.target}, {options.precision})\n\n{how}\n\n"

@@ -1,16 +1,27 @@
-"""ONNX → TensorRT engines (`--target gpu`), with batch optimisation profiles and a timing cache.
+"""ONNX → TensorRT engines for the GPU flavour, built where they run, through a cache.
 
-Needs the `tensorrt` Python package and an NVIDIA GPU (the NGC TensorRT/Triton containers have
-both). Without them `build_engine` raises `TensorRTUnavailable` with a one-line reason. The
-engine's TensorRT version must match the Triton server that loads it: build inside the same
-container release.
+`reward-service export --target gpu` writes the ONNX files and `engines.json` (which engines,
+profiles, precision); `build_engines` (`reward-service build-engines REPO --cache DIR`, run on
+the GPU node, e.g. in an init container) builds each engine into the repository. An engine is
+specific to the GPU model and the TensorRT version, so the cache is keyed by GPU name +
+TensorRT version + ONNX hash (+ precision and profiles): a pod on the same kind of node reuses
+it, any other gets a fresh build. Needs the `tensorrt` package (the `gpu` extra) and an NVIDIA
+GPU; without them the error is one line (`TensorRTUnavailable`). The TensorRT version must match
+the Triton server that loads the engines (TensorRT 10.5 for the 24.10 NGC image).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+ENGINES_FILE = "engines.json"  # written by export --target gpu
 
 
 class TensorRTUnavailable(ValueError):
@@ -89,3 +100,86 @@ def tensorrt_version() -> str | None:
     except ImportError:
         return None
     return trt.__version__
+
+
+def gpu_name() -> str:
+    """The first GPU's product name (e.g. "NVIDIA H200"), from nvidia-smi."""
+    _tensorrt()
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not names:
+        raise TensorRTUnavailable(f"nvidia-smi found no GPU: {out.stderr.strip()[:200]}")
+    return names[0]
+
+
+def engine_key(gpu: str, trt_version: str, onnx_sha256: str, entry: dict) -> str:
+    """Cache key of one engine: what makes a serialized engine valid or different."""
+    payload = {
+        "gpu": gpu,
+        "tensorrt": trt_version,
+        "onnx_sha256": onnx_sha256,
+        "precision": entry["precision"],
+        "profiles": entry["profiles"],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+Builder = Callable[..., None]  # build_engine's signature
+
+
+def build_engines(
+    repo: Path,
+    cache_dir: Path,
+    *,
+    builder: Builder | None = None,
+    gpu: str | None = None,
+    trt_version: str | None = None,
+) -> list[dict]:
+    """Build (or take from `cache_dir`) every engine `repo/engines.json` lists, into `repo`.
+
+    Each ONNX file must still have the hash provenance.json recorded (an engine is never built
+    from a file the export did not write). Returns one report per engine: model, key, reused.
+    `builder`, `gpu` and `trt_version` default to TensorRT and this machine's GPU."""
+    from export.repository import read_provenance, sha256_file
+
+    repo, cache_dir = Path(repo), Path(cache_dir)
+    spec = repo / ENGINES_FILE
+    if not spec.is_file():
+        raise ValueError(f"{repo} lists no engines (no {ENGINES_FILE}): export with --target gpu")
+    if builder is None:
+        trt = _tensorrt()
+        builder, trt_version = build_engine, trt_version or trt.__version__
+    gpu = gpu or gpu_name()
+    assert trt_version is not None
+    artifacts = (read_provenance(repo) or {}).get("artifacts") or {}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    timing = (
+        cache_dir / f"timing-{hashlib.sha256(f'{gpu}|{trt_version}'.encode()).hexdigest()[:16]}"
+    )
+    reports = []
+    for entry in json.loads(spec.read_text()):
+        onnx_path = repo / entry["onnx"]
+        onnx_sha = sha256_file(onnx_path)
+        if artifacts.get(entry["onnx"]) != onnx_sha:
+            raise ValueError(f"{entry['onnx']} does not match provenance.json: re-export {repo}")
+        key = engine_key(gpu, trt_version, onnx_sha, entry)
+        cached = cache_dir / f"{key}.plan"
+        reused = cached.is_file()
+        if not reused:
+            partial = cache_dir / f".{key}.{os.getpid()}.partial"
+            profiles = {
+                name: Profile(**{k: tuple(v) for k, v in p.items()})
+                for name, p in entry["profiles"].items()
+            }
+            builder(
+                onnx_path, partial, profiles, fp16=entry["precision"] == "fp16", timing_cache=timing
+            )
+            partial.rename(cached)  # atomic: a concurrent builder never reads half an engine
+        shutil.copyfile(cached, repo / entry["plan"])
+        reports.append({"model": entry["model"], "key": key, "reused": reused})
+    return reports

@@ -1,18 +1,25 @@
 """`config.pbtxt` for each model of the contract, in the CPU or the GPU flavour.
 
-Both flavours come from the same `ModelSpec`, so tensor names, shapes and batching settings are
+Every config comes from the same `ModelSpec`, so tensor names, shapes and batching settings are
 identical; only the backend and instance kind differ:
-- cpu: Python backend running ONNX Runtime (`model_repository/python_onnx/model.py`), the only
-  backend the bundled `tritonserver` has;
-- gpu: Triton's `tensorrt_plan` platform, or `onnxruntime_onnx` on the GPU for graphs TensorRT
-  does not take (the image preprocessing).
+- cpu, `config.pbtxt`: Triton's native `onnxruntime_onnx` backend on KIND_CPU (the NGC
+  `tritonserver` image on a CPU-only node);
+- cpu, `configs/bundled.pbtxt`: the Python backend running ONNX Runtime
+  (`model_repository/python_onnx/model.py`), the only backend the pip-bundled `tritonserver`
+  has; that server is started with `--model-config-name=bundled`;
+- gpu: `tensorrt_plan` for the towers, `onnxruntime_onnx` on the GPU for what must stay fp32 or
+  TensorRT does not take (the reward head, the image preprocessing).
+
+Each config of an export carries the repository's content hash as the parameter
+`EXPORT_HASH_PARAMETER`; the gateway reads it back from Triton and refuses to serve a model
+whose hash is not the one its provenance names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.model_contract import ModelSpec, Tensor
+from service.model_contract import EXPORT_HASH_PARAMETER, ModelSpec, Tensor
 
 
 @dataclass(frozen=True)
@@ -62,19 +69,32 @@ def model_config(
     text = f'name: "{spec.name}"\n{head}max_batch_size: {batching.max_batch_size}\n'
     text += _io(spec) + _batching(batching)
     text += f"instance_group [ {{ kind: {kind} count: {batching.instances} }} ]\n"
-    for key, value in (params or {}).items():
-        text += f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
-    return text
+    return text + "".join(_parameter(k, v) for k, v in (params or {}).items())
+
+
+def _parameter(key: str, value: str) -> str:
+    return f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
 
 
 def python_onnx_config(spec: ModelSpec, batching: Batching) -> str:
-    """CPU flavour: `model_repository/python_onnx/model.py` running `model.onnx`."""
+    """Bundled CPU server: `model_repository/python_onnx/model.py` running `model.onnx`."""
     params = {"onnx_file": "model.onnx", "intra_op_threads": str(batching.intra_op_threads)}
     return model_config(spec, "python", batching, "KIND_CPU", params)
 
 
+def onnxruntime_cpu_config(spec: ModelSpec, batching: Batching) -> str:
+    """NGC server on a CPU node: the native onnxruntime backend runs the same `model.onnx`."""
+    params = {"intra_op_thread_count": str(batching.intra_op_threads)}
+    return model_config(spec, "onnxruntime", batching, "KIND_CPU", params)
+
+
 def gpu_config(spec: ModelSpec, backend: str, batching: Batching) -> str:
     return model_config(spec, backend, batching, "KIND_GPU")
+
+
+def with_export_hash(config: str, export_sha256: str) -> str:
+    """`config` with the repository's content hash as a parameter (the gateway checks it)."""
+    return config + _parameter(EXPORT_HASH_PARAMETER, export_sha256)
 
 
 def ensemble_config(

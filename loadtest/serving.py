@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.contrastive import contrastive_prompts
-from service.gateway.tokens import ClipTokenizer
+from service.gateway.clip_tokenizer import ClipTokenizer
 from service.model_contract import MAX_PROMPTS
 from service.triton_server import free_ports
 from shapes_world.render import render

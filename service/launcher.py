@@ -1,12 +1,17 @@
-"""`reward-service serve`: export if needed, start Triton, start the gateway, stop both cleanly.
+"""The runtime roles: `reward-service gateway` and `reward-service serve` (torch-free).
 
-1. Export the configured checkpoint (+ head) into `repositories_dir/<name>` in a subprocess —
-   a no-op when the content-addressed cache key is unchanged, and it keeps torch out of this
-   (serving) process.
+`run_gateway(settings)`: the gateway against a Triton it did not start (`triton_url`), for the
+export in `repository` (its provenance.json and tokenizer.json). Triton may come up later: the
+gateway starts anyway and `/readyz` stays 503, with the reason, until Triton serves exactly the
+export the provenance names.
+
+`serve(settings)`, the one-host default (`make serve`):
+1. With `repository` set, use it as is (the exporter never runs). Otherwise export the
+   configured checkpoint (+ head) into `repositories_dir/<name>` in a subprocess — a no-op when
+   the content-addressed cache key is unchanged, and it keeps torch out of this process.
 2. Start the bundled `tritonserver` on loopback ports (`TritonServer`), wait until it is ready.
-3. Serve the FastAPI gateway with uvicorn; uvicorn turns SIGINT/SIGTERM into a graceful
-   shutdown, after which Triton is stopped by PID (its whole process group: no orphans).
-
+3. Serve the gateway with uvicorn; uvicorn turns SIGINT/SIGTERM into a graceful shutdown, after
+   which Triton is stopped by PID (its whole process group: no orphans).
 A watchdog thread restarts Triton on the same ports if it dies; meanwhile the gateway answers
 503 with Retry-After and `/readyz` is false, and service resumes without restarting the gateway.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 import logging
 import signal
@@ -47,6 +53,17 @@ def repository_dir(settings: Settings) -> Path:
 
 
 def ensure_repository(settings: Settings) -> Path:
+    """The repository to serve: `settings.repository` as is, else an export (if needed)."""
+    if settings.repository:
+        repo = Path(settings.repository)
+        if not (repo / "provenance.json").is_file():
+            raise ValueError(f"not an exported repository (no provenance.json): {repo}")
+        return repo
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(
+            "exporting needs torch, which is not installed: pip install "
+            "'textnorm-reward-service[export]', or serve an exported one with --repository DIR"
+        )
     out = repository_dir(settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -123,25 +140,72 @@ class TritonWatchdog(threading.Thread):
 async def _discover(backend) -> None:
     """Read the reward outputs from Triton, then drop the channel: gRPC aio channels belong to
     the event loop that made them, and uvicorn runs its own (the next call reopens one)."""
-    await backend.connect()
-    await backend.close()
+    try:
+        await backend.connect()
+    finally:
+        await backend.close()
+
+
+def _gateway_app(settings: Settings, repo: Path, triton_url: str, *, required: bool):
+    """The gateway app for `repo`'s export, backed by Triton at `triton_url`.
+
+    `required`: Triton must answer now (one host: we just started it); otherwise a Triton that
+    is not up yet only delays readiness."""
+    from service.gateway.app import create_app
+    from service.gateway.backend import BackendUnavailable
+    from service.gateway.provenance import load_provenance
+    from service.gateway.triton_backend import RewardBackend
+
+    provenance = load_provenance(repo)
+    if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
+        settings = settings.model_copy(update={"tokenizer_file": str(repo / "tokenizer.json")})
+    backend = RewardBackend(triton_url, timeout=settings.backend_timeout_s)
+    try:
+        asyncio.run(_discover(backend))
+    except BackendUnavailable as exc:
+        if required:
+            raise
+        log.warning("Triton at %s is not reachable yet (%s): /readyz stays 503", triton_url, exc)
+    return create_app(settings, backend, provenance, close_backend_on_shutdown=True)
+
+
+def _run_uvicorn(app, settings: Settings) -> None:
+    import uvicorn
+
+    # uvicorn shuts down on SIGTERM, then re-raises it with the default handler, which would
+    # kill this process before the caller's `finally` (stopping Triton) runs.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+def run_gateway(settings: Settings) -> None:
+    """`reward-service gateway`: the REST API against a running Triton."""
+    from service.gateway.auth import check_bind
+
+    check_bind(settings.host, settings)
+    if not settings.triton_url:
+        raise ValueError("no Triton to talk to: --triton-url HOST:PORT (or REWARD_TRITON_URL)")
+    if not settings.repository:
+        raise ValueError(
+            "no export to serve: --repository DIR (or REWARD_REPOSITORY), the repository Triton "
+            "serves (its provenance.json and tokenizer.json are enough)"
+        )
+    app = _gateway_app(settings, Path(settings.repository), settings.triton_url, required=False)
+    print(f"gateway: http://{settings.host}:{settings.port} → Triton {settings.triton_url}")
+    print(f"serving the export in {settings.repository}", flush=True)
+    _run_uvicorn(app, settings)
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
-    from service.gateway.app import create_app
+    """`reward-service serve`: the bundled Triton and the gateway on one host."""
     from service.gateway.auth import check_bind
-    from service.triton_client import RewardBackend
     from service.triton_server import TritonServer
 
     check_bind(settings.host, settings)
     repo = ensure_repository(settings)
-    provenance = json.loads((repo / "provenance.json").read_text())
-    if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
-        settings = settings.model_copy(update={"tokenizer_file": str(repo / "tokenizer.json")})
     server = TritonServer(
         repo,
+        runtime_dir=settings.triton_runtime_dir,
         grpc_port=settings.triton_grpc_port,
         http_port=settings.triton_http_port,
         metrics_port=settings.triton_metrics_port,
@@ -149,9 +213,7 @@ def serve(settings: Settings) -> None:
     server.start()
     watchdog = TritonWatchdog(server)
     try:
-        backend = RewardBackend(server.grpc_url, timeout=settings.backend_timeout_s)
-        asyncio.run(_discover(backend))
-        app = create_app(settings, backend, provenance, close_backend_on_shutdown=True)
+        app = _gateway_app(settings, repo, server.grpc_url, required=True)
         print(
             f"triton: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics "
             f"{server.metrics_url}  (pid {server.pid}, repository {repo})"
@@ -159,10 +221,7 @@ def serve(settings: Settings) -> None:
         print(f"gateway: http://{settings.host}:{settings.port}  (docs at /docs, metrics /metrics)")
         print("try:\n  " + curl_example(settings), flush=True)
         watchdog.start()
-        # uvicorn shuts down on SIGTERM, then re-raises it with the default handler, which
-        # would kill this process before the `finally` below stops Triton gracefully.
-        signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        _run_uvicorn(app, settings)
     finally:
         if watchdog.is_alive():
             watchdog.stop()

@@ -12,6 +12,12 @@ from dataclasses import dataclass
 
 CONTEXT_LENGTH = 77  # CLIP's text context
 MAX_PROMPTS = 33  # the true prompt + up to 32 contrastive prompts, padded and masked
+# Every model config of an export carries the repository's content hash under this parameter
+# (provenance.json names the same hash); the gateway refuses a Triton whose models differ.
+EXPORT_HASH_PARAMETER = "export_sha256"
+# CPU models have a second config, configs/<this>.pbtxt: the Python-backend shim that the
+# pip-bundled tritonserver (Python backend only) selects with --model-config-name=<this>.
+BUNDLED_CONFIG_NAME = "bundled"
 
 
 @dataclass(frozen=True)

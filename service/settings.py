@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL_DIR = REPO_ROOT / "models" / "shapes-clip"
-SHIPPED_HEAD_DIR = REPO_ROOT / "models" / "shapes-clip-head"
+from models import SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR
+
+# Caches live outside the package (a non-editable install's site-packages is not ours to write).
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "textnorm-reward"
+
+__all__ = ["CACHE_DIR", "SHIPPED_HEAD_DIR", "SHIPPED_MODEL_DIR", "Settings", "get_settings"]
 
 
 class Settings(BaseSettings):
@@ -35,8 +39,40 @@ class Settings(BaseSettings):
     triton_http_port: int | None = Field(default=None, description="Triton HTTP port (None: free)")
     triton_metrics_port: int | None = Field(default=None, description="Triton metrics port")
     repositories_dir: str = Field(
-        default=str(REPO_ROOT / ".cache" / "repositories"),
+        default=str(CACHE_DIR / "repositories"),
         description="where `serve` exports model repositories (content-addressed, reused)",
+    )
+    triton_runtime_dir: str = Field(
+        default=str(CACHE_DIR / "triton-runtime"),
+        description="writable copy of the bundled tritonserver's backends, and its logs",
+    )
+    repository: str | None = Field(
+        default=None,
+        description="an exported repository (at least its provenance.json and tokenizer.json): "
+        "`gateway` serves the model it names; `serve` uses it as is and never runs the exporter",
+    )
+    triton_url: str | None = Field(
+        default=None,
+        description="`gateway`: Triton's gRPC endpoint HOST:PORT, or dns:///NAME:PORT of a "
+        "headless Service (resolved to every pod, calls balanced round robin)",
+    )
+    identity_check_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how old the check that Triton serves the provenance's models may get "
+        "before scoring re-checks it (every /readyz checks too)",
+    )
+    contrastive_vocabulary_file: str | None = Field(
+        default=None,
+        description="JSON vocabulary {colours, shapes: {singular: plural}, backgrounds} of the "
+        "attributes/auto contrastive rules (default: the shapes world's, "
+        "service/contrastive/default_vocabulary.json)",
+    )
+    prompt_sets_file: str | None = Field(
+        default=None,
+        description="JSON prompt sets ({prompt: [contrastive, ...]}, the TextNorm authors' "
+        "format) loaded at start on every replica, e.g. from a ConfigMap; they apply to their "
+        "prompts without naming an id",
     )
     max_batch: int = Field(default=64, ge=1, le=4096, description="Triton max batch size")
     triton_queue_delay_us: int = Field(

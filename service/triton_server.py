@@ -5,8 +5,9 @@ repository are `model_repository/python_onnx/model.py` running ONNX Runtime. Get
 needs a little preparation (DESIGN.md 6), all done by `TritonServer.start()`:
 
 - the wheel's `backends/` folder is copied once into a writable runtime folder (default
-  `<repo>/.cache/triton-runtime/`), with the Python-backend stub built for this interpreter's
-  version (`python_backend_stubs/3.11/triton_python_backend_stub`) put into `backends/python/`;
+  `~/.cache/textnorm-reward/triton-runtime/`), with the Python-backend stub built for this
+  interpreter's version (`python_backend_stubs/3.11/triton_python_backend_stub`) put into
+  `backends/python/`;
 - `LD_LIBRARY_PATH` starts with `site-packages/nvidia_pytriton.libs` and the interpreter's own
   lib folder (else the stub loads the system's libpython);
 - the environment's `bin` comes first on `PATH`, so the stub's embedded Python finds the venv
@@ -45,8 +46,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RUNTIME_DIR = REPO_ROOT / ".cache" / "triton-runtime"
+from service.model_contract import BUNDLED_CONFIG_NAME
+from service.settings import CACHE_DIR
+
+DEFAULT_RUNTIME_DIR = CACHE_DIR / "triton-runtime"
 LOOPBACK = "127.0.0.1"
 
 _PR_SET_PDEATHSIG = 1
@@ -268,6 +271,9 @@ class TritonServer:
             "--exit-on-error=true",
             f"--exit-timeout-secs={max(1, int(self.stop_timeout * 0.75))}",
             "--pinned-memory-pool-byte-size=0",  # CPU: no CUDA, skip the pinned pool
+            # This server has only the Python backend: each CPU model's configs/bundled.pbtxt
+            # runs its model.onnx with ONNX Runtime there (config.pbtxt is the native backend).
+            f"--model-config-name={BUNDLED_CONFIG_NAME}",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]

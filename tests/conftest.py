@@ -2,10 +2,13 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from service.settings import SHIPPED_MODEL_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

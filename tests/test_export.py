@@ -38,6 +38,7 @@ def test_layout_and_provenance(repo):
     assert (out / "score" / "1" / "model.py").is_file()  # the one-call BLS pipeline
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert on_disk - set(prov["artifacts"]) == {"provenance.json"}
+    assert len(prov["export_sha256"]) == 64
     for rel, digest in prov["artifacts"].items():
         assert sha256_file(out / rel) == digest
     assert prov["model"]["checkpoint_sha256"] and prov["head"]["sha256"]
@@ -65,16 +66,46 @@ def test_onnx_graphs_have_symbolic_batch_and_contract_names(repo):
     assert all(d.dim_param for d in image.type.tensor_type.shape.dim[:3])  # batch, height, width
 
 
+def _config(path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
 def test_configs_parse_as_triton_model_configs(repo):
-    out, _ = repo
+    """Native onnxruntime configs (the NGC server), Python-backend configs for the bundled
+    server beside them: same tensors and batching; every config names the content hash."""
+    out, prov = repo
+    assert prov["models"] == sorted((*MODELS, "score"))
     for name in (*MODELS, "score"):
-        config = text_format.Parse(
-            (out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
-        )
-        assert config.name == name and config.backend == "python"
-        assert config.max_batch_size == 16
-        assert config.dynamic_batching.max_queue_delay_microseconds > 0
-        assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+        native = _config(out / name / "config.pbtxt")
+        bundled_path = out / name / "configs" / f"{contract.BUNDLED_CONFIG_NAME}.pbtxt"
+        configs = [native] + ([_config(bundled_path)] if name != "score" else [])
+        if name == "score":
+            assert native.backend == "python"  # the BLS pipeline is Python everywhere
+        else:
+            assert native.platform == "onnxruntime_onnx" and not native.backend
+            assert configs[1].backend == "python"
+            assert configs[1].input == native.input and configs[1].output == native.output
+        for config in configs:
+            assert config.name == name and config.max_batch_size == 16
+            assert config.dynamic_batching.max_queue_delay_microseconds > 0
+            assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+            param = config.parameters[contract.EXPORT_HASH_PARAMETER].string_value
+            assert param == prov["export_sha256"]
+
+
+def test_export_hash_covers_what_computes_rewards(repo, tmp_path):
+    """The content hash changes with any model file, not with configs or provenance."""
+    from export.repository import content_hash
+
+    out, prov = repo
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for path in [*copy.rglob("*.pbtxt"), copy / "provenance.json", copy / "README.md"]:
+        path.unlink()
+    assert content_hash(copy) == prov["export_sha256"]
+    onnx_file = copy / "reward_head" / "1" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    assert content_hash(copy) != prov["export_sha256"]
 
 
 def test_reexport_is_a_no_op_and_tampering_is_detected(repo, shipped_model):
@@ -163,19 +194,115 @@ def test_non_clip_checkpoint_and_unwritable_output(tmp_path, shipped_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "file"]  # nothing half-written
 
 
-def test_gpu_target_without_tensorrt_fails_cleanly(tmp_path):
+@pytest.fixture(scope="module")
+def gpu_repo(shipped_model, tmp_path_factory):
+    """The GPU flavour, exported here without TensorRT: ONNX files, configs, engine recipes."""
+    out = tmp_path_factory.mktemp("export-gpu") / "repo"
+    options = ExportOptions(target="gpu", precision="fp16", max_batch=16)
+    prov, _ = export_repository(shipped_model, out, SHIPPED_HEAD_DIR, options)
+    return out, prov
+
+
+def test_gpu_flavour_uses_native_backends_and_keeps_the_contract(repo, gpu_repo):
+    out, prov = gpu_repo
+    platforms = {m: _config(out / m / "config.pbtxt") for m in prov["models"]}
+    assert {m: c.platform or c.backend for m, c in platforms.items()} == {
+        "image_encoder": "ensemble",
+        "image_preprocess": "onnxruntime_onnx",
+        "image_tower": "tensorrt_plan",
+        "text_encoder": "tensorrt_plan",
+        "reward_head": "onnxruntime_onnx",  # fp32 always: never a TensorRT fp16 engine
+        "score": "python",  # only the direct-gRPC pipeline is Python
+    }
+    for name in ("image_preprocess", "image_tower", "text_encoder", "reward_head"):
+        assert [g.kind for g in platforms[name].instance_group] == [
+            model_config_pb2.ModelInstanceGroup.KIND_GPU
+        ]
+    cpu_out, _ = repo
+    for name in MODELS:  # the gateway's view: identical tensors and batching in both flavours
+        cpu, gpu = _config(cpu_out / name / "config.pbtxt"), platforms[name]
+        assert (gpu.input, gpu.output, gpu.max_batch_size) == (
+            cpu.input,
+            cpu.output,
+            cpu.max_batch_size,
+        )
+    for config in platforms.values():
+        assert (
+            config.parameters[contract.EXPORT_HASH_PARAMETER].string_value
+            == (prov["export_sha256"])
+        )
+    engines = json.loads((out / "engines.json").read_text())
+    assert [(e["model"], e["precision"]) for e in engines] == [
+        ("image_tower", "fp16"),
+        ("text_encoder", "fp16"),
+    ]
+    assert engines[1]["profiles"]["INPUT_IDS"]["max"] == [16, contract.CONTEXT_LENGTH]
+    assert not list(out.rglob("*.plan"))  # engines are built on the GPU node
+
+
+def test_gpu_flavour_preprocess_and_tower_equal_the_cpu_image_encoder(repo, gpu_repo):
+    """The ensemble's two ONNX graphs, chained under ONNX Runtime, compute the CPU encoder."""
+    cpu_out, gpu_out = repo[0], gpu_repo[0]
+
+    def session(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 90, 150, 3), dtype=np.uint8)
+    pixels = session(gpu_out / "image_preprocess" / "1" / "model.onnx").run(
+        None, {"IMAGE": images}
+    )[0]
+    chained = session(gpu_out / "image_tower" / "1" / "model.onnx").run(
+        None, {"PIXEL_VALUES": pixels}
+    )[0]
+    whole = session(cpu_out / "image_encoder" / "1" / "model.onnx").run(None, {"IMAGE": images})[0]
+    assert np.abs(chained - whole).max() < 1e-5
+
+
+def test_build_engines_without_tensorrt_is_one_line(gpu_repo, tmp_path):
     try:
         import tensorrt  # noqa: F401
 
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    res = run_cli(
-        "export", "--out", str(tmp_path / "repo"), "--target", "gpu", "--precision", "fp16"
-    )
+    res = run_cli("build-engines", str(gpu_repo[0]), "--cache", str(tmp_path / "cache"))
     assert res.returncode == 2
     assert "TensorRT is not installed" in res.stderr and res.stderr.strip().count("\n") == 0
-    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_engines_cache_is_keyed_by_gpu_tensorrt_and_onnx(gpu_repo, tmp_path):
+    """The cache logic with a stand-in builder (the real one needs a GPU: the gpu test)."""
+    from export.tensorrt import build_engines
+
+    repo = tmp_path / "repo"
+    shutil.copytree(gpu_repo[0], repo)
+    built: list[tuple[str, bool]] = []
+
+    def fake_builder(onnx_path, plan_path, profiles, fp16, timing_cache):
+        assert set(profiles) and fp16
+        built.append((onnx_path.parent.parent.name, fp16))
+        plan_path.write_bytes(b"engine of " + sha256_file(onnx_path).encode())
+
+    def run(gpu: str, trt: str = "10.5.0") -> list[dict]:
+        return build_engines(
+            repo, tmp_path / "cache", builder=fake_builder, gpu=gpu, trt_version=trt
+        )
+
+    first = run("NVIDIA H200")
+    assert [r["reused"] for r in first] == [False, False] and len(built) == 2
+    for name in ("image_tower", "text_encoder"):
+        plan = (repo / name / "1" / "model.plan").read_bytes()
+        assert plan == b"engine of " + sha256_file(repo / name / "1" / "model.onnx").encode()
+    assert [r["reused"] for r in run("NVIDIA H200")] == [True, True] and len(built) == 2
+    other = run("NVIDIA L4")  # another GPU model: new engines, other keys
+    assert [r["reused"] for r in other] == [False, False] and len(built) == 4
+    assert {r["key"] for r in other}.isdisjoint(r["key"] for r in first)
+    assert [r["reused"] for r in run("NVIDIA H200", "10.6.0")] == [False, False]
+    tampered = repo / "text_encoder" / "1" / "model.onnx"
+    tampered.write_bytes(tampered.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="does not match provenance"):
+        run("NVIDIA H200")
 
 
 @pytest.mark.slow
@@ -212,11 +339,13 @@ def test_gpu_export_builds_engines_within_fp16_tolerance(tmp_path, shipped_model
     import tensorrt as trt
 
     from export.clip_model import image_embeddings, load_clip, text_embeddings, tokenize
+    from export.tensorrt import build_engines
 
     out = tmp_path / "gpu"
     options = ExportOptions(target="gpu", precision="fp16", max_batch=32)
     export_repository(shipped_model, out, SHIPPED_HEAD_DIR, options)
-    for name in ("image_tower", "text_encoder", "reward_head"):
+    build_engines(out, tmp_path / "engine-cache")
+    for name in ("image_tower", "text_encoder"):
         assert (out / name / "1" / "model.plan").is_file()
     config = text_format.Parse(
         (out / "image_encoder" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()

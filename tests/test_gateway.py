@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import struct
 import subprocess
@@ -29,14 +30,14 @@ from service.gateway import BackendError, BackendUnavailable, check_bind, create
 from service.gateway.onnx_backend import OnnxBackend
 from service.gateway.provenance import load_provenance
 from service.model_contract import CONTEXT_LENGTH
-from service.settings import REPO_ROOT, SHIPPED_MODEL_DIR, Settings
+from service.settings import SHIPPED_MODEL_DIR, Settings
 from service.textnorm import textnorm
 from shapes_world.grammar import describe
 from shapes_world.perturb import perturb
 from shapes_world.render import render
 from shapes_world.sampling import random_scene
 from shapes_world.scene import Caption, Group, Scene
-from tests.conftest import assert_error
+from tests.conftest import REPO_ROOT, assert_error
 
 TRUE_PROMPT = "three red triangles on a grass background"
 TRUE_SCENE = Scene(groups=(Group(3, "red", "triangle"),), background="grass")
@@ -100,6 +101,9 @@ class RecordingBackend:
     async def ready(self):
         return await self.inner.ready()
 
+    async def export_hashes(self, models):
+        return await self.inner.export_hashes(models)
+
     async def close(self):
         pass
 
@@ -118,6 +122,9 @@ class DownBackend:
 
     async def ready(self):
         return False
+
+    async def export_hashes(self, models):
+        raise BackendUnavailable("config: connection refused")
 
     async def close(self):
         pass
@@ -397,25 +404,28 @@ def test_group_scores_and_advantages(provenance, onnx_backend):
 
 # -- prompt sets -----------------------------------------------------------------------------------
 def test_prompt_set_register_use_list_delete(provenance, onnx_backend):
+    from service.gateway.prompt_sets import content_id
+
     recorder = RecordingBackend(onnx_backend)
     image = b64(world_image())
     with gateway(provenance, recorder) as c:
         r = c.post(
             "/v1/prompt-sets",
-            json={"id": "tri", "prompt": TRUE_PROMPT, "contrastive": [*SHORT_SET, SHORT_SET[0]]},
+            json={"prompt": TRUE_PROMPT, "contrastive": [*SHORT_SET, SHORT_SET[0]]},
         )
         assert r.status_code == 201, r.text
         assert r.json()["created"] and r.json()["pre_encoded"]
         assert r.json()["prompt_set"]["contrastive"] == SHORT_SET  # cleaned: repeat dropped
+        set_id = r.json()["prompt_set"]["id"]
+        assert set_id == content_id(TRUE_PROMPT, SHORT_SET)  # the same on every replica
         assert sum(recorder.text_rows) == 1 + len(SHORT_SET)
-        again = c.post(
+        again = c.post("/v1/prompt-sets", json={"prompt": TRUE_PROMPT, "contrastive": SHORT_SET})
+        assert again.status_code == 200 and not again.json()["created"]
+        assert again.json()["prompt_set"]["id"] == set_id
+        chosen = c.post(
             "/v1/prompt-sets", json={"id": "tri", "prompt": TRUE_PROMPT, "contrastive": SHORT_SET}
         )
-        assert again.status_code == 200 and not again.json()["created"]
-        clash = c.post(
-            "/v1/prompt-sets", json={"id": "tri", "prompt": TRUE_PROMPT, "contrastive": ["x y"]}
-        )
-        assert_error(clash, 409, "prompt_set_conflict", "id")
+        assert_error(chosen, 422, "invalid_request", "id")  # ids are content hashes only
         anon = c.post(
             "/v1/prompt-sets", json={"prompt": "a red circle", "contrastive": ["a blue circle"]}
         )
@@ -424,47 +434,76 @@ def test_prompt_set_register_use_list_delete(provenance, onnx_backend):
         assert encoded_at_registration == 1 + len(SHORT_SET) + 2
 
         listed = c.get("/v1/prompt-sets").json()["prompt_sets"]
-        assert [s["id"] for s in listed] == ["tri", anon.json()["prompt_set"]["id"]]
-        assert c.get("/v1/prompt-sets/tri").json()["prompt_set"]["contrastive_count"] == 4
+        assert [s["id"] for s in listed] == [set_id, anon.json()["prompt_set"]["id"]]
+        assert c.get(f"/v1/prompt-sets/{set_id}").json()["prompt_set"]["contrastive_count"] == 4
 
         by_id = c.post(
             "/v1/score",
             json={
                 "items": [{"image": image, "prompt": TRUE_PROMPT}],
-                "textnorm": {"prompt_set": "tri"},
+                "textnorm": {"prompt_set": set_id},
             },
         )
         assert by_id.status_code == 200, by_id.text
         result = by_id.json()["results"][0]
-        assert (result["contrastive_source"], result["prompt_set"]) == ("prompt_set", "tri")
+        assert (result["contrastive_source"], result["prompt_set"]) == ("prompt_set", set_id)
+        assert result["contrastive_sha256"].startswith(set_id.removeprefix("ps_"))
         assert sum(recorder.text_rows) == encoded_at_registration  # pre-encoded: no new encode
         explicit = c.post(
             "/v1/score",
             json={"items": [{"image": image, "prompt": TRUE_PROMPT, "contrastive": SHORT_SET}]},
         ).json()["results"][0]
         assert abs(explicit["textnorm"] - result["textnorm"]) < 1e-7
-        # the registered set is found by its prompt, without the id
-        by_prompt = c.post("/v1/score", json={"items": [{"image": image, "prompt": TRUE_PROMPT}]})
-        assert by_prompt.json()["results"][0]["prompt_set"] == "tri"
+        assert explicit["contrastive_sha256"] == result["contrastive_sha256"]  # same set
+        # A set registered through the API applies only where a request names it: another
+        # replica, which never saw the registration, must give the same reward.
+        unnamed = c.post("/v1/score", json={"items": [{"image": image, "prompt": TRUE_PROMPT}]})
+        unnamed_result = unnamed.json()["results"][0]
+        assert unnamed_result["contrastive_source"] == "rule"
+        assert unnamed_result["contrastive_sha256"] != result["contrastive_sha256"]
         mismatch = c.post(
             "/v1/score",
-            json={"items": [{"image": image, "prompt": "a red circle", "prompt_set": "tri"}]},
+            json={"items": [{"image": image, "prompt": "a red circle", "prompt_set": set_id}]},
         )
         assert_error(mismatch, 422, "prompt_set_mismatch", "items[0].prompt_set")
 
-        assert c.delete("/v1/prompt-sets/tri").json()["deleted"] is True
-        assert_error(c.get("/v1/prompt-sets/tri"), 404, "prompt_set_not_found", "id")
-        assert_error(c.delete("/v1/prompt-sets/tri"), 404, "prompt_set_not_found")
+        assert c.delete(f"/v1/prompt-sets/{set_id}").json()["deleted"] is True
+        assert_error(c.get(f"/v1/prompt-sets/{set_id}"), 404, "prompt_set_not_found", "id")
+        assert_error(c.delete(f"/v1/prompt-sets/{set_id}"), 404, "prompt_set_not_found")
         gone = c.post(
             "/v1/score",
             json={
                 "items": [{"image": image, "prompt": TRUE_PROMPT}],
-                "textnorm": {"prompt_set": "tri"},
+                "textnorm": {"prompt_set": set_id},
             },
         )
         assert_error(gone, 422, "unknown_prompt_set", "textnorm.prompt_set")
-        after = c.post("/v1/score", json={"items": [{"image": image, "prompt": TRUE_PROMPT}]})
-        assert after.json()["results"][0]["contrastive_source"] == "rule"
+
+
+def test_configured_prompt_sets_apply_on_every_replica(provenance, onnx_backend, tmp_path):
+    """Sets from REWARD_PROMPT_SETS_FILE load at start and apply to their prompt without an id:
+    two replicas started from the same file give the same rewards and the same set hash."""
+    sets_file = tmp_path / "sets.json"
+    sets_file.write_text(json.dumps({TRUE_PROMPT: SHORT_SET}))
+    image = b64(world_image())
+    answers = []
+    for _ in range(2):  # two independent gateway processes' worth of state
+        with gateway(provenance, onnx_backend, prompt_sets_file=str(sets_file)) as c:
+            r = c.post("/v1/score", json={"items": [{"image": image, "prompt": TRUE_PROMPT}]})
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["results"][0])
+            listed = c.get("/v1/prompt-sets").json()["prompt_sets"]
+            assert [s["source"] for s in listed] == ["configured"]
+    assert answers[0] == answers[1]
+    assert answers[0]["contrastive_source"] == "prompt_set"
+    assert answers[0]["contrastive_count"] == len(SHORT_SET)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({TRUE_PROMPT: "not a list"}))
+    with (
+        pytest.raises(ValueError, match="expected an array"),
+        gateway(provenance, onnx_backend, prompt_sets_file=str(bad)),
+    ):
+        pass
 
 
 def test_prompt_set_import(client):
@@ -482,12 +521,12 @@ def test_prompt_set_import(client):
     again = client.post("/v1/prompt-sets/import", json=document)
     assert again.json()["created"] == 0  # content-hash ids: importing twice is a no-op
     scene = Scene(groups=(Group(2, "red", "circle"),), background="white")
-    r = client.post(
-        "/v1/score",
-        json={"items": [{"image": b64(world_image(scene)), "prompt": "two red circles"}]},
-    )
+    item = {"image": b64(world_image(scene)), "prompt": "two red circles"}
+    r = client.post("/v1/score", json={"items": [{**item, "prompt_set": ids["two red circles"]}]})
     result = r.json()["results"][0]
     assert result["prompt_set"] == ids["two red circles"] and result["contrastive_count"] == 3
+    unnamed = client.post("/v1/score", json={"items": [item]}).json()["results"][0]
+    assert unnamed["contrastive_source"] == "rule"  # imported sets apply where named
 
     bad = client.post("/v1/prompt-sets/import", json={"a red circle": "a blue circle"})
     body = assert_error(bad, 422, "invalid_prompt_sets")
@@ -509,24 +548,19 @@ def test_prompt_set_import(client):
     assert_error(too_many, 422, "too_many_contrastive_prompts", limit=32)
 
 
-def test_import_conflict_is_409_and_ps_ids_are_reserved(client):
+def test_import_conflict_is_409(client):
     from service.gateway.prompt_sets import PromptSet, content_id
 
-    # A set already under the content-hash id an import computes, with other content (a legacy
-    # client id or a hash collision): a 409 naming the prompt, never a 500.
+    # A set already under the content-hash id an import computes, with other content (a hash
+    # collision): a 409 naming the prompt, never a 500.
     taken = content_id("a red circle", ["a blue circle"])
     client.app_state.registry.add(PromptSet(taken, "a green star", ("a green square",), "x"))
     r = client.post("/v1/prompt-sets/import", json={"a red circle": ["a blue circle"]})
     assert (
         taken in assert_error(r, 409, "prompt_set_conflict", '["a red circle"]')["error"]["message"]
     )
-    # Clients cannot take ids of that shape in the first place.
-    reserved = {"id": "ps_0123456789abcdef", "prompt": "a red circle", "contrastive": ["x y"]}
-    body = assert_error(client.post("/v1/prompt-sets", json=reserved), 422, "invalid_request", "id")
-    assert "reserved" in body["error"]["message"]
-    for ok_id in ("my-ps_set", "PS_upper", "ps-dash"):
-        r = client.post("/v1/prompt-sets", json={**reserved, "id": ok_id})
-        assert r.status_code == 201, r.text
+    malformed = {"items": [], "textnorm": {"prompt_set": "tri"}}
+    assert_error(client.post("/v1/score", json=malformed), 422, "invalid_request")
 
 
 # -- limits and validation -------------------------------------------------------------------------
@@ -627,6 +661,7 @@ def test_request_pixel_budget_checked_before_decoding(provenance, onnx_backend):
 
 def test_image_batches_to_the_backend_stay_under_a_gibibyte():
     from service.gateway.backend import MAX_CALL_BYTES, GuardedBackend
+    from service.gateway.identity import IdentityCheck
     from service.gateway.metrics import GatewayMetrics
 
     assert MAX_CALL_BYTES <= 1 << 30
@@ -639,9 +674,13 @@ def test_image_batches_to_the_backend_stay_under_a_gibibyte():
             self.calls.append((len(images), images.nbytes))
             return np.ones((len(images), 8), np.float32)
 
+        async def export_hashes(self, models):
+            return dict.fromkeys(models, "h")
+
     inner = Counting()
+    identity = IdentityCheck("h", ("image_encoder",))
     guarded = GuardedBackend(
-        inner, timeout_s=5, max_batch=64, embed_dim=8, metrics=GatewayMetrics()
+        inner, identity=identity, timeout_s=5, max_batch=64, embed_dim=8, metrics=GatewayMetrics()
     )
     # 64 images of 4096² (3.2 GB) without allocating them: one broadcast pixel
     images = np.broadcast_to(np.zeros((1, 4096, 4096, 3), np.uint8), (64, 4096, 4096, 3))
@@ -830,14 +869,14 @@ def test_models_endpoint(client, provenance):
 def test_metrics_exposed(provenance, onnx_backend):
     image = b64(world_image())
     with gateway(provenance, onnx_backend) as c:
-        c.post(
-            "/v1/prompt-sets",
-            json={"id": "drift-set", "prompt": "a red circle", "contrastive": ["a blue circle"]},
+        registered = c.post(
+            "/v1/prompt-sets", json={"prompt": "a red circle", "contrastive": ["a blue circle"]}
         )
+        set_id = registered.json()["prompt_set"]["id"]
         items = [
             {"image": image, "prompt": TRUE_PROMPT},
             {"image": image, "prompt": TRUE_PROMPT, "contrastive": SHORT_SET},
-            {"image": image, "prompt": "a red circle"},
+            {"image": image, "prompt": "a red circle", "prompt_set": set_id},
         ]
         assert c.post("/v1/score", json={"items": items}).status_code == 200
         text = c.get("/metrics").text
@@ -851,7 +890,7 @@ def test_metrics_exposed(provenance, onnx_backend):
             "reward_gateway_textnorm_bucket",
         ):
             assert name in text, name
-        for label in ("rule", "explicit", "drift-set"):
+        for label in ("rule", "explicit", set_id):
             assert metric(c, "reward_gateway_textnorm_count", {"prompt_set": label}) == 1
         assert metric(c, "reward_gateway_images_scored_total", {"endpoint": "/v1/score"}) == 3
         calls = {"call": "encode_images", "outcome": "ok"}
@@ -904,7 +943,7 @@ def test_unexpected_errors_are_json_500_without_traceback(provenance, onnx_backe
 
 def test_both_backends_implement_the_protocol(onnx_backend):
     from service.gateway import RewardBackendProtocol
-    from service.triton_client import RewardBackend
+    from service.gateway.triton_backend import RewardBackend
 
     assert isinstance(onnx_backend, RewardBackendProtocol)
     assert isinstance(RewardBackend("127.0.0.1:1"), RewardBackendProtocol)  # connects lazily
@@ -912,7 +951,6 @@ def test_both_backends_implement_the_protocol(onnx_backend):
 
 def test_client_retries_503_504_and_transport_errors_but_not_502():
     import httpx
-
     from textnorm_reward_client import RewardClient, RewardServiceError
 
     def counting_client(status: int | None):
@@ -939,3 +977,53 @@ def test_client_retries_503_504_and_transport_errors_but_not_502():
     with pytest.raises(httpx.ConnectError):
         trainer.score([b"png"], "a red circle")
     assert len(calls) == 2
+
+
+def test_client_registers_a_set_again_on_a_replica_that_lacks_it(provenance, onnx_backend):
+    """Two gateway replicas share no state. The client registers a set on one; its connection
+    then lands on the other (a pod replaced, a new connection balanced elsewhere), which
+    answers `unknown_prompt_set`: the client registers the set there, under the same
+    content-hash id, and sends the request again. Both replicas give the same reward."""
+    import httpx
+    from textnorm_reward_client import RewardClient, RewardServiceError
+
+    class Balancer(httpx.BaseTransport):
+        def __init__(self, clients) -> None:
+            self.clients, self.replica, self.seen = clients, 0, []
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            self.seen.append((self.replica, request.url.path))
+            answer = self.clients[self.replica]._transport.handle_request(request)
+            return httpx.Response(answer.status_code, headers=answer.headers, content=answer.read())
+
+    image = base64.b64decode(b64(world_image()))  # PNG bytes, as a trainer sends them
+    with gateway(provenance, onnx_backend) as a, gateway(provenance, onnx_backend) as b:
+        balancer = Balancer([a, b])
+        with RewardClient("http://testserver", transport=balancer) as client:
+            set_id = client.register_prompt_set(TRUE_PROMPT, SHORT_SET)
+            on_a = client.score([image], TRUE_PROMPT, textnorm={"prompt_set": set_id})
+            balancer.replica = 1
+            on_b = client.score([image], TRUE_PROMPT, textnorm={"prompt_set": set_id})
+        assert balancer.seen == [
+            (0, "/v1/prompt-sets"),
+            (0, "/v1/score"),
+            (1, "/v1/score"),  # unknown_prompt_set on b
+            (1, "/v1/prompt-sets"),  # registered there
+            (1, "/v1/score"),
+        ]
+        for replica in (a, b):
+            listed = replica.get("/v1/prompt-sets").json()["prompt_sets"]
+            assert [s["id"] for s in listed] == [set_id]
+        plain = RewardClient("http://testserver", transport=balancer, attempts=1)
+        other = b.post(  # a set the client never registered: the error reaches the caller
+            "/v1/prompt-sets", json={"prompt": TRUE_PROMPT, "contrastive": ["two red circles"]}
+        ).json()["prompt_set"]["id"]
+        b.delete(f"/v1/prompt-sets/{other}")
+        with pytest.raises(RewardServiceError) as raised:
+            plain.score([image], TRUE_PROMPT, textnorm={"prompt_set": other})
+        assert raised.value.error["code"] == "unknown_prompt_set"
+        plain.close()
+    first, second = on_a["results"][0], on_b["results"][0]
+    assert first["prompt_set"] == second["prompt_set"] == set_id
+    assert abs(first["textnorm"] - second["textnorm"]) < 1e-7
+    assert first["contrastive_sha256"] == second["contrastive_sha256"]

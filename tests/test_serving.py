@@ -37,11 +37,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.gateway.tokens import ClipTokenizer
+from service.gateway.clip_tokenizer import ClipTokenizer
+from service.gateway.triton_backend import executions_by_batch_size
 from service.model_contract import MAX_PROMPTS
-from service.settings import REPO_ROOT, SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR
+from service.settings import SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
-from service.triton_client import executions_by_batch_size
 from service.triton_server import free_ports, group_alive, pid_alive
 from shapes_world.grammar import describe
 from shapes_world.perturb import perturb
@@ -49,7 +49,7 @@ from shapes_world.render import render
 from shapes_world.sampling import random_scene
 from shapes_world.scene import Caption, Group, Scene
 from shapes_world.vocab import ATTRIBUTES
-from tests.conftest import assert_error
+from tests.conftest import REPO_ROOT, assert_error
 
 pytestmark = pytest.mark.slow
 
@@ -564,8 +564,9 @@ def test_cli_client_and_python_client_through_the_stack(stack, client, tmp_path)
     """`reward-service score` (a person at a terminal) and `textnorm_reward_client` (a trainer)
     return the numbers of a direct REST call; a wrong key and an unreachable URL are one-line
     errors."""
-    from tests.conftest import run_cli
     from textnorm_reward_client import RewardClient, RewardServiceError
+
+    from tests.conftest import run_cli
 
     scene = Scene(groups=(Group(2, "orange", "star"),), background="sky")
     paths = []

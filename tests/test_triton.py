@@ -1,8 +1,9 @@
 """A real tritonserver on loopback serving an exported CPU repository (no mocks).
 
-Server lifecycle (`service.triton_server`), the async gRPC client (`service.triton_client`),
-parity with ONNX Runtime run in-process on the same ONNX files, dynamic batching, large images,
-error mapping, and recovery of one client object across a server restart.
+Server lifecycle (`service.triton_server`), the async gRPC client
+(`service.gateway.triton_backend`), parity with ONNX Runtime run in-process on the same ONNX
+files, dynamic batching, large images, error mapping, and recovery of one client object across
+a server restart.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS
-from service.triton_client import (
+from service.gateway.triton_backend import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
     RewardBackend,
     executions_by_batch_size,
 )
+from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS
 from service.triton_server import TritonServer, TritonStartError, group_alive, pid_alive
 
 pytest_plugins = ("tests.conftest_triton",)  # the triton_repo and triton_server fixtures

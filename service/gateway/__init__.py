@@ -2,7 +2,8 @@
 
 Modules: `app` (the app factory and routes), `schemas` (typed request/response models),
 `scoring` (contrastive sets → embeddings → rewards), `images` (base64 decoding and limits),
-`tokens` (CLIP tokenisation with HF `tokenizers`), `embedding_cache`, `prompt_sets` (registry),
+`clip_tokenizer` (CLIP tokenisation with HF `tokenizers`), `embedding_cache`, `prompt_sets`
+(registry), `identity` (is the backend serving the provenance's export?),
 `backend` (the backend protocol and the guard rails around its calls), `onnx_backend` (ONNX
 Runtime in process), `provenance`, `auth` (API keys, `check_bind`), `middleware`, `metrics`,
 `errors`, `request_ids`. Torch-free; nothing received is ever unpickled or evaluated.
@@ -12,16 +13,20 @@ from service.gateway.app import create_app
 from service.gateway.auth import check_bind
 from service.gateway.backend import (
     BackendError,
+    BackendTimeout,
     BackendUnavailable,
     GuardedBackend,
+    ModelMismatch,
     RewardBackendProtocol,
 )
 from service.gateway.provenance import load_provenance
 
 __all__ = [
     "BackendError",
+    "BackendTimeout",
     "BackendUnavailable",
     "GuardedBackend",
+    "ModelMismatch",
     "RewardBackendProtocol",
     "check_bind",
     "create_app",

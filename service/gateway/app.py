@@ -28,7 +28,14 @@ from fastapi import APIRouter, FastAPI, Request, Response, Security
 from fastapi.security import HTTPBearer
 from starlette.responses import JSONResponse
 
-from service.contrastive import NoContrastivePrompts, PromptSetFormatError, parse_prompt_sets
+from service.contrastive import (
+    NoContrastivePrompts,
+    PromptSetFormatError,
+    Vocabulary,
+    load_prompt_sets,
+    load_vocabulary,
+    parse_prompt_sets,
+)
 from service.contrastive.errors import quote_prompt
 from service.contrastive.prompt_sets import reject_duplicate_keys
 from service.gateway.auth import configured_keys
@@ -38,8 +45,10 @@ from service.gateway.backend import (
     GuardedBackend,
     RewardBackendProtocol,
 )
+from service.gateway.clip_tokenizer import ClipTokenizer
 from service.gateway.embedding_cache import EmbeddingCache
 from service.gateway.errors import ApiError, install_error_handlers
+from service.gateway.identity import IdentityCheck
 from service.gateway.images import ImageLimits, decode_images, set_pillow_limits
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware
@@ -69,7 +78,6 @@ from service.gateway.schemas import (
     ScoreResponse,
 )
 from service.gateway.scoring import PlannedItem, Scorer
-from service.gateway.tokens import ClipTokenizer
 from service.settings import Settings
 
 log = logging.getLogger("service.gateway")
@@ -121,6 +129,15 @@ def tokenizer_path(settings: Settings, provenance: dict[str, Any]) -> Path:
     return Path(str(provenance["model"]["source"])).expanduser() / "tokenizer.json"
 
 
+def _vocabulary(settings: Settings) -> Vocabulary | None:
+    if not settings.contrastive_vocabulary_file:
+        return None
+    try:
+        return load_vocabulary(settings.contrastive_vocabulary_file)
+    except OSError as exc:
+        raise ValueError(f"cannot read the contrastive vocabulary: {exc}") from None
+
+
 def create_app(
     settings: Settings,
     backend: RewardBackendProtocol,
@@ -143,6 +160,8 @@ def create_app(
     metrics = GatewayMetrics()
     guarded = GuardedBackend(
         backend,
+        identity=IdentityCheck.from_provenance(provenance),
+        identity_interval_s=settings.identity_check_interval_s,
         timeout_s=settings.backend_timeout_s,
         max_batch=info.max_batch or 64,
         embed_dim=info.embed_dim,
@@ -167,13 +186,23 @@ def create_app(
         max_prompt_chars=settings.max_prompt_chars,
         max_contrastive=settings.max_contrastive_prompts,
         truncate_long_prompts=settings.truncate_long_prompts,
+        vocabulary=_vocabulary(settings),
     )
     state = GatewayState(
         settings, guarded, info, tokenizer, cache, registry, metrics, scorer, limits
     )
+    configured: list[str] = []
+    if settings.prompt_sets_file:
+        configured = _load_configured_sets(state, Path(settings.prompt_sets_file))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        ready, reason = await guarded.readiness()  # at start: is it the export we name?
+        if ready:
+            log.info("backend ready, serving export %s", guarded.identity.expected)
+            await _pre_encode(state, configured)
+        else:
+            log.warning("backend not ready: %s", reason)
         yield
         if close_backend_on_shutdown:
             await backend.close()
@@ -339,71 +368,109 @@ def _out(prompt_set: PromptSet) -> PromptSetOut:
     )
 
 
+def _validated_set(
+    state: GatewayState, prompt: str, contrastive: list[str], prompt_field: str, set_field: str
+) -> tuple[str, ...]:
+    """The cleaned contrastive set of `prompt`; ApiError naming the field when it is unusable."""
+    scorer = state.scorer
+    scorer.check_prompt(prompt, prompt_field)
+    scorer.check_contrastive_list(contrastive, set_field)
+    try:
+        cleaned = PromptSetRegistry.clean(prompt, contrastive)
+    except NoContrastivePrompts as exc:
+        raise ApiError(
+            422, "no_contrastive_prompts", f"{set_field}: {exc}", field=set_field
+        ) from None
+    tokenized = state.tokenizer.encode([prompt, *cleaned])
+    if tokenized.truncated.any() and not state.settings.truncate_long_prompts:
+        j = int(np.argmax(tokenized.truncated))
+        where = prompt_field if j == 0 else set_field
+        raise ApiError(
+            422,
+            "prompt_too_long",
+            f"{where}: {quote_prompt(([prompt, *cleaned])[j])} has "
+            f"{int(tokenized.lengths[j])} tokens, over CLIP's "
+            f"{state.tokenizer.context_length}-token context",
+            field=where,
+            limit=state.tokenizer.context_length,
+        )
+    return cleaned
+
+
+def _add_sets(state: GatewayState, sets: list[PromptSet]) -> list[str]:
+    """Add `sets` to the registry, pin their prompts in the cache; the texts to pre-encode."""
+    texts: list[str] = []
+    for prompt_set in sets:
+        state.registry.add(prompt_set)
+        for key in state.scorer.set_cache_keys(prompt_set):
+            state.cache.pin(key)
+        texts += [prompt_set.prompt, *prompt_set.contrastive]
+    return texts
+
+
+async def _pre_encode(state: GatewayState, texts: list[str]) -> bool:
+    """Encode and cache `texts` now if the backend is up (else the first use encodes them)."""
+    if not texts:
+        return True
+    try:
+        await state.scorer.pre_encode(texts)
+    except (BackendUnavailable, BackendError) as exc:
+        log.warning("prompt sets registered without pre-encoding: %s", exc)
+        return False
+    return True
+
+
+def _load_configured_sets(state: GatewayState, path: Path) -> list[str]:
+    """The operator's prompt sets (`REWARD_PROMPT_SETS_FILE`), added at start on every replica:
+    they apply to their prompts without an id. ValueError (one line) for a bad file."""
+    try:
+        sets = load_prompt_sets(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read prompt sets {path}: {exc}") from None
+    prepared = []
+    for prompt, contrastive in sets.items():
+        where = f"{path}[{json.dumps(prompt, ensure_ascii=False)}]"
+        try:
+            cleaned = _validated_set(state, prompt, contrastive, where, where)
+            prompt_set, _ = state.registry.prepare(prompt, cleaned, "configured", len(prepared))
+        except ApiError as exc:
+            raise ValueError(exc.message) from None
+        prepared.append(prompt_set)
+    log.info("loaded %d configured prompt sets from %s", len(prepared), path)
+    return _add_sets(state, prepared)
+
+
 def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
     scorer, registry = state.scorer, state.registry
 
     def validated(prompt: str, contrastive: list[str], prompt_field: str, set_field: str):
-        scorer.check_prompt(prompt, prompt_field)
-        scorer.check_contrastive_list(contrastive, set_field)
-        try:
-            cleaned = PromptSetRegistry.clean(prompt, contrastive)
-        except NoContrastivePrompts as exc:
-            raise ApiError(
-                422, "no_contrastive_prompts", f"{set_field}: {exc}", field=set_field
-            ) from None
-        tokenized = state.tokenizer.encode([prompt, *cleaned])
-        if tokenized.truncated.any() and not state.settings.truncate_long_prompts:
-            j = int(np.argmax(tokenized.truncated))
-            where = prompt_field if j == 0 else set_field
-            raise ApiError(
-                422,
-                "prompt_too_long",
-                f"{where}: {quote_prompt(([prompt, *cleaned])[j])} has "
-                f"{int(tokenized.lengths[j])} tokens, over CLIP's "
-                f"{state.tokenizer.context_length}-token context",
-                field=where,
-                limit=state.tokenizer.context_length,
-            )
-        return cleaned
+        return _validated_set(state, prompt, contrastive, prompt_field, set_field)
 
     async def register(sets: list[PromptSet]) -> bool:
-        """Add `sets`, pin their prompts in the cache and pre-encode them if the backend is up."""
-        texts: list[str] = []
-        for prompt_set in sets:
-            registry.add(prompt_set)
-            for key in scorer.set_cache_keys(prompt_set):
-                state.cache.pin(key)
-            texts += [prompt_set.prompt, *prompt_set.contrastive]
-        if not texts:
-            return True
-        try:
-            await scorer.pre_encode(texts)
-        except (BackendUnavailable, BackendError) as exc:
-            log.warning("prompt sets registered without pre-encoding: %s", exc)
-            return False
-        return True
+        return await _pre_encode(state, _add_sets(state, sets))
 
     @router.post(
         "/prompt-sets",
         response_model=PromptSetResponse,
         status_code=201,
         tags=["prompt sets"],
-        responses={409: {"model": ErrorResponse, "description": "id taken by another set"}},
+        responses={409: {"model": ErrorResponse, "description": "content-hash id collision"}},
     )
     async def create_prompt_set(
         request: Request, response: Response, body: PromptSetCreate
     ) -> PromptSetResponse:
-        """Register a contrastive set for a prompt (id: yours, or a content hash); its
-        embeddings are encoded now when the backend is up, and kept cached."""
+        """Register a contrastive set for a prompt under its content-hash id (the same on every
+        replica); its embeddings are encoded now when the backend is up, and kept cached. It
+        applies where a request names its id."""
         rid = adopt_body_request_id(request, body.request_id)
         cleaned = validated(body.prompt, body.contrastive, "prompt", "contrastive")
         try:
-            prompt_set, created = registry.prepare(body.prompt, cleaned, body.id, "registered")
+            prompt_set, created = registry.prepare(body.prompt, cleaned, "registered")
         except PromptSetConflict as exc:
-            raise ApiError(409, "prompt_set_conflict", str(exc), field="id") from None
+            raise ApiError(409, "prompt_set_conflict", str(exc), field="contrastive") from None
         except RegistryFull as exc:
             raise ApiError(
-                422, "registry_full", str(exc), field="id", limit=registry.max_sets
+                422, "registry_full", str(exc), field="contrastive", limit=registry.max_sets
             ) from None
         if created:
             pre_encoded = await register([prompt_set])
@@ -445,7 +512,7 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
             cleaned = validated(prompt, contrastive, where, where)
             try:
                 prompt_set, created = registry.prepare(
-                    prompt, cleaned, None, "imported", pending=len(new)
+                    prompt, cleaned, "imported", pending=len(new)
                 )
             except PromptSetConflict as exc:
                 raise ApiError(409, "prompt_set_conflict", f"{where}: {exc}", field=where) from None
@@ -537,9 +604,10 @@ def _ops_routes(app: FastAPI, state: GatewayState) -> None:
         responses={503: {"model": Readiness, "description": "the backend is not ready"}},
     )
     async def readyz(request: Request):
-        """200 when the backend is ready to score, else 503 with Retry-After."""
-        ready = await state.backend.ready()
-        body = Readiness(ready=ready, request_id=current_request_id(request))
+        """200 when the backend is ready to score and serves the export this gateway's
+        provenance names (checked anew), else 503 with Retry-After and the reason."""
+        ready, reason = await state.backend.readiness()
+        body = Readiness(ready=ready, reason=reason, request_id=current_request_id(request))
         if ready:
             return body
         return JSONResponse(

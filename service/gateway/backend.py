@@ -1,9 +1,11 @@
-"""What the gateway needs from a reward backend, and the guard rails around every call.
+"""What the gateway needs from a reward backend, its error types, and the guard rails.
 
-`RewardBackendProtocol` is the interface the app depends on; `service.triton_client.RewardBackend`
-(Triton over gRPC, production) and `service.gateway.onnx_backend.OnnxBackend` (ONNX Runtime in
-process, development and tests) implement it. Errors are the Triton client's two types:
-`BackendUnavailable` (answer 503 with Retry-After) and `BackendError` (answer 502).
+`RewardBackendProtocol` is the interface the app depends on; `triton_backend.RewardBackend`
+(Triton over gRPC, production) and `onnx_backend.OnnxBackend` (ONNX Runtime in process,
+development and tests) implement it. Every implementation raises only these errors:
+`BackendUnavailable` (answer 503 with Retry-After; `BackendTimeout` is one), `ModelMismatch`
+(the backend serves other models than the provenance names: 503, and `/readyz` says why) and
+`BackendError` (the backend failed on the request: 502).
 
 `GuardedBackend` wraps any implementation for the gateway: every call gets a timeout (a hung
 backend becomes `BackendUnavailable`, never a hung request), batches are split to the exported
@@ -17,22 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from service.gateway.identity import IdentityCheck
 from service.gateway.metrics import GatewayMetrics
-from service.triton_client import BackendError, BackendUnavailable
 
 READY_TIMEOUT_S = 5.0
 MAX_CALL_BYTES = 1 << 30  # image bytes per backend call (gRPC messages are limited to 2 GB)
 
-__all__ = [
-    "BackendError",
-    "BackendUnavailable",
-    "GuardedBackend",
-    "RewardBackendProtocol",
-]
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot serve now (down, restarting, model not loaded, timed out): 503."""
+
+
+class BackendTimeout(BackendUnavailable):
+    """A call ran past its timeout."""
+
+
+class ModelMismatch(BackendUnavailable):
+    """The backend's models are not the ones the gateway's provenance names: never score."""
+
+
+class BackendError(RuntimeError):
+    """The backend answered with an error about the request or the model: 502."""
 
 
 @runtime_checkable
@@ -60,28 +72,65 @@ class RewardBackendProtocol(Protocol):
 
     async def ready(self) -> bool: ...
 
+    async def export_hashes(self, models: Sequence[str]) -> dict[str, str | None]:
+        """The export content hash each of `models` carries in its config (None: no hash)."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class GuardedBackend:
-    """Timeouts, batch splitting, output checks and timing around a backend."""
+    """Identity checks, timeouts, batch splitting, output checks and timing around a backend."""
 
     def __init__(
         self,
         backend: RewardBackendProtocol,
         *,
+        identity: IdentityCheck,
         timeout_s: float,
         max_batch: int,
         embed_dim: int,
         metrics: GatewayMetrics,
+        identity_interval_s: float = 10.0,
         max_call_bytes: int = MAX_CALL_BYTES,
     ) -> None:
         self.backend = backend
+        self.identity = identity
+        self.identity_interval_s = identity_interval_s
         self.timeout_s = timeout_s
         self.max_batch = max(1, int(max_batch))
         self.max_call_bytes = max_call_bytes
         self.embed_dim = embed_dim
         self.metrics = metrics
+        self._checked_at: float | None = None  # monotonic time of the last identity answer
+        self._mismatch: str | None = None  # the last answer's problem
+        self._identity_lock = asyncio.Lock()
+
+    async def verify_identity(self, force: bool = False) -> None:
+        """Raise ModelMismatch unless the backend serves the provenance's export.
+
+        Reuses the last answer while it is younger than `identity_interval_s` (unless `force`);
+        concurrent callers share one check. An unreachable backend raises BackendUnavailable
+        and leaves the last answer as it was."""
+        if force or not self._identity_fresh():
+            async with self._identity_lock:
+                if force or not self._identity_fresh():
+                    found = await self._call(
+                        "export_hashes",
+                        self.backend.export_hashes(self.identity.models),
+                        min(self.timeout_s, READY_TIMEOUT_S),
+                    )
+                    self._mismatch = self.identity.problem(found)
+                    self._checked_at = time.monotonic()
+                    self.metrics.model_mismatch.set(1 if self._mismatch else 0)
+        if self._mismatch is not None:
+            raise ModelMismatch(self._mismatch)
+
+    def _identity_fresh(self) -> bool:
+        return (
+            self._checked_at is not None
+            and time.monotonic() - self._checked_at < self.identity_interval_s
+        )
 
     async def _call(self, call: str, coro, timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
@@ -122,6 +171,7 @@ class GuardedBackend:
         return arr.astype(np.float32, copy=False)
 
     async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        await self.verify_identity()
         parts = await asyncio.gather(
             *(
                 self._call("encode_images", self.backend.encode_images(images[s]))
@@ -131,6 +181,7 @@ class GuardedBackend:
         return self._check_embeddings("encode_images", np.concatenate(parts), len(images))
 
     async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
+        await self.verify_identity()
         parts = await asyncio.gather(
             *(
                 self._call("encode_texts", self.backend.encode_texts(ids[s]))
@@ -147,6 +198,7 @@ class GuardedBackend:
         scale: np.ndarray,
         lam: np.ndarray,
     ) -> dict[str, np.ndarray]:
+        await self.verify_identity()
         n = len(image_embeds)
         parts = await asyncio.gather(
             *(
@@ -173,11 +225,18 @@ class GuardedBackend:
             raise BackendError(f"rewards: RAW and TEXTNORM expected, got {sorted(out)}")
         return out
 
-    async def ready(self) -> bool:
-        """The backend's readiness; False on any failure or after READY_TIMEOUT_S (probes of
-        an orchestrator must not wait for the scoring timeout)."""
+    async def readiness(self) -> tuple[bool, str | None]:
+        """(ready, why not): the backend is ready and serves the provenance's export (checked
+        anew). Never waits longer than READY_TIMEOUT_S (an orchestrator's probe must not wait
+        for the scoring timeout)."""
         timeout_s = min(self.timeout_s, READY_TIMEOUT_S)
         try:
-            return bool(await self._call("ready", self.backend.ready(), timeout_s))
-        except (BackendUnavailable, BackendError):
-            return False
+            if not await self._call("ready", self.backend.ready(), timeout_s):
+                return False, "the reward backend is not ready (models loading or server down)"
+            await self.verify_identity(force=True)
+        except (BackendUnavailable, BackendError) as exc:
+            return False, str(exc)
+        return True, None
+
+    async def ready(self) -> bool:
+        return (await self.readiness())[0]

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.gateway.backend import BackendError, BackendUnavailable
+from service.gateway.backend import BackendError, BackendUnavailable, ModelMismatch
 from service.gateway.request_ids import current_request_id, valid_request_id
 
 log = logging.getLogger("service.gateway")
@@ -149,6 +149,17 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         body_out = error_body("invalid_request", message, rid, field)
         body_out["error"]["details"] = details
         return JSONResponse(body_out, status_code=422)
+
+    @app.exception_handler(ModelMismatch)
+    async def _mismatch(request: Request, exc: ModelMismatch) -> JSONResponse:
+        log.error("refusing to score: %s", exc)
+        return error_response(
+            503,
+            "model_mismatch",
+            f"refusing to score: {exc}",
+            current_request_id(request),
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
     @app.exception_handler(BackendUnavailable)
     async def _unavailable(request: Request, exc: BackendUnavailable) -> JSONResponse:

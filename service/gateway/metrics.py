@@ -53,6 +53,11 @@ class GatewayMetrics:
         self.cache_entries = Gauge(
             "reward_gateway_embedding_cache_entries", "text embeddings held", registry=r
         )
+        self.model_mismatch = Gauge(
+            "reward_gateway_model_mismatch",
+            "1 while the backend serves another export than the provenance names (no scoring)",
+            registry=r,
+        )
         self.backend_seconds = Histogram(
             "reward_gateway_backend_seconds",
             "round trip of backend calls in seconds",

@@ -11,12 +11,15 @@ lazily: it is needed only when this backend is used.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from service import model_contract as contract
 from service.gateway.backend import BackendError, BackendUnavailable
+from service.gateway.identity import hash_in_config
+from service.model_contract import EXPORT_HASH_PARAMETER
 
 _IMAGE = contract.image_encoder(0)
 _TEXT = contract.text_encoder(0)
@@ -92,6 +95,24 @@ class OnnxBackend:
 
     async def ready(self) -> bool:
         return not self._closed
+
+    async def export_hashes(self, models: Sequence[str]) -> dict[str, str | None]:
+        """The export hash in each model's config.pbtxt (what Triton would report)."""
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+
+        out: dict[str, str | None] = {}
+        for model in models:
+            path = self.repository / model / "config.pbtxt"
+            if not path.is_file():
+                out[model] = None
+                continue
+            config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+            out[model] = hash_in_config(
+                json_format.MessageToDict(config, preserving_proto_field_name=True),
+                EXPORT_HASH_PARAMETER,
+            )
+        return out
 
     async def close(self) -> None:
         self._closed = True

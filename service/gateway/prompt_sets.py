@@ -1,12 +1,15 @@
 """The registry of contrastive prompt sets (in memory, per gateway process).
 
 A set is a prompt and its cleaned contrastive prompts (`clean_contrastive_set`: stripped, no
-blanks, no prompt, no repeats). It has an id: the client's, or a content hash
-(``ps_`` + 16 hex digits of sha256 over the normalised prompt and the set; client ids may not
-start with ``ps_``), so registering the same content twice is idempotent. Sets are also indexed
-by their prompt (normalised as the contrastive package compares prompts: NFC, case-folded,
-whitespace collapsed): scoring a prompt that has a registered set uses it without naming the
-id; the latest registration for a prompt wins.
+blanks, no prompt, no repeats). Its id is a content hash (``ps_`` + the first 32 hex digits of
+`contrastive_set_sha256`), so the same content has the same id on every gateway replica: a set
+registered on one replica can be registered again on another under the same id (the client
+does this when a replica answers `unknown_prompt_set`), and registering twice is idempotent.
+
+Replicas share no state, so a set registered through the API applies only where a request
+names its id. Sets the operator configures (`REWARD_PROMPT_SETS_FILE`, loaded at start on
+every replica) also apply to their prompt without an id (prompts compared normalised: NFC,
+case-folded, whitespace collapsed); the latest such set for a prompt wins.
 Imports (`parse_prompt_sets`, the TextNorm authors' JSON format) register one set per prompt.
 """
 
@@ -20,8 +23,9 @@ from dataclasses import dataclass, field
 from service.contrastive import NoContrastivePrompts, clean_contrastive_set
 from service.contrastive.dedupe import normalise as normalise_prompt
 
-PROMPT_SET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
-CONTENT_ID_PREFIX = "ps_"  # content-hash ids; clients may not choose ids starting with it
+CONTENT_ID_PREFIX = "ps_"
+PROMPT_SET_ID_PATTERN = r"^ps_[0-9a-f]{32}$"
+SOURCES = ("registered", "imported", "configured")  # configured: the operator's file, at start
 
 
 class PromptSetConflict(ValueError):
@@ -45,9 +49,19 @@ class PromptSet:
         return normalise_prompt(self.prompt), self.contrastive
 
 
+def contrastive_set_sha256(prompt: str, contrastive: list[str] | tuple[str, ...]) -> str:
+    """sha256 of a TextNorm prompt set: the normalised prompt and its contrastive prompts, in
+    order, as canonical JSON. Every scored item carries it: a training run can prove which set
+    produced each TextNorm value (recompute it from the logged prompts)."""
+    payload = json.dumps(
+        [normalise_prompt(prompt), list(contrastive)], ensure_ascii=False, separators=(",", ":")
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
 def content_id(prompt: str, contrastive: list[str] | tuple[str, ...]) -> str:
-    payload = json.dumps([normalise_prompt(prompt), list(contrastive)], ensure_ascii=False)
-    return CONTENT_ID_PREFIX + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    """The id of a prompt set: the same on every replica for the same content."""
+    return CONTENT_ID_PREFIX + contrastive_set_sha256(prompt, contrastive)[:32]
 
 
 class PromptSetRegistry:
@@ -65,24 +79,18 @@ class PromptSetRegistry:
         return tuple(clean_contrastive_set(prompt, contrastive))
 
     def prepare(
-        self,
-        prompt: str,
-        contrastive: tuple[str, ...],
-        set_id: str | None,
-        source: str,
-        pending: int = 0,
+        self, prompt: str, contrastive: tuple[str, ...], source: str, pending: int = 0
     ) -> tuple[PromptSet, bool]:
         """The set to add (not added yet) and whether it is new. Raises PromptSetConflict
-        when `set_id` names a set with different content, RegistryFull when the registry
-        (with `pending` sets about to be added) is full."""
-        set_id = set_id or content_id(prompt, contrastive)
+        when its content id names a set with different content (a hash collision),
+        RegistryFull when the registry (with `pending` sets about to be added) is full."""
+        set_id = content_id(prompt, contrastive)
         candidate = PromptSet(set_id, prompt.strip(), contrastive, source)
         existing = self._sets.get(set_id)
         if existing is not None:
             if existing.content_key != candidate.content_key:
                 raise PromptSetConflict(
-                    f"prompt set {set_id!r} already exists with a different prompt or set; "
-                    "delete it first or choose another id"
+                    f"prompt set {set_id!r} already exists with a different prompt or set"
                 )
             return existing, False
         if len(self._sets) + pending >= self.max_sets:
@@ -90,8 +98,10 @@ class PromptSetRegistry:
         return candidate, True
 
     def add(self, prompt_set: PromptSet) -> None:
+        """Add a prepared set; a configured one also applies to its prompt without an id."""
         self._sets[prompt_set.id] = prompt_set
-        self._by_prompt[normalise_prompt(prompt_set.prompt)] = prompt_set.id
+        if prompt_set.source == "configured":
+            self._by_prompt[normalise_prompt(prompt_set.prompt)] = prompt_set.id
 
     def get(self, set_id: str) -> PromptSet | None:
         return self._sets.get(set_id)
@@ -110,8 +120,12 @@ class PromptSetRegistry:
         key = normalise_prompt(removed.prompt)
         if self._by_prompt.get(key) == set_id:
             del self._by_prompt[key]
-            # Another set for the same prompt (registered earlier) takes over, newest first.
-            others = [s for s in self._sets.values() if normalise_prompt(s.prompt) == key]
+            # Another configured set for the same prompt takes over, newest first.
+            others = [
+                s
+                for s in self._sets.values()
+                if s.source == "configured" and normalise_prompt(s.prompt) == key
+            ]
             if others:
                 self._by_prompt[key] = max(others, key=lambda s: s.seq).id
         return removed
@@ -125,5 +139,7 @@ __all__ = [
     "PromptSetConflict",
     "PromptSetRegistry",
     "RegistryFull",
+    "SOURCES",
     "content_id",
+    "contrastive_set_sha256",
 ]

@@ -7,6 +7,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from service import model_contract as contract
+from service.gateway.clip_tokenizer import ClipTokenizer
 from service.gateway.schemas import (
     ExporterInfo,
     HeadInfo,
@@ -16,7 +17,6 @@ from service.gateway.schemas import (
     TextNormUsed,
     TokenizerInfo,
 )
-from service.gateway.tokens import ClipTokenizer
 
 GATEWAY_VERSION = "1"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from service.gateway.prompt_sets import CONTENT_ID_PREFIX, PROMPT_SET_ID_PATTERN
+from service.gateway.prompt_sets import PROMPT_SET_ID_PATTERN
 from service.gateway.request_ids import REQUEST_ID_PATTERN
 
 RequestId = Annotated[
@@ -23,7 +23,7 @@ RequestId = Annotated[
 PromptSetId = Annotated[
     str,
     StringConstraints(pattern=PROMPT_SET_ID_PATTERN),
-    Field(description="id of a registered prompt set"),
+    Field(description="id of a registered prompt set: ps_ + 32 hex digits of its content hash"),
 ]
 Rule = Literal["auto", "counting", "composition", "attributes"]
 RewardField = Literal["raw", "textnorm", "head", "textnorm_head", "ensemble_mean", "ensemble_uw"]
@@ -98,23 +98,11 @@ class GroupRequest(_Request):
 
 
 class PromptSetCreate(_Request):
-    id: PromptSetId | None = Field(
-        default=None,
-        description=f"default: a content hash (ids starting with {CONTENT_ID_PREFIX!r} are "
-        "reserved for those)",
-    )
+    """A contrastive set to register; its id is its content hash, the same on every replica."""
+
     prompt: str
     contrastive: list[str] = Field(min_length=1)
     request_id: RequestId | None = None
-
-    @field_validator("id")
-    @classmethod
-    def _not_reserved(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith(CONTENT_ID_PREFIX):
-            raise ValueError(
-                f"ids starting with {CONTENT_ID_PREFIX!r} are reserved for content-hash ids"
-            )
-        return value
 
 
 # -- responses -------------------------------------------------------------------------------------
@@ -177,6 +165,11 @@ class ItemResult(BaseModel):
     contrastive_count: int
     contrastive_source: Literal["explicit", "prompt_set", "rule", "none"]
     prompt_set: str | None = Field(default=None, description="id of the prompt set used")
+    contrastive_sha256: str | None = Field(
+        default=None,
+        description="sha256 of the prompt set TextNorm used (normalised prompt + contrastive "
+        "prompts, canonical JSON): proves which set produced this value",
+    )
     prompt_truncated: bool
     contrastive_truncated: int = Field(
         default=0, description="contrastive prompts truncated to the context length"
@@ -205,7 +198,7 @@ class PromptSetOut(BaseModel):
     prompt: str
     contrastive: list[str]
     contrastive_count: int
-    source: Literal["registered", "imported"]
+    source: Literal["registered", "imported", "configured"]
 
 
 class PromptSetResponse(BaseModel):
@@ -269,6 +262,9 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    reason: str | None = Field(
+        default=None, description="why not ready: backend down, or serving another export"
+    )
     request_id: str
 
 

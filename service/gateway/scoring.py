@@ -23,17 +23,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from service import model_contract as contract
-from service.contrastive import NoContrastivePrompts, contrastive_prompts
+from service.contrastive import NoContrastivePrompts, Vocabulary, contrastive_prompts
 from service.contrastive.dedupe import normalise as normalise_prompt
 from service.contrastive.errors import quote_prompt
 from service.gateway.backend import GuardedBackend
+from service.gateway.clip_tokenizer import ClipTokenizer, Tokenized
 from service.gateway.embedding_cache import CacheKey, EmbeddingCache
 from service.gateway.errors import ApiError
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.prompt_sets import PromptSet, PromptSetRegistry
+from service.gateway.prompt_sets import PromptSet, PromptSetRegistry, contrastive_set_sha256
 from service.gateway.provenance import ProvenanceInfo
 from service.gateway.schemas import ItemResult, TextNormOptions
-from service.gateway.tokens import ClipTokenizer, Tokenized
 
 _OUTPUTS = {
     "HEAD": "head",
@@ -91,6 +91,7 @@ class Scorer:
         max_prompt_chars: int,
         max_contrastive: int,
         truncate_long_prompts: bool,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -101,6 +102,7 @@ class Scorer:
         self.max_prompt_chars = max_prompt_chars
         self.max_contrastive = min(max_contrastive, contract.MAX_PROMPTS - 1)
         self.truncate_long_prompts = truncate_long_prompts
+        self.vocabulary = vocabulary  # of the attribute-swap rules (None: the shapes world's)
 
     # -- checks --------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field_name: str) -> str:
@@ -190,7 +192,7 @@ class Scorer:
                 list(registered.contrastive), "prompt_set", registered.id, prompt_field
             )
         try:
-            generated = contrastive_prompts(prompt, options.rule)
+            generated = contrastive_prompts(prompt, options.rule, vocabulary=self.vocabulary)
         except NoContrastivePrompts as exc:
             return self._missing(prompt_field, prompt, options, f"rule {options.rule!r}: {exc}")
         return ContrastivePlan(generated[: self.max_contrastive], "rule", field=prompt_field)
@@ -363,6 +365,9 @@ class Scorer:
                     contrastive_count=len(item.plan.prompts),
                     contrastive_source=item.plan.source,
                     prompt_set=item.plan.set_id,
+                    contrastive_sha256=(
+                        contrastive_set_sha256(item.prompt, item.plan.prompts) if has_set else None
+                    ),
                     prompt_truncated=item.prompt_truncated,
                     contrastive_truncated=item.contrastive_truncated,
                 )

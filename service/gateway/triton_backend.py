@@ -1,13 +1,19 @@
-"""Async client of the Triton reward models (KServe v2 over gRPC), as the gateway uses it.
+"""The gateway's production backend: the Triton reward models over KServe v2 gRPC (asyncio).
 
 `RewardBackend` wraps `tritonclient.grpc.aio.InferenceServerClient` with the tensor contract of
 `service.model_contract`: images → image embeddings, token ids → text embeddings, and the
-reward head (every output it declares, read from its metadata at connect time). Errors come out
-as two types, so the gateway can map them to status codes:
+reward head (every output it declares, read from its metadata at connect time), plus the export
+hash each model's config carries. Errors come out as the backend protocol's types
+(`service.gateway.backend`), so the gateway can map them to status codes:
 
 - `BackendUnavailable`: the server cannot be reached, is shutting down, a model is not loaded,
   or the call ran past its timeout (`BackendTimeout`, a subclass) — answer 503;
-- `BackendError`: the server answered with an error about the request or the model — 500/422.
+- `BackendError`: the server answered with an error about the request or the model — 502.
+
+`url` is `host:port`, or any gRPC target such as `dns:///triton-headless:8001`: with a DNS
+name the channel resolves every address behind it (a headless Service's pods) and balances
+calls over them round robin (`grpc.lb_policy_name`), since one HTTP/2 connection through a
+ClusterIP would pin every call to one pod.
 
 The gRPC channel is created lazily inside the running event loop, with unlimited message sizes
 (a 2048×2048×3 uint8 image is 12 MiB, over gRPC's 4 MiB default) and short reconnect backoff,
@@ -27,7 +33,15 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from service.model_contract import CONTEXT_LENGTH, image_encoder, reward_head, text_encoder
+from service.gateway.backend import BackendError, BackendTimeout, BackendUnavailable
+from service.gateway.identity import hash_in_config
+from service.model_contract import (
+    CONTEXT_LENGTH,
+    EXPORT_HASH_PARAMETER,
+    image_encoder,
+    reward_head,
+    text_encoder,
+)
 
 _IMAGE = image_encoder(0)
 _TEXT = text_encoder(0)
@@ -43,18 +57,6 @@ _UNAVAILABLE_CODES = {"UNAVAILABLE", "CANCELLED", "ABORTED"}
 _TIMEOUT_CODES = {"DEADLINE_EXCEEDED"}
 # Counters in inference statistics (uint64, which protobuf JSON writes as strings).
 _COUNT_KEYS = {"count", "ns", "batch_size", "inference_count", "execution_count", "last_inference"}
-
-
-class BackendUnavailable(RuntimeError):
-    """Triton cannot serve now (down, restarting, model not loaded, timed out): answer 503."""
-
-
-class BackendTimeout(BackendUnavailable):
-    """A call ran past the client's timeout."""
-
-
-class BackendError(RuntimeError):
-    """Triton answered with an error about the request or the model."""
 
 
 def _code_name(status: str | None) -> str:
@@ -137,6 +139,7 @@ class RewardBackend:
             ("grpc.min_reconnect_backoff_ms", initial),
             ("grpc.max_reconnect_backoff_ms", maximum),
             ("grpc.keepalive_time_ms", 2**31 - 1),
+            ("grpc.lb_policy_name", "round_robin"),  # every address a DNS target resolves to
             *channel_args,
         ]
         self._client: InferenceServerClient | None = None
@@ -223,6 +226,24 @@ class RewardBackend:
         if not entries:
             raise BackendError(f"{model}: no statistics")
         return entries[0]
+
+    async def export_hashes(self, models: Sequence[str]) -> dict[str, str | None]:
+        """The export content hash in each model's config (None where it has none)."""
+        client, out = self._grpc(), {}
+        for model in models:
+            try:
+                config = await self._call(
+                    f"{model} config",
+                    client.get_model_config,
+                    model,
+                    as_json=True,
+                    client_timeout=self.timeout,
+                )
+            except BackendError:  # Triton answered: it has no such model
+                out[model] = None
+                continue
+            out[model] = hash_in_config(config.get("config", {}), EXPORT_HASH_PARAMETER)
+        return out
 
     # -- inference -----------------------------------------------------------------------------
     async def _infer(

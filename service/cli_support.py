@@ -1,0 +1,58 @@
+"""What every `reward-service` command module shares: one-line user errors, AUROC tables.
+
+Torch-free: the torch side's command modules (`export/commands.py`, `evaluation/commands.py`)
+import it as the runtime's CLI does, so no module needs another's commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable)
+
+# A command of the torch side run where the `export` extra is not installed (the gateway image).
+_EXTRA_OF = {"torch": "export", "transformers": "export", "onnx": "export", "tensorrt": "gpu"}
+
+
+def user_errors(fn: F) -> F:
+    """Turn domain errors (ValueError and subclasses, missing files, a missing extra) into
+    one-line exits with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as exc:
+            extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+            if extra is None:
+                raise
+            typer.echo(
+                f"error: this command needs {exc.name}, which is not installed: "
+                f"pip install 'textnorm-reward-service[{extra}]'",
+                err=True,
+            )
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_auroc_report(report: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    categories = list(next(iter(report.values())))
+    table = Table(title="mean per-prompt AUROC (held-out shapes-world benchmark)")
+    table.add_column("reward")
+    for cat in categories:
+        table.add_column(cat, justify="right")
+    for name, row in report.items():
+        table.add_row(name, *(f"{row[c]:.3f}" for c in categories))
+    Console(file=sys.stdout).print(table)
