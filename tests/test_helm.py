@@ -505,7 +505,7 @@ def test_gpu_values_build_engines_on_the_node() -> None:
     copy = container(dep, "copy-repository", init=True)
     assert "/models/shapes-clip-gpu/." in copy["command"][-1]
     build = container(dep, "build-engines", init=True)
-    assert build["image"] == "textnorm-reward/export:0.2.0"
+    assert build["image"] == "textnorm-reward/export:0.2.0-gpu"  # the export-gpu target
     assert [*build["command"], *build["args"]] == [
         "reward-service",
         "build-engines",
