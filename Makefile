@@ -12,7 +12,7 @@ MODEL  := models/shapes-clip
 $(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ./client -e '.[serve,dev]'
+	$(BIN)/python -m pip install -q -e ./client -e '.[serve,bench,dev]'
 	@touch $(STAMP)
 
 # The shipped model is committed; this rebuilds it only if it is missing.

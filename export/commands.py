@@ -56,6 +56,15 @@ def export_cmd(
     queue_delay_us: Annotated[
         int | None, typer.Option(help="dynamic batching max queue delay [default: settings]")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="ONNX Runtime threads per CPU model instance, 0 = all [default: settings]"
+        ),
+    ] = None,
+    instances: Annotated[
+        int | None, typer.Option(help="Triton instances per model [default: settings]")
+    ] = None,
 ) -> None:
     """Export a CLIP checkpoint (+ head) to ONNX/TensorRT as a Triton model repository."""
     from export.repository import ExportOptions, export_repository
@@ -67,6 +76,8 @@ def export_cmd(
         precision=precision,
         max_batch=max_batch,
         queue_delay_us=settings.triton_queue_delay_us if queue_delay_us is None else queue_delay_us,
+        threads=settings.triton_onnx_threads if threads is None else threads,
+        instances=settings.triton_instances if instances is None else instances,
         textnorm_scale=settings.textnorm_scale,
         ensemble_lambda=settings.ensemble_lambda,
     )

@@ -89,11 +89,19 @@ class RewardGraph(nn.Module):
 
 
 def _export(
-    module: nn.Module, args: tuple, input_names: list[str], output_names: list[str]
+    module: nn.Module,
+    args: tuple,
+    input_names: list[str],
+    output_names: list[str],
+    tokens: bool = False,
 ) -> onnx.ModelProto:
-    """torch.onnx (dynamo) with dim 0 of every input symbolic; returns the in-memory model."""
+    """torch.onnx (dynamo) with dim 0 of every input symbolic (and, with `tokens`, dim 1 of
+    the first: the text encoder's sequence length); returns the in-memory model."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = tuple({0: batch} for _ in args)
+    dynamic = [{0: batch} for _ in args]
+    if tokens:
+        dynamic[0][1] = torch.export.Dim("tokens", min=2, max=contract.CONTEXT_LENGTH)
+    dynamic = tuple(dynamic)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -111,15 +119,22 @@ def _export(
     model = program.model_proto
     for value in model.graph.input:  # name the symbolic batch dim the same everywhere
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    if tokens:
+        model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "tokens"
     return model
 
 
 def export_text_encoder(bundle: ClipBundle) -> onnx.ModelProto:
+    """Token ids [B, T] → TEXT_EMBEDS, T from 2 to 77 (the tokens the batch needs).
+
+    Exact for any T that keeps each row's end token: CLIP's text tower is causal and pools at
+    the first end token, so positions after it never reach the embedding, and the padding a
+    shorter T drops changes nothing."""
     spec = contract.text_encoder(bundle.model.config.projection_dim)
-    ids = torch.full((2, contract.CONTEXT_LENGTH), bundle.tokenizer.eos_token_id, dtype=torch.long)
-    return _export(
-        TextTower(bundle), (ids,), [t.name for t in spec.inputs], [t.name for t in spec.outputs]
-    )
+    ids = torch.full((2, 16), bundle.tokenizer.eos_token_id, dtype=torch.long)
+    ids[:, 0] = bundle.tokenizer.bos_token_id
+    names = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+    return _export(TextTower(bundle), (ids,), *names, tokens=True)
 
 
 def export_image_tower(bundle: ClipBundle) -> onnx.ModelProto:

@@ -68,6 +68,8 @@ class ExportOptions:
     precision: str = "fp32"  # fp32 | fp16 (fp16 applies to TensorRT engines)
     max_batch: int = 64
     queue_delay_us: int = 500  # dynamic batching max queue delay, chosen by measurement (README)
+    threads: int = 0  # ONNX Runtime intra-op threads per CPU model instance (0: all cores)
+    instances: int = 1  # Triton instances of every model
     textnorm_scale: float = 5.0
     ensemble_lambda: float = 1.0
 
@@ -82,6 +84,10 @@ class ExportOptions:
             raise ValueError(f"--max-batch must be between 1 and 4096, got {self.max_batch}")
         if not 0 <= self.queue_delay_us <= 1_000_000:
             raise ValueError(f"--queue-delay-us must be 0..1000000, got {self.queue_delay_us}")
+        if not 0 <= self.threads <= 256:
+            raise ValueError(f"--threads must be 0..256 (0: all cores), got {self.threads}")
+        if not 1 <= self.instances <= 64:
+            raise ValueError(f"--instances must be 1..64, got {self.instances}")
 
 
 def _versions() -> dict[str, str | None]:
@@ -265,12 +271,19 @@ def _write_gpu_image_encoder(
     return configs
 
 
-def _write_score_model(root: Path, spec: contract.ModelSpec, batching: Batching) -> Configs:
+def _write_score_model(
+    root: Path, spec: contract.ModelSpec, batching: Batching, eos_token_id: int
+) -> Configs:
     """The BLS pipeline model (Python backend on CPU in both flavours; it only routes)."""
     version = root / spec.name / "1"
     version.mkdir(parents=True)
     shutil.copyfile(SCORE_MODEL, version / "model.py")
-    params = {"text_max_batch": str(batching.max_batch_size)}
+    params = {
+        "text_max_batch": str(batching.max_batch_size),
+        "eos_token_id": str(eos_token_id),
+        "token_bucket": "16",
+        "text_cache_entries": "50000",
+    }
     return {f"{spec.name}/config.pbtxt": model_config(spec, "python", batching, "KIND_CPU", params)}
 
 
@@ -315,7 +328,12 @@ def export_repository(
     bundle = bundle or load_clip(source)  # local weights are loaded only on a cache miss
 
     dim = bundle.model.config.projection_dim
-    batching = Batching(max_batch_size=options.max_batch, max_queue_delay_us=options.queue_delay_us)
+    batching = Batching(
+        max_batch_size=options.max_batch,
+        max_queue_delay_us=options.queue_delay_us,
+        instances=options.instances,
+        intra_op_threads=options.threads,
+    )
     progress = progress or Progress(transient=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     configs: Configs = {}
@@ -347,7 +365,8 @@ def export_repository(
             else:  # always fp32, never a TensorRT fp16 engine
                 configs |= _write_gpu_onnx_model(root, head_spec, head_onnx, batching)
             progress.update(task, advance=1)
-        configs |= _write_score_model(root, contract.score(dim, head is not None), batching)
+        score_spec = contract.score(dim, head is not None)
+        configs |= _write_score_model(root, score_spec, batching, bundle.tokenizer.eos_token_id)
         if engines:
             (root / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
         # The gateway tokenizes with this copy: the repository alone is enough to serve.
@@ -361,7 +380,7 @@ def export_repository(
         provenance = _provenance(
             root, source, checkpoint_sha, head_dir, head_sha, key, options, bundle
         )
-        provenance |= {"export_sha256": export_sha, "models": models}
+        provenance |= {"export_sha256": export_sha, "models": models, "text_tokens": "dynamic"}
         (root / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         _replace(out, root)
     finally:

@@ -37,9 +37,20 @@ class Profile:
     max: tuple[int, ...]
 
 
-def batch_profile(item_dims: tuple[int, ...], max_batch: int, opt: int = 32) -> Profile:
-    """Profile over the batch dimension only: min 1, opt `opt` (≤ max), max `max_batch`."""
-    return Profile((1, *item_dims), (min(opt, max_batch), *item_dims), (max_batch, *item_dims))
+# The text encoder's variable token dimension: min, opt (a typical prompt set), max (CLIP's 77).
+TOKEN_RANGE = (2, 16, 77)
+
+
+def batch_profile(
+    item_dims: tuple[int, ...], max_batch: int, opt: int = 32, variable=TOKEN_RANGE
+) -> Profile:
+    """Batch from 1 to `max_batch` (optimised for `opt`); a variable item dimension (-1, the
+    text encoder's tokens) over `variable` = (min, opt, max)."""
+
+    def dims(i: int) -> tuple[int, ...]:
+        return tuple(variable[i] if d == -1 else d for d in item_dims)
+
+    return Profile((1, *dims(0)), (min(opt, max_batch), *dims(1)), (max_batch, *dims(2)))
 
 
 def _tensorrt():

@@ -27,8 +27,8 @@ class Batching:
     max_batch_size: int = 64
     preferred: tuple[int, ...] = (8, 16, 32)
     max_queue_delay_us: int = 500
-    instances: int = 1
-    intra_op_threads: int = 1  # ONNX Runtime threads per instance (CPU flavour; 0 = all cores)
+    instances: int = 1  # Triton instances of every model
+    intra_op_threads: int = 0  # ONNX Runtime threads per instance (CPU flavour; 0 = all cores)
 
 
 def _dims(dims: tuple[int, ...]) -> str:

@@ -44,6 +44,8 @@ def repository_dir(settings: Settings) -> Path:
             settings.textnorm_scale,
             settings.ensemble_lambda,
             settings.triton_queue_delay_us,
+            settings.triton_onnx_threads,
+            settings.triton_instances,
         ]
     )
     name = Path(settings.model.rstrip("/")).name or "model"
@@ -79,6 +81,10 @@ def ensure_repository(settings: Settings) -> Path:
         str(settings.max_batch),
         "--queue-delay-us",
         str(settings.triton_queue_delay_us),
+        "--threads",
+        str(settings.triton_onnx_threads),
+        "--instances",
+        str(settings.triton_instances),
     ]
     cmd += ["--head", settings.head] if settings.head else ["--no-head"]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -53,10 +53,11 @@ def image_encoder(embed_dim: int) -> ModelSpec:
 
 
 def text_encoder(embed_dim: int) -> ModelSpec:
-    """Token ids padded to CLIP's context (tokenisation stays in Python)."""
+    """Token ids, [T] per item with 2 ≤ T ≤ CONTEXT_LENGTH: a batch needs only as many tokens
+    as its longest prompt (rows padded with the end token; tokenisation stays in Python)."""
     return ModelSpec(
         "text_encoder",
-        (Tensor("INPUT_IDS", "int64", (CONTEXT_LENGTH,)),),
+        (Tensor("INPUT_IDS", "int64", (-1,)),),
         (Tensor("TEXT_EMBEDS", "float32", (embed_dim,)),),
     )
 

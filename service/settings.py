@@ -75,6 +75,20 @@ class Settings(BaseSettings):
         "prompts without naming an id",
     )
     max_batch: int = Field(default=64, ge=1, le=4096, description="Triton max batch size")
+    triton_onnx_threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="ONNX Runtime intra-op threads of each CPU model instance in Triton (0: "
+        "all cores); chosen by `bench serving` (README)",
+    )
+    triton_instances: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Triton instances of every model (CPU flavour; chosen by `bench "
+        "serving`, README)",
+    )
     triton_queue_delay_us: int = Field(
         default=500,
         ge=0,
@@ -120,6 +134,14 @@ class Settings(BaseSettings):
     )
     max_contrastive_prompts: int = Field(
         default=32, ge=1, le=32, description="contrastive prompts per prompt (model contract: 32)"
+    )
+    text_token_bucket: int = Field(
+        default=16,
+        ge=1,
+        le=77,
+        description="text batches go to the encoder with as many tokens as their longest "
+        "prompt needs, rounded up to a multiple of this (shapes-world prompts: ~12 of CLIP's "
+        "77; one bucket keeps Triton's batcher merging calls)",
     )
     truncate_long_prompts: bool = Field(
         default=False,

@@ -93,6 +93,29 @@ def test_configs_parse_as_triton_model_configs(repo):
             assert param == prov["export_sha256"]
 
 
+def test_text_encoder_takes_only_the_tokens_a_batch_needs(repo, shipped_model):
+    """[B, T] for any T that keeps every row's end token gives the 77-token embeddings."""
+    from export.clip_model import load_clip, tokenize
+    from service.gateway.clip_tokenizer import ClipTokenizer
+
+    out, prov = repo
+    assert prov["text_tokens"] == "dynamic"
+    session = ort.InferenceSession(
+        str(out / "text_encoder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    prompts = ["a red circle", "three blue triangles on a grass background", "six stars"]
+    full = tokenize(load_clip(shipped_model).tokenizer, prompts).numpy()
+    (reference,) = session.run(None, {"INPUT_IDS": full})
+    tokenized = ClipTokenizer(out / "tokenizer.json").encode(prompts)
+    assert np.array_equal(tokenized.ids, full)  # the gateway's tokenizer = the HF one
+    for bucket in (1, 8, 16, 77):
+        ids = tokenized.rows([0, 1, 2], bucket)
+        assert ids.shape[1] == min(77, -(-int(tokenized.lengths.max()) // bucket) * bucket)
+        (trimmed,) = session.run(None, {"INPUT_IDS": ids})
+        assert np.abs(trimmed - reference).max() < 1e-5, bucket
+    assert tokenized.rows([0], 1).shape[1] == tokenized.lengths[0] < 16  # "a red circle"
+
+
 def test_export_hash_covers_what_computes_rewards(repo, tmp_path):
     """The content hash changes with any model file, not with configs or provenance."""
     from export.repository import content_hash

@@ -4,12 +4,14 @@ For trainers that talk KServe v2 gRPC to Triton directly (no gateway): inputs IM
 [MAX_PROMPTS, 77] (row 0 the true prompt, then contrastive prompts), PROMPT_MASK,
 TEXTNORM_SCALE, ENSEMBLE_LAMBDA; outputs those of `reward_head`. Requests that Triton's dynamic
 batcher hands over together are scored together: one `image_encoder` call per image size, one
-`text_encoder` call for all valid prompt rows (in chunks of the text encoder's max batch), one
-`reward_head` call — so the encoders' own batching sees real batches. The same file serves the
-CPU and the GPU flavours: it only calls other models by name.
+`text_encoder` call for the prompt rows not in the text cache (an LRU keyed by a row's tokens
+up to its end token: an RL run repeats its prompts, as the gateway's cache knows), with only as
+many tokens as the longest of them needs, one `reward_head` call. The same file serves the CPU
+and the GPU flavours: it only calls other models by name.
 """
 
 import json
+from collections import OrderedDict
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -24,7 +26,42 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.text_batch = int(params.get("text_max_batch", "64"))
+        self.eos = int(params["eos_token_id"])
+        self.bucket = int(params.get("token_bucket", "16"))
+        self.cache_entries = int(params.get("text_cache_entries", "50000"))
+        self.cache = OrderedDict()  # a row's tokens up to its end token (bytes) → embedding
         self.outputs = [o["name"] for o in config["output"]]
+
+    def _text_embeddings(self, rows):
+        """[N, 77] token rows → [N, D], from the cache or one trimmed encode of the misses."""
+        ends = np.argmax(rows == self.eos, axis=1)  # first end token (77 = none: truncated)
+        ends = np.where(rows[np.arange(len(rows)), ends] == self.eos, ends + 1, rows.shape[1])
+        keys = [row[:end].tobytes() for row, end in zip(rows, ends, strict=True)]
+        misses = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if misses:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            index = [first[k] for k in misses]
+            width = min(rows.shape[1], -(-int(ends[index].max()) // self.bucket) * self.bucket)
+            todo = rows[index, :width]
+            encoded = np.concatenate(
+                [
+                    self._infer(
+                        "text_encoder",
+                        {"INPUT_IDS": todo[s : s + self.text_batch]},
+                        ["TEXT_EMBEDS"],
+                    )["TEXT_EMBEDS"]
+                    for s in range(0, len(todo), self.text_batch)
+                ]
+            )
+            for key, embedding in zip(misses, encoded, strict=True):
+                self.cache[key] = embedding
+        out = []
+        for key in keys:
+            self.cache.move_to_end(key)
+            out.append(self.cache[key])
+        while len(self.cache) > self.cache_entries:
+            self.cache.popitem(last=False)
+        return np.stack(out)
 
     def _infer(self, model, inputs, outputs):
         request = pb_utils.InferenceRequest(
@@ -67,15 +104,7 @@ class TritonPythonModel:
                 embeds[i] = out[start : start + sizes[i]]
                 start += sizes[i]
         image_embeds = np.concatenate(embeds)
-        rows = ids[mask]
-        text = np.concatenate(
-            [
-                self._infer(
-                    "text_encoder", {"INPUT_IDS": rows[s : s + self.text_batch]}, ["TEXT_EMBEDS"]
-                )["TEXT_EMBEDS"]
-                for s in range(0, len(rows), self.text_batch)
-            ]
-        )
+        text = self._text_embeddings(ids[mask])
         prompt_embeds = np.zeros(mask.shape + (text.shape[-1],), np.float32)
         prompt_embeds[mask] = text
         rewards = self._infer(

@@ -187,6 +187,7 @@ def create_app(
         max_contrastive=settings.max_contrastive_prompts,
         truncate_long_prompts=settings.truncate_long_prompts,
         vocabulary=_vocabulary(settings),
+        token_bucket=settings.text_token_bucket,
     )
     state = GatewayState(
         settings, guarded, info, tokenizer, cache, registry, metrics, scorer, limits

@@ -56,7 +56,8 @@ class RewardBackendProtocol(Protocol):
         ...
 
     async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
-        """int64 [B, 77] token ids → float32 [B, D] unit embeddings."""
+        """int64 [B, T] token ids (2 ≤ T ≤ 77, rows padded with the end token) → float32
+        [B, D] unit embeddings."""
         ...
 
     async def rewards(

@@ -27,6 +27,14 @@ class Tokenized:
     truncated: np.ndarray  # bool [N]
     lengths: np.ndarray  # int [N], tokens before truncation (special tokens included)
 
+    def rows(self, index: list[int] | np.ndarray, bucket: int) -> np.ndarray:
+        """ids of `index`, only as many columns as the longest of them needs, rounded up to a
+        multiple of `bucket` (fewer distinct shapes, so Triton's batcher can merge calls).
+        Exact: every row keeps its end token, and the text tower never looks past it."""
+        needed = int(np.minimum(self.lengths[index], self.ids.shape[1]).max(initial=2))
+        width = min(self.ids.shape[1], -(-needed // bucket) * bucket)
+        return self.ids[index, :width]
+
 
 class ClipTokenizer:
     def __init__(self, path: str | Path, context_length: int = CONTEXT_LENGTH) -> None:

@@ -67,8 +67,8 @@ class OnnxBackend:
 
     async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] != contract.CONTEXT_LENGTH:
-            raise BackendError(f"ids must be [B,{contract.CONTEXT_LENGTH}], got {ids.shape}")
+        if ids.ndim != 2 or not 2 <= ids.shape[1] <= contract.CONTEXT_LENGTH:
+            raise BackendError(f"ids must be [B, 2..{contract.CONTEXT_LENGTH}], got {ids.shape}")
         out = await self._run(_TEXT.name, {_TEXT.inputs[0].name: ids})
         return out[_TEXT.outputs[0].name]
 

@@ -100,6 +100,8 @@ class ProvenanceInfo:
             truncate_long_prompts=truncate_long_prompts,
         )
         self.cache_key = str(data["cache_key"])
+        # Exports since format 2 take [B, T] token ids with T as short as the batch allows.
+        self.dynamic_tokens = data.get("text_tokens") == "dynamic"
         self.has_head = self.head is not None
 
     @property

@@ -92,6 +92,7 @@ class Scorer:
         max_contrastive: int,
         truncate_long_prompts: bool,
         vocabulary: Vocabulary | None = None,
+        token_bucket: int = 16,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -103,6 +104,7 @@ class Scorer:
         self.max_contrastive = min(max_contrastive, contract.MAX_PROMPTS - 1)
         self.truncate_long_prompts = truncate_long_prompts
         self.vocabulary = vocabulary  # of the attribute-swap rules (None: the shapes world's)
+        self.token_bucket = token_bucket  # text batches are padded to a multiple of this
 
     # -- checks --------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field_name: str) -> str:
@@ -300,7 +302,11 @@ class Scorer:
         self.metrics.cache_misses.inc(len(misses))
         if misses:
             assert plan.tokenized is not None
-            ids = plan.tokenized.ids[[plan.tokens[k] for k in misses]]
+            rows = [plan.tokens[k] for k in misses]
+            if self.provenance.dynamic_tokens:
+                ids = plan.tokenized.rows(rows, self.token_bucket)
+            else:  # an export whose text encoder takes the full context only
+                ids = plan.tokenized.ids[rows]
             embeds = await self.backend.encode_texts(ids)
             for key, emb in zip(misses, embeds, strict=True):
                 self.cache.put(self.cache_key(key), emb)

@@ -280,10 +280,10 @@ class RewardBackend:
         return out[IMAGE_OUTPUT]
 
     async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
-        """int64 [B, 77] token ids → float32 [B, D] embeddings."""
+        """int64 [B, T] token ids (2 ≤ T ≤ 77) → float32 [B, D] embeddings."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] != CONTEXT_LENGTH:
-            raise ValueError(f"ids must be [B,{CONTEXT_LENGTH}], got {ids.shape}")
+        if ids.ndim != 2 or not 2 <= ids.shape[1] <= CONTEXT_LENGTH:
+            raise ValueError(f"ids must be [B, 2..{CONTEXT_LENGTH}], got {ids.shape}")
         out = await self._infer(self.text_model, [(TEXT_INPUT, ids)], [TEXT_OUTPUT])
         return out[TEXT_OUTPUT]
 
