@@ -335,3 +335,26 @@ def test_non_editable_install_serves_the_shipped_model_from_another_directory(wh
     copied = (exported / "image_encoder" / "1" / "model.py").read_bytes()
     assert copied == (site / "model_repository" / "python_onnx" / "model.py").read_bytes()
     assert load_provenance(exported)["model"]["source"] == shipped
+
+
+def test_backend_balances_over_every_address_of_a_dns_target(triton_server, triton_repo):
+    """`dns:///NAME:PORT` (a headless Service) resolves every address behind a name and
+    balances round robin over the ready ones: `localhost` here resolves to 127.0.0.1 (where
+    Triton listens) and ::1 (where it does not); every call still succeeds."""
+    import asyncio
+
+    from service.gateway.clip_tokenizer import ClipTokenizer
+    from service.gateway.triton_backend import RewardBackend
+
+    port = triton_server.grpc_url.rsplit(":", 1)[1]
+    ids = ClipTokenizer(triton_repo / "tokenizer.json").encode(["a red circle", "six stars"])
+
+    async def calls() -> list[tuple[int, ...]]:
+        backend = RewardBackend(f"dns:///localhost:{port}", timeout=10)
+        try:
+            return [(await backend.encode_texts(ids.rows([0, 1], 8))).shape for _ in range(6)]
+        finally:
+            await backend.close()
+
+    shapes = asyncio.run(calls())
+    assert len(shapes) == 6 and all(s[0] == 2 for s in shapes)
