@@ -85,10 +85,14 @@ def wheels(tmp_path_factory) -> dict[str, Path]:
     return found
 
 
-def _png(scene: Scene, seed: int) -> bytes:
+def _encoded(image) -> bytes:
     buf = io.BytesIO()
-    render(scene, seed, 96).image.save(buf, "PNG")
+    image.save(buf, "PNG")
     return buf.getvalue()
+
+
+def _png(scene: Scene, seed: int) -> bytes:
+    return _encoded(render(scene, seed, 96).image)
 
 
 def _score_body() -> dict:
@@ -343,7 +347,8 @@ def test_backend_balances_over_every_address_of_a_dns_target(triton_server, trit
     Triton listens) and ::1 (where it does not); every call still succeeds."""
     import asyncio
 
-    from service.gateway.clip_tokenizer import ClipTokenizer
+    from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+
     from service.gateway.triton_backend import RewardBackend
 
     port = triton_server.grpc_url.rsplit(":", 1)[1]
@@ -358,3 +363,62 @@ def test_backend_balances_over_every_address_of_a_dns_target(triton_server, trit
 
     shapes = asyncio.run(calls())
     assert len(shapes) == 6 and all(s[0] == 2 for s in shapes)
+
+
+def test_client_constants_match_the_contract():
+    from textnorm_reward_client import clip_tokenizer, grpc_client
+
+    from service import model_contract
+
+    assert clip_tokenizer.CONTEXT_LENGTH == model_contract.CONTEXT_LENGTH
+    assert grpc_client.MAX_PROMPTS == model_contract.MAX_PROMPTS
+
+
+def test_grpc_client_gives_the_gateway_rewards_in_item_order(triton_server, triton_repo):
+    """Direct KServe v2 to `score` (uint8 tensors, local tokenisation) = the REST gateway, in
+    item order across image sizes; calls rotate over several addresses and fail over past one
+    that is down."""
+    from fastapi.testclient import TestClient
+    from textnorm_reward_client import GrpcRewardClient
+
+    from service.gateway.app import create_app
+    from service.gateway.onnx_backend import OnnxBackend
+    from service.settings import Settings
+
+    scenes = [
+        Scene((Group(3, "red", "triangle"),), "grass"),
+        Scene((Group(2, "red", "triangle"),), "grass"),
+        Scene((Group(3, "blue", "triangle"),), "grass"),
+    ]
+    sizes = [96, 64, 96]  # two calls (one per size); items must come back in order
+    rendered = [
+        render(s, i, size).image for i, (s, size) in enumerate(zip(scenes, sizes, strict=True))
+    ]
+    images = [np.asarray(image.convert("RGB")) for image in rendered]
+    items = [
+        {"image": base64.b64encode(_encoded(image)).decode(), "prompt": PROMPT}
+        for image in rendered
+    ]
+    provenance = load_provenance(triton_repo)
+    settings = Settings(tokenizer_file=str(triton_repo / "tokenizer.json"))
+    app = create_app(settings, OnnxBackend(triton_repo, intra_op_threads=1), provenance)
+    with TestClient(app) as reference:
+        body = {"items": items, "textnorm": {"contrastive": CONTRASTIVE}}
+        expected = reference.post("/v1/score", json=body).json()["results"]
+
+    dead = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    urls = [
+        dead,
+        triton_server.grpc_url,
+        f"dns:///localhost:{triton_server.grpc_url.rsplit(':', 1)[1]}",
+    ]
+    scale = provenance["textnorm_defaults"]["scale"]
+    with GrpcRewardClient(
+        urls, triton_repo / "tokenizer.json", textnorm_scale=scale, timeout_s=10
+    ) as client:
+        for _ in range(3):  # every address gets a turn; the dead one fails over
+            got = client.score(images, PROMPT, CONTRASTIVE)
+            assert np.allclose(got["raw"], [r["raw"] for r in expected], atol=1e-5)
+            assert np.allclose(got["textnorm"], [r["textnorm"] for r in expected], atol=1e-5)
+        with pytest.raises(ValueError, match="contrastive"):
+            client.score(images, PROMPT, [])

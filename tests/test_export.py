@@ -95,8 +95,9 @@ def test_configs_parse_as_triton_model_configs(repo):
 
 def test_text_encoder_takes_only_the_tokens_a_batch_needs(repo, shipped_model):
     """[B, T] for any T that keeps every row's end token gives the 77-token embeddings."""
+    from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+
     from export.clip_model import load_clip, tokenize
-    from service.gateway.clip_tokenizer import ClipTokenizer
 
     out, prov = repo
     assert prov["text_tokens"] == "dynamic"

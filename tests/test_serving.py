@@ -36,8 +36,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
-from service.gateway.clip_tokenizer import ClipTokenizer
 from service.gateway.triton_backend import executions_by_batch_size
 from service.model_contract import MAX_PROMPTS
 from service.settings import SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR

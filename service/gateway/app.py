@@ -27,6 +27,7 @@ import numpy as np
 from fastapi import APIRouter, FastAPI, Request, Response, Security
 from fastapi.security import HTTPBearer
 from starlette.responses import JSONResponse
+from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
 from service.contrastive import (
     NoContrastivePrompts,
@@ -45,7 +46,6 @@ from service.gateway.backend import (
     GuardedBackend,
     RewardBackendProtocol,
 )
-from service.gateway.clip_tokenizer import ClipTokenizer
 from service.gateway.embedding_cache import EmbeddingCache
 from service.gateway.errors import ApiError, install_error_handlers
 from service.gateway.identity import IdentityCheck

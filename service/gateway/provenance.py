@@ -6,8 +6,9 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+
 from service import model_contract as contract
-from service.gateway.clip_tokenizer import ClipTokenizer
 from service.gateway.schemas import (
     ExporterInfo,
     HeadInfo,

@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from textnorm_reward_client.clip_tokenizer import ClipTokenizer, Tokenized
 
 from service import model_contract as contract
 from service.contrastive import NoContrastivePrompts, Vocabulary, contrastive_prompts
 from service.contrastive.dedupe import normalise as normalise_prompt
 from service.contrastive.errors import quote_prompt
 from service.gateway.backend import GuardedBackend
-from service.gateway.clip_tokenizer import ClipTokenizer, Tokenized
 from service.gateway.embedding_cache import CacheKey, EmbeddingCache
 from service.gateway.errors import ApiError
 from service.gateway.metrics import GatewayMetrics

@@ -1,5 +1,8 @@
 """CLIP tokenisation without transformers: HF `tokenizers` on the model's tokenizer.json.
 
+Shared by the gateway and the direct gRPC client (needs the `grpc` or `numpy` extra's numpy and
+`tokenizers`), so both send Triton exactly the same token ids.
+
 Matches `CLIPTokenizer(prompts, padding="max_length", max_length=77, truncation=True)` (the
 exporter's `export.clip_model.tokenize`): `<|startoftext|>` … `<|endoftext|>`, a prompt over the
 context keeps its first 75 tokens and the end token, and rows are padded to 77 with the end
@@ -16,8 +19,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from service.model_contract import CONTEXT_LENGTH
-
+CONTEXT_LENGTH = 77  # CLIP's text context (= service.model_contract.CONTEXT_LENGTH, tested)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
