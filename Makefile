@@ -33,3 +33,11 @@ format: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A bounded Locust run (about 2 minutes, at most 3) against a stack it starts and stops: REST and
+# gRPC users closed loop, then the trainer shape over each; CSV, HTML and plots in loadtest-results/.
+loadtest: $(STAMP) $(MODEL)/model.safetensors
+	$(BIN)/python -m loadtest.run_locust --start-stack --out loadtest-results \
+		--scenario rest --scenario grpc --scenario trainer-rest --scenario trainer-grpc \
+		-u 8 -t 20 --images 8 --ranks 4 --step-s 5 --steps 3
+.PHONY: loadtest

@@ -1,7 +1,8 @@
-"""Load generation and serving benchmarks (torch-free).
+"""Load generation and serving benchmarks (torch-free, except the naive baseline's model).
 
-``serving`` measures images/s through the gateway (REST) and straight to Triton's ``score``
-model (gRPC) at several concurrencies, next to the in-process ONNX Runtime ceiling, all in one
-run (`reward-service bench serving`). ``locustfile.py`` is the Locust scenario for sizing a
-deployment.
+- ``serving``: `reward-service bench serving` — the gateway (REST), Triton's ``score`` model
+  (gRPC), the baselines (``baselines/``: a naive FastAPI wrapper and LitServe) and the
+  in-process ceiling, side by side in one run; ``report`` writes its tables and plot;
+- ``locust/`` + ``run_locust``: the Locust suite for sizing a deployment (REST and gRPC users,
+  a trainer-shaped load), `make loadtest`.
 """
