@@ -273,33 +273,94 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("serving")
 @user_errors
 def bench_serving_cmd(
+    model: Annotated[
+        str | None, typer.Option(help="checkpoint dir or hub id [default: shipped]")
+    ] = None,
+    systems: Annotated[
+        str, typer.Option(help="comma-separated: gateway,grpc,naive,litserve,ceiling")
+    ] = "gateway,grpc,naive,litserve,ceiling",
+    workloads: Annotated[
+        str, typer.Option(help="rl (a pool of 16 prompts) and/or cold (every prompt new)")
+    ] = "rl,cold",
+    images: Annotated[str, typer.Option(help="comma-separated images per request")] = "1",
+    concurrency: Annotated[
+        str, typer.Option(help="comma-separated client counts (ceiling: batch sizes)")
+    ] = "1,8,32",
+    textnorm: Annotated[str, typer.Option(help="on and/or off")] = "on",
     seconds: Annotated[float, typer.Option(min=0.5, help="length of each timed window")] = 5.0,
     runs: Annotated[int, typer.Option(min=1, help="timed windows per point (median)")] = 3,
-    concurrency: Annotated[str, typer.Option(help="comma-separated client counts")] = "1,8,32",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    warmup: Annotated[float, typer.Option(min=0.0, help="warm-up seconds per point")] = 2.0,
+    image_px: Annotated[int, typer.Option(min=32, max=1024, help="PNG side")] = 224,
+    baseline_threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads of the baselines [all cores]")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="results folder: results.json, results.md, throughput.png")
+    ] = Path("loadtest-results/bench-serving"),
+    as_json: Annotated[bool, typer.Option("--json", help="print results.json instead")] = False,
 ) -> None:
-    """Images/s through the gateway and direct gRPC, next to the in-process ONNX Runtime ceiling."""
-    import tempfile
+    """Gateway, direct gRPC, naive wrapper, LitServe and in-process ceiling, side by side.
 
-    from loadtest.serving import bench_serving
+    Starts every server once (all stopped at the end, also on Ctrl-C), measures img/s,
+    p50/p95/p99 and errors at every point (medians of RUNS windows), writes the report
+    into OUT and prints its tables. Exit status 1 when a request failed or a system's
+    rewards differ from the gateway's by more than 1e-4."""
+    import shlex
 
-    levels = tuple(int(c) for c in concurrency.split(","))
-    with tempfile.TemporaryDirectory() as work:
-        result = bench_serving(Path(work), levels, seconds, runs)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from loadtest.report import markdown, write_report
+    from loadtest.serving import SYSTEMS, TEXTNORM, WORKLOADS, bench_serving, parse_csv
+
+    options = dict(
+        model=model,
+        systems=parse_csv(systems, "systems", allowed=SYSTEMS),
+        workloads=parse_csv(workloads, "workloads", allowed=WORKLOADS),
+        images=parse_csv(images, "images", integers=True),
+        concurrency=parse_csv(concurrency, "concurrency", integers=True),
+        textnorm=parse_csv(textnorm, "textnorm", allowed=TEXTNORM),
+        seconds=seconds,
+        runs=runs,
+        warmup_s=warmup,
+        image_px=image_px,
+        baseline_threads=baseline_threads,
+    )
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    with bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        try:
+            result = bench_serving(out / "logs", progress=progress, **options)
+        except RuntimeError as exc:  # a server failed to start: its log tail says why
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+    result["meta"]["command"] = shlex.join(["reward-service", *sys.argv[1:]])
+    paths = write_report(result, out)
     if as_json:
         print(json.dumps(result))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    best = max(result["ceiling_onnxruntime"].values())
-    table = Table(title=f"images/s (median of {runs} × {seconds:.0f} s; 1 image per request)")
-    for col in ("path", "concurrency / batch", "images/s", "vs best in-process ceiling"):
-        table.add_column(col, justify="right")
-    for path in ("gateway", "grpc", "ceiling_onnxruntime"):
-        for level, rate in result[path].items():
-            table.add_row(path, str(level), f"{rate:.1f}", f"{rate / best:.2f}")
-    Console(file=sys.stdout).print(table)
+    else:
+        print(markdown(result), end="")
+    typer.echo(f"wrote {paths['markdown']}, {paths['json']} and {paths['plot']}", err=True)
+    errors = sum(p["errors"] for p in result["points"] if p["measured_under"] == p["textnorm"])
+    parity = result["parity"]
+    off = {k: v for k, v in parity["max_abs_diff"].items() if v > 1e-4}
+    if errors or off or parity["errors"]:
+        typer.echo(
+            f"error: {errors} failed requests; rewards off by > 1e-4: {off or 'none'}; "
+            f"parity failures: {parity['errors'] or 'none'}",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

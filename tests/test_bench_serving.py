@@ -1,0 +1,160 @@
+"""Smoke of `reward-service bench serving` through the real servers (shipped model, < 60 s).
+
+A tiny matrix — gateway (Triton + FastAPI), the naive and LitServe baselines and the in-process
+ceiling; RL prompts, 1 image per request, concurrency 1 and 4, one 1 s window — checks that:
+every system scored images with no errors; the baselines return the gateway's raw rewards for
+the same images and prompts (same checkpoint; our preprocessing is bit-exact with the HF
+processor) within 1e-4; the report files exist and the table has the rows and columns it
+claims; every ratio is img/s ÷ the baseline's img/s; no server is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from loadtest.report import write_report
+from loadtest.serving import LABELS, bench_serving
+from service.triton_server import group_alive, pid_alive
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+SYSTEMS = ("gateway", "naive", "litserve", "ceiling")
+SERVED = ("gateway", "naive", "litserve")
+LEVELS = (1, 4)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench-serving")
+    results = bench_serving(
+        work / "logs",
+        systems=SYSTEMS,
+        workloads=("rl",),
+        images=(1,),
+        concurrency=LEVELS,
+        textnorm=("on",),
+        seconds=1.0,
+        runs=1,
+        warmup_s=0.5,
+    )
+    return results, write_report(results, work / "out")
+
+
+def _point(results, system, concurrency):
+    (found,) = [
+        p for p in results["points"] if p["system"] == system and p["concurrency"] == concurrency
+    ]
+    return found
+
+
+def test_every_system_scored_images_without_errors(bench):
+    results, _ = bench
+    for system in SERVED:
+        for c in LEVELS:
+            p = _point(results, system, c)
+            assert p["errors"] == 0, (system, c, p["error_samples"])
+            assert p["img_s"] > 0 and p["requests"] > 0, (system, c)
+            assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
+    pairs = {(c["variant"], c["batch"]) for c in results["ceiling"]}
+    assert {("pair", 1), ("pair", 4), ("image", 1), ("image", 4)} <= pairs
+    assert all(c["pairs_s"] > 0 for c in results["ceiling"])
+
+
+def test_baselines_return_the_gateways_raw_rewards(bench):
+    parity = bench[0]["parity"]
+    assert parity["errors"] == {}
+    assert parity["reference"] == "gateway"
+    assert set(parity["raw"]) == {"gateway", "naive", "litserve", "ceiling"}
+    assert len(parity["raw"]["gateway"]) == 4
+    for system in ("naive", "litserve", "ceiling"):
+        assert parity["max_abs_diff"][system] < 1e-4, (system, parity["raw"])
+
+
+def test_report_files_and_the_table(bench):
+    results, paths = bench
+    assert json.loads(paths["json"].read_text())["points"] == results["points"]
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = paths["markdown"].read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| system |"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    header, rows = table[0], {r[0]: r for r in table[2:]}
+    assert header == [
+        "system",
+        "C=1 img/s",
+        "C=1 p50 / p99 ms",
+        "C=4 img/s",
+        "C=4 p50 / p99 ms",
+        "errors",
+    ]
+    assert all(len(r) == len(header) for r in table)
+    for system in SERVED:
+        row = rows[LABELS[system]]
+        for k, c in enumerate(LEVELS):
+            assert float(row[1 + 2 * k]) == pytest.approx(_point(results, system, c)["img_s"], 0.01)
+        assert row[-1] == "0"
+    for variant in ("pair", "image"):
+        row = rows[f"{LABELS[f'ceiling:{variant}']} (batch = C)"]
+        for k, c in enumerate(LEVELS):
+            (m,) = [x for x in results["ceiling"] if (x["variant"], x["batch"]) == (variant, c)]
+            assert float(row[1 + 2 * k]) == pytest.approx(m["pairs_s"], 0.01)
+    for name in (
+        "gateway ÷ naive",
+        "gateway ÷ LitServe",
+        "gateway ÷ best ceiling",
+        "litserve ÷ naive",
+        "naive ÷ LitServe",
+    ):
+        assert name in rows, name
+        assert all(rows[name][1 + 2 * k].endswith("×") for k in range(len(LEVELS)))
+
+
+def test_ratios_are_img_s_over_the_baseline(bench):
+    results, _ = bench
+    best = max(c["pairs_s"] for c in results["ceiling"] if c["variant"] == "pair")
+    ratios = results["ratios"]
+    assert ratios
+    for r in ratios:
+        if r["system"] == "ceiling":
+            (mine,) = [
+                c["pairs_s"]
+                for c in results["ceiling"]
+                if c["variant"] == "pair" and c["batch"] == r["concurrency"]
+            ]
+        else:
+            mine = _point(results, r["system"], r["concurrency"])["img_s"]
+        base = (
+            best
+            if r["baseline"] == "ceiling"
+            else _point(results, r["baseline"], r["concurrency"])["img_s"]
+        )
+        assert math.isclose(r["ratio"], mine / base, rel_tol=1e-9), r
+    found = {(r["system"], r["baseline"], r["concurrency"]) for r in ratios}
+    for c in LEVELS:
+        assert {
+            ("gateway", "naive", c),
+            ("gateway", "litserve", c),
+            ("gateway", "ceiling", c),
+        } <= found
+
+
+def test_no_server_is_left_running(bench):
+    pids = bench[0]["meta"]["pids"]
+    assert {"stack", "naive", "litserve", "tritonserver"} <= set(pids)
+    for name, pid in pids.items():
+        assert not pid_alive(pid), name
+        if name != "tritonserver":
+            assert not group_alive(pid), name  # each server led its own process group
+
+
+def test_cli_rejects_an_unknown_system_before_starting_anything():
+    result = run_cli("bench", "serving", "--systems", "gateway,bogus", timeout=60)
+    assert result.returncode == 2
+    assert "error: --systems" in result.stderr and "bogus" in result.stderr
