@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from service.model_contract import version_dir
+
 CONTEXT_LENGTH = 77  # service.model_contract.CONTEXT_LENGTH
 MAX_PROMPTS = 33  # service.model_contract.MAX_PROMPTS
 # Rewards that min-max normalise over the prompt set: a random-init CLIP scores every prompt
@@ -245,14 +247,21 @@ def _ort_run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, feeds), strict=True))
 
 
+def _file(repo: Path, entry: dict, key: str) -> Path:
+    """An engines.json entry's ONNX ("onnx") or engine ("plan"), in its model's version folder."""
+    return version_dir(repo, entry["model"]) / entry[key]
+
+
 def _engines(repo: Path) -> dict[str, dict]:
     spec = repo / "engines.json"
     if not spec.is_file():
         raise SystemExit(f"error: {repo} has no engines.json (export it with --target gpu)")
     entries = {e["model"]: e for e in json.loads(spec.read_text())}
     for entry in entries.values():
-        if not (repo / entry["plan"]).is_file():
-            raise SystemExit(f"error: {repo / entry['plan']} missing: run build-engines first")
+        if not _file(repo, entry, "plan").is_file():
+            raise SystemExit(
+                f"error: {_file(repo, entry, 'plan')} missing: run build-engines first"
+            )
     return entries
 
 
@@ -264,7 +273,7 @@ def parity(repo: Path, n: int, embed_tol: float, reward_tol: float, report_only:
     defaults = provenance.get("textnorm_defaults", {})
     cases = shapes_cases(n)
     images = np.stack([image for image, _ in cases])
-    pixels = _ort_run(_ort(repo / "image_preprocess" / "1" / "model.onnx"), {"IMAGE": images})
+    pixels = _ort_run(_ort(version_dir(repo, "image_preprocess") / "model.onnx"), {"IMAGE": images})
     pixels_in = {"PIXEL_VALUES": pixels["PIXEL_VALUES"]}
 
     unique = sorted({p for _, prompts in cases for p in prompts})
@@ -274,11 +283,11 @@ def parity(repo: Path, n: int, embed_tol: float, reward_tol: float, report_only:
     results: dict[str, dict[str, np.ndarray]] = {}
     for side in ("onnx", "tensorrt"):
         if side == "onnx":
-            img = _ort_run(_ort(repo / tower["onnx"]), pixels_in)["IMAGE_EMBEDS"]
-            txt = _ort_run(_ort(repo / text["onnx"]), {"INPUT_IDS": ids})["TEXT_EMBEDS"]
+            img = _ort_run(_ort(_file(repo, tower, "onnx")), pixels_in)["IMAGE_EMBEDS"]
+            txt = _ort_run(_ort(_file(repo, text, "onnx")), {"INPUT_IDS": ids})["TEXT_EMBEDS"]
         else:
-            img = Engine(repo / tower["plan"], cuda).run(pixels_in)["IMAGE_EMBEDS"]
-            txt = Engine(repo / text["plan"], cuda).run({"INPUT_IDS": ids})["TEXT_EMBEDS"]
+            img = Engine(_file(repo, tower, "plan"), cuda).run(pixels_in)["IMAGE_EMBEDS"]
+            txt = Engine(_file(repo, text, "plan"), cuda).run({"INPUT_IDS": ids})["TEXT_EMBEDS"]
         results[side] = {"IMAGE_EMBEDS": img.astype(np.float32), "TEXT_EMBEDS": txt}
 
     dim = results["onnx"]["IMAGE_EMBEDS"].shape[1]
@@ -286,7 +295,7 @@ def parity(repo: Path, n: int, embed_tol: float, reward_tol: float, report_only:
     mask = np.zeros((n, MAX_PROMPTS), dtype=bool)
     for i, (_, prompts) in enumerate(cases):
         mask[i, : len(prompts)] = True
-    head = _ort(repo / "reward_head" / "1" / "model.onnx")
+    head = _ort(version_dir(repo, "reward_head") / "model.onnx")
     for res in results.values():
         prompt_embeds = np.zeros((n, MAX_PROMPTS, dim), dtype=np.float32)
         for i, (_, prompts) in enumerate(cases):
@@ -368,7 +377,7 @@ def bench_tower(repo: Path, batches: Sequence[int], runs: int, peak: float | Non
     config = json.loads(config_file.read_text())
     macs = vit_macs(config["vision_config"], config.get("projection_dim"))
     peak = peak or peak_tflops(cuda.name)
-    engine = Engine(repo / entry["plan"], cuda)
+    engine = Engine(_file(repo, entry, "plan"), cuda)
     size = config["vision_config"]["image_size"]
     bound = f"{peak:.0f} TFLOP/s dense fp16" if peak else "unknown peak (pass --peak-tflops)"
     print(

@@ -162,6 +162,7 @@ def bench_encoders_cmd(
     from export.bench import bench_image_encoder, vit_b32_checkpoint
     from export.clip_model import load_clip
     from export.repository import ExportOptions, export_repository, read_provenance
+    from service.model_contract import version_dir
     from service.settings import CACHE_DIR
 
     prov = read_provenance(repo)
@@ -182,7 +183,7 @@ def bench_encoders_cmd(
         export_repository(str(ckpt), vit_repo, None, ExportOptions())
         models["vit-b32 (random init)"] = (load_clip(ckpt), vit_repo)
     results = {
-        name: bench_image_encoder(b, r / "image_encoder" / "1" / "model.onnx", runs=runs)
+        name: bench_image_encoder(b, version_dir(r, "image_encoder") / "model.onnx", runs=runs)
         for name, (b, r) in models.items()
     }
     if as_json:

@@ -8,9 +8,10 @@ Layout (both flavours expose the same model names and tensors, `service.model_co
     OUT/tokenizer.json             the model's tokenizer (the gateway tokenizes with it)
     OUT/image_encoder/             cpu: ONNX with preprocessing in-graph;
                                    gpu: ensemble image_preprocess (ORT, GPU) → image_tower (TRT)
-    OUT/text_encoder/1/…           cpu: model.onnx (+ model.py shim); gpu: model.onnx → model.plan
-    OUT/reward_head/1/…            model.onnx (+ model.py shim on cpu); fp32 in both flavours
-    OUT/score/1/model.py           the one-call BLS pipeline for direct gRPC clients
+    OUT/text_encoder/V/…           cpu: model.onnx (+ model.py shim); gpu: model.onnx → model.plan
+    OUT/reward_head/V/…            model.onnx (+ model.py shim on cpu); exact fp32 in both flavours
+    OUT/score/V/model.py           the one-call BLS pipeline for direct gRPC clients
+    (V, every model's one version: a number derived from the content hash, export_version)
     OUT/engines.json               gpu: the TensorRT engines `build-engines` builds on the node
 
 CPU models have two configs: `config.pbtxt` (native onnxruntime backend, the NGC server) and
@@ -132,6 +133,8 @@ def _code_hashes() -> dict[str, str]:
             "repository",
             "textnorm_torch",
             "reward_head",
+            "tensorrt",  # engine recipes (profiles) in engines.json
+            "clip_model",  # loading and tokenising a checkpoint
         )
     ]
     return {f.name: sha256_file(f) for f in files}
@@ -196,7 +199,7 @@ def _write_cpu_model(
     root: Path, spec: contract.ModelSpec, model: onnx.ModelProto, batching: Batching
 ) -> Configs:
     """`model.onnx` + the Python shim; native onnxruntime config, bundled-server config."""
-    version = root / spec.name / "1"
+    version = root / spec.name / contract.BUILD_VERSION
     onnx_export.save_model(model, version / "model.onnx")
     shutil.copyfile(PYTHON_ONNX_MODEL, version / "model.py")
     bundled = f"{spec.name}/configs/{contract.BUNDLED_CONFIG_NAME}.pbtxt"
@@ -216,14 +219,13 @@ def _write_gpu_model(
 ) -> Configs:
     """A TensorRT model: its ONNX (the engine's source) and the engine to build on the GPU
     node (`reward-service build-engines`), recorded in `engines`."""
-    onnx_rel = f"{spec.name}/1/model.onnx"
-    onnx_export.save_model(model, root / onnx_rel)
+    onnx_export.save_model(model, root / spec.name / contract.BUILD_VERSION / "model.onnx")
     profiles = {t.name: batch_profile(t.dims, options.max_batch) for t in spec.inputs}
     engines.append(
         {
             "model": spec.name,
-            "onnx": onnx_rel,
-            "plan": f"{spec.name}/1/model.plan",
+            "onnx": "model.onnx",  # in the model's version folder, like the engine
+            "plan": "model.plan",
             "precision": options.precision,
             "profiles": {name: asdict(p) for name, p in profiles.items()},
         }
@@ -234,10 +236,20 @@ def _write_gpu_model(
 def _write_gpu_onnx_model(
     root: Path, spec: contract.ModelSpec, model: onnx.ModelProto, batching: Batching
 ) -> Configs:
-    """ONNX Runtime on the GPU (CUDA provider), fp32: what TensorRT does not take or must not
-    round (the reward head: min-max + softmax in fp16 loses up to ~20% on close cosines)."""
-    onnx_export.save_model(model, root / spec.name / "1" / "model.onnx")
+    """ONNX Runtime on the GPU (CUDA provider): what TensorRT does not take (the image
+    preprocessing)."""
+    onnx_export.save_model(model, root / spec.name / contract.BUILD_VERSION / "model.onnx")
     return {f"{spec.name}/config.pbtxt": gpu_config(spec, "onnxruntime", batching)}
+
+
+def _write_cpu_onnx_model(
+    root: Path, spec: contract.ModelSpec, model: onnx.ModelProto, batching: Batching
+) -> Configs:
+    """The reward head in the GPU flavour: ONNX Runtime on the CPU, exact fp32. It must not
+    round (min-max + softmax in fp16 loses up to ~20% on close cosines; the CUDA provider may
+    use TF32 for the einsum), and it is a few thousand multiply-adds per item."""
+    onnx_export.save_model(model, root / spec.name / contract.BUILD_VERSION / "model.onnx")
+    return {f"{spec.name}/config.pbtxt": onnxruntime_cpu_config(spec, batching)}
 
 
 def _write_gpu_image_encoder(
@@ -264,7 +276,7 @@ def _write_gpu_image_encoder(
         (pre.name, {"IMAGE": "IMAGE"}, {"PIXEL_VALUES": "pixels"}),
         (tower.name, {"PIXEL_VALUES": "pixels"}, {"IMAGE_EMBEDS": "IMAGE_EMBEDS"}),
     ]
-    (root / embeds.name / "1").mkdir(parents=True)
+    (root / embeds.name / contract.BUILD_VERSION).mkdir(parents=True)
     configs[f"{embeds.name}/config.pbtxt"] = ensemble_config(
         embeds.name, embeds, steps, batching.max_batch_size
     )
@@ -275,7 +287,7 @@ def _write_score_model(
     root: Path, spec: contract.ModelSpec, batching: Batching, eos_token_id: int
 ) -> Configs:
     """The BLS pipeline model (Python backend on CPU in both flavours; it only routes)."""
-    version = root / spec.name / "1"
+    version = root / spec.name / contract.BUILD_VERSION
     version.mkdir(parents=True)
     shutil.copyfile(SCORE_MODEL, version / "model.py")
     params = {
@@ -287,15 +299,47 @@ def _write_score_model(
     return {f"{spec.name}/config.pbtxt": model_config(spec, "python", batching, "KIND_CPU", params)}
 
 
-def content_hash(root: Path) -> str:
-    """sha256 over every file under `root` (relative path + file hash): the export's identity.
+_NOT_HASHED = ("provenance.json", "README.md")
 
-    Taken before the configs and provenance are written, so it names what computes rewards
-    (graphs, model code, tokenizer, engine recipes), and each config can carry it."""
+
+def content_hash(root: Path) -> str:
+    """sha256 of an export: every file that computes rewards or shapes how they are served
+    (graphs, model code, tokenizer, engine recipes, configs without their hash parameter),
+    by path with the version folder left out. The export's identity: provenance.json and every
+    config name it, and the model version derives from it; recomputable from the repository
+    (TensorRT engines, built later on the GPU node from hashed ONNX files, are not in it)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(root)}\0{sha256_file(path)}\n".encode())
+        rel = path.relative_to(root)
+        if str(rel) in _NOT_HASHED or path.suffix == ".plan":
+            continue
+        parts = [part for i, part in enumerate(rel.parts) if not (i == 1 and part.isdigit())]
+        if path.suffix == ".pbtxt":
+            text = "".join(
+                line
+                for line in path.read_text().splitlines(keepends=True)
+                if f'"{contract.EXPORT_HASH_PARAMETER}"' not in line
+            )
+            data = hashlib.sha256(text.encode()).hexdigest()
+        else:
+            data = sha256_file(path)
+        digest.update(f"{'/'.join(parts)}\0{data}\n".encode())
     return digest.hexdigest()
+
+
+def _seal(root: Path, configs: Configs) -> tuple[str, int]:
+    """Write the configs, hash the export, then stamp the hash into every config and move each
+    model's files into the version folder the hash names."""
+    for rel, text in configs.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    export_sha = content_hash(root)
+    version = contract.export_version(export_sha)
+    for rel, text in configs.items():
+        (root / rel).write_text(with_export_hash(text, export_sha))
+    for model in {rel.split("/")[0] for rel in configs}:
+        (root / model / contract.BUILD_VERSION).rename(root / model / str(version))
+    return export_sha, version
 
 
 def export_repository(
@@ -362,8 +406,8 @@ def export_repository(
             head_onnx = onnx_export.export_reward_head(dim, head)
             if options.target == "cpu":
                 configs |= _write_cpu_model(root, head_spec, head_onnx, batching)
-            else:  # always fp32, never a TensorRT fp16 engine
-                configs |= _write_gpu_onnx_model(root, head_spec, head_onnx, batching)
+            else:  # always exact fp32: never a TensorRT fp16 engine, nor TF32 on the GPU
+                configs |= _write_cpu_onnx_model(root, head_spec, head_onnx, batching)
             progress.update(task, advance=1)
         score_spec = contract.score(dim, head is not None)
         configs |= _write_score_model(root, score_spec, batching, bundle.tokenizer.eos_token_id)
@@ -371,16 +415,18 @@ def export_repository(
             (root / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
         # The gateway tokenizes with this copy: the repository alone is enough to serve.
         bundle.tokenizer.backend_tokenizer.save(str(root / "tokenizer.json"))
-        export_sha = content_hash(root)
-        for rel, text in configs.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_text(with_export_hash(text, export_sha))
+        export_sha, version = _seal(root, configs)
         (root / "README.md").write_text(_readme(options))
         models = sorted({rel.split("/")[0] for rel in configs})
         provenance = _provenance(
             root, source, checkpoint_sha, head_dir, head_sha, key, options, bundle
         )
-        provenance |= {"export_sha256": export_sha, "models": models, "text_tokens": "dynamic"}
+        provenance |= {
+            "export_sha256": export_sha,
+            "model_version": version,
+            "models": models,
+            "text_tokens": "dynamic",
+        }
         (root / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         _replace(out, root)
     finally:

@@ -101,8 +101,10 @@ def build_engine(
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name}")
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_bytes(bytes(engine))
-    if cache is not None and timing_cache is not None:
-        timing_cache.write_bytes(bytes(cache.serialize()))
+    if cache is not None and timing_cache is not None:  # atomic: builders may share the cache
+        partial = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.partial")
+        partial.write_bytes(bytes(cache.serialize()))
+        partial.rename(timing_cache)
 
 
 def tensorrt_version() -> str | None:
@@ -157,6 +159,7 @@ def build_engines(
     from a file the export did not write). Returns one report per engine: model, key, reused.
     `builder`, `gpu` and `trt_version` default to TensorRT and this machine's GPU."""
     from export.repository import read_provenance, sha256_file
+    from service.model_contract import version_dir
 
     repo, cache_dir = Path(repo), Path(cache_dir)
     spec = repo / ENGINES_FILE
@@ -174,10 +177,12 @@ def build_engines(
     )
     reports = []
     for entry in json.loads(spec.read_text()):
-        onnx_path = repo / entry["onnx"]
+        folder = version_dir(repo, entry["model"])
+        onnx_path = folder / entry["onnx"]
         onnx_sha = sha256_file(onnx_path)
-        if artifacts.get(entry["onnx"]) != onnx_sha:
-            raise ValueError(f"{entry['onnx']} does not match provenance.json: re-export {repo}")
+        rel = str(onnx_path.relative_to(repo))
+        if artifacts.get(rel) != onnx_sha:
+            raise ValueError(f"{rel} does not match provenance.json: re-export {repo}")
         key = engine_key(gpu, trt_version, onnx_sha, entry)
         cached = cache_dir / f"{key}.plan"
         reused = cached.is_file()
@@ -191,6 +196,6 @@ def build_engines(
                 onnx_path, partial, profiles, fp16=entry["precision"] == "fp16", timing_cache=timing
             )
             partial.rename(cached)  # atomic: a concurrent builder never reads half an engine
-        shutil.copyfile(cached, repo / entry["plan"])
+        shutil.copyfile(cached, folder / entry["plan"])
         reports.append({"model": entry["model"], "key": key, "reused": reused})
     return reports

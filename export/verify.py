@@ -64,7 +64,7 @@ class VerifyReport:
 
 def _session(repo: Path, model: str) -> ort.InferenceSession:
     return ort.InferenceSession(
-        str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(contract.version_dir(repo, model) / "model.onnx"), providers=["CPUExecutionProvider"]
     )
 
 

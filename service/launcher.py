@@ -70,6 +70,7 @@ def ensure_repository(settings: Settings) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
+        "-P",  # not the current directory first on sys.path: a user's own `models/` must not win
         "-m",
         "service.cli",
         "export",
@@ -158,20 +159,24 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str, *, required: b
     `required`: Triton must answer now (one host: we just started it); otherwise a Triton that
     is not up yet only delays readiness."""
     from service.gateway.app import create_app
-    from service.gateway.backend import BackendUnavailable
+    from service.gateway.backend import BackendError, BackendUnavailable
     from service.gateway.provenance import load_provenance
     from service.gateway.triton_backend import RewardBackend
 
     provenance = load_provenance(repo)
     if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
         settings = settings.model_copy(update={"tokenizer_file": str(repo / "tokenizer.json")})
-    backend = RewardBackend(triton_url, timeout=settings.backend_timeout_s)
+    backend = RewardBackend(
+        triton_url,
+        timeout=settings.backend_timeout_s,
+        model_version=provenance.get("model_version"),
+    )
     try:
         asyncio.run(_discover(backend))
-    except BackendUnavailable as exc:
+    except (BackendUnavailable, BackendError) as exc:
         if required:
             raise
-        log.warning("Triton at %s is not reachable yet (%s): /readyz stays 503", triton_url, exc)
+        log.warning("Triton at %s cannot serve yet (%s): /readyz stays 503", triton_url, exc)
     return create_app(settings, backend, provenance, close_backend_on_shutdown=True)
 
 

@@ -9,12 +9,32 @@ gateway and the trainer-side client speak them. Torch-free.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 CONTEXT_LENGTH = 77  # CLIP's text context
 MAX_PROMPTS = 33  # the true prompt + up to 32 contrastive prompts, padded and masked
 # Every model config of an export carries the repository's content hash under this parameter
 # (provenance.json names the same hash); the gateway refuses a Triton whose models differ.
 EXPORT_HASH_PARAMETER = "export_sha256"
+# ... and every model of an export has one version, a number derived from that hash, so a
+# request for (model, version) reaches only that export: a Triton pod serving another one
+# answers "unknown version" instead of a reward (the gateway asks for the version every call).
+BUILD_VERSION = "1"  # the version folder while an export is written, before its hash exists
+
+
+def export_version(export_sha256: str) -> int:
+    """The model version of every model of the export with this content hash (≥ 2)."""
+    return 2 + int(export_sha256[:12], 16)
+
+
+def version_dir(repository: Path, model: str) -> Path:
+    """The (one) version folder of `model` in an exported repository."""
+    found = [p for p in (Path(repository) / model).iterdir() if p.name.isdigit()]
+    if len(found) != 1:
+        raise ValueError(f"{repository}/{model}: expected one version folder, found {len(found)}")
+    return found[0]
+
+
 # CPU models have a second config, configs/<this>.pbtxt: the Python-backend shim that the
 # pip-bundled tritonserver (Python backend only) selects with --model-config-name=<this>.
 BUNDLED_CONFIG_NAME = "bundled"

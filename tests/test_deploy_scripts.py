@@ -150,7 +150,7 @@ def gpu_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     options = ExportOptions(target="gpu", precision="fp16", max_batch=16)
     export_repository(str(SHIPPED_MODEL_DIR), repo, SHIPPED_HEAD_DIR, options)
     for entry in json.loads((repo / "engines.json").read_text()):
-        (repo / entry["plan"]).write_bytes(b"placeholder")
+        gpu_parity._file(repo, entry, "plan").write_bytes(b"placeholder")
     return repo
 
 
@@ -198,8 +198,9 @@ def test_parity_fails_past_tolerance_unless_report_only(
 
 
 def test_parity_needs_built_engines(tmp_path: Path) -> None:
+    (tmp_path / "image_tower" / "7").mkdir(parents=True)  # a version folder, no engine in it
     (tmp_path / "engines.json").write_text(
-        json.dumps([{"model": "image_tower", "onnx": "a.onnx", "plan": "image_tower/1/model.plan"}])
+        json.dumps([{"model": "image_tower", "onnx": "model.onnx", "plan": "model.plan"}])
     )
     with pytest.raises(SystemExit, match="run build-engines first"):
         gpu_parity._engines(tmp_path)

@@ -21,6 +21,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import numpy as np
 import pytest
 
 from service.gateway.provenance import load_provenance
+from service.model_contract import version_dir
 from service.triton_server import free_ports
 from shapes_world.render import render
 from shapes_world.scene import Group, Scene
@@ -336,33 +338,47 @@ def test_non_editable_install_serves_the_shipped_model_from_another_directory(wh
     assert code == 0, log.read_text()[-3000:]
     assert card["head"] is not None  # the shipped head came along as package data
     exported = next((tmp_path / "repositories").iterdir())
-    copied = (exported / "image_encoder" / "1" / "model.py").read_bytes()
+    copied = (version_dir(exported, "image_encoder") / "model.py").read_bytes()
     assert copied == (site / "model_repository" / "python_onnx" / "model.py").read_bytes()
     assert load_provenance(exported)["model"]["source"] == shipped
 
 
-def test_backend_balances_over_every_address_of_a_dns_target(triton_server, triton_repo):
-    """`dns:///NAME:PORT` (a headless Service) resolves every address behind a name and
-    balances round robin over the ready ones: `localhost` here resolves to 127.0.0.1 (where
-    Triton listens) and ::1 (where it does not); every call still succeeds."""
+def test_backend_balances_round_robin_over_every_address(triton_server, triton_repo, tmp_path):
+    """A target with several addresses (as `dns:///` a headless Service's pods) is balanced
+    round robin: two tritonservers on one repository both execute calls of one channel."""
     import asyncio
 
     from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
     from service.gateway.triton_backend import RewardBackend
+    from service.triton_server import TritonServer
 
-    port = triton_server.grpc_url.rsplit(":", 1)[1]
     ids = ClipTokenizer(triton_repo / "tokenizer.json").encode(["a red circle", "six stars"])
+    version = load_provenance(triton_repo)["model_version"]
+    second = TritonServer(triton_repo, log_file=tmp_path / "second.log").start()
+    try:
+        target = f"ipv4:{triton_server.grpc_url},{second.grpc_url}"
 
-    async def calls() -> list[tuple[int, ...]]:
-        backend = RewardBackend(f"dns:///localhost:{port}", timeout=10)
-        try:
-            return [(await backend.encode_texts(ids.rows([0, 1], 8))).shape for _ in range(6)]
-        finally:
-            await backend.close()
+        async def run() -> list[int]:
+            per_server = [RewardBackend(s.grpc_url) for s in (triton_server, second)]
+            before = [
+                (await b.model_stats("text_encoder")).get("inference_count", 0) for b in per_server
+            ]
+            balanced = RewardBackend(target, timeout=10, model_version=version)
+            for _ in range(8):
+                assert (await balanced.encode_texts(ids.rows([0, 1], 8))).shape[0] == 2
+            await balanced.close()
+            after = [
+                (await b.model_stats("text_encoder")).get("inference_count", 0) for b in per_server
+            ]
+            for b in per_server:
+                await b.close()
+            return [a - b for a, b in zip(after, before, strict=True)]
 
-    shapes = asyncio.run(calls())
-    assert len(shapes) == 6 and all(s[0] == 2 for s in shapes)
+        served = asyncio.run(run())
+    finally:
+        second.stop()
+    assert sum(served) == 16 and min(served) > 0, served  # both servers took calls
 
 
 def test_client_constants_match_the_contract():
@@ -374,12 +390,12 @@ def test_client_constants_match_the_contract():
     assert grpc_client.MAX_PROMPTS == model_contract.MAX_PROMPTS
 
 
-def test_grpc_client_gives_the_gateway_rewards_in_item_order(triton_server, triton_repo):
+def test_grpc_client_gives_the_gateway_rewards_in_item_order(triton_server, triton_repo, tmp_path):
     """Direct KServe v2 to `score` (uint8 tensors, local tokenisation) = the REST gateway, in
     item order across image sizes; calls rotate over several addresses and fail over past one
     that is down."""
     from fastapi.testclient import TestClient
-    from textnorm_reward_client import GrpcRewardClient
+    from textnorm_reward_client import GrpcRewardClient, RewardServiceError
 
     from service.gateway.app import create_app
     from service.gateway.onnx_backend import OnnxBackend
@@ -412,13 +428,22 @@ def test_grpc_client_gives_the_gateway_rewards_in_item_order(triton_server, trit
         triton_server.grpc_url,
         f"dns:///localhost:{triton_server.grpc_url.rsplit(':', 1)[1]}",
     ]
-    scale = provenance["textnorm_defaults"]["scale"]
-    with GrpcRewardClient(
-        urls, triton_repo / "tokenizer.json", textnorm_scale=scale, timeout_s=10
-    ) as client:
+    with GrpcRewardClient(urls, triton_repo, timeout_s=10) as client:
         for _ in range(3):  # every address gets a turn; the dead one fails over
             got = client.score(images, PROMPT, CONTRASTIVE)
             assert np.allclose(got["raw"], [r["raw"] for r in expected], atol=1e-5)
             assert np.allclose(got["textnorm"], [r["textnorm"] for r in expected], atol=1e-5)
         with pytest.raises(ValueError, match="contrastive"):
-            client.score(images, PROMPT, [])
+            client.score(images, PROMPT, [PROMPT, " "])  # nothing left once cleaned
+        repeated = client.score(images, PROMPT, [*CONTRASTIVE, CONTRASTIVE[0], PROMPT])
+        assert np.allclose(repeated["textnorm"], got["textnorm"], atol=1e-6)  # cleaned alike
+    other = tmp_path / "other-export"  # provenance naming another export's model version
+    other.mkdir()
+    shutil.copyfile(triton_repo / "tokenizer.json", other / "tokenizer.json")
+    (other / "provenance.json").write_text(json.dumps({**provenance, "model_version": 2}))
+    with (
+        GrpcRewardClient(triton_server.grpc_url, other, timeout_s=10) as client,
+        pytest.raises(RewardServiceError) as refused,
+    ):
+        client.score(images, PROMPT, CONTRASTIVE)
+    assert refused.value.status == 503 and refused.value.error["code"] == "model_mismatch"

@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2
 from export.repository import ExportOptions, export_repository, is_up_to_date, sha256_file
 from export.verify import verify_repository
 from service import model_contract as contract
+from service.model_contract import version_dir
 from service.settings import SHIPPED_HEAD_DIR
 from tests.conftest import run_cli
 
@@ -33,9 +34,9 @@ def test_layout_and_provenance(repo):
     out, prov = repo
     for name in MODELS:
         assert (out / name / "config.pbtxt").is_file()
-        assert (out / name / "1" / "model.onnx").is_file()
-        assert (out / name / "1" / "model.py").is_file()
-    assert (out / "score" / "1" / "model.py").is_file()  # the one-call BLS pipeline
+        assert (version_dir(out, name) / "model.onnx").is_file()
+        assert (version_dir(out, name) / "model.py").is_file()
+    assert (version_dir(out, "score") / "model.py").is_file()  # the one-call BLS pipeline
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert on_disk - set(prov["artifacts"]) == {"provenance.json"}
     assert len(prov["export_sha256"]) == 64
@@ -56,13 +57,13 @@ def test_onnx_graphs_have_symbolic_batch_and_contract_names(repo):
         "reward_head": contract.reward_head(dim, True),
     }
     for name, spec in specs.items():
-        model = onnx.load(str(out / name / "1" / "model.onnx"))
+        model = onnx.load(str(version_dir(out, name) / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)
         assert [i.name for i in model.graph.input] == [t.name for t in spec.inputs]
         assert [o.name for o in model.graph.output] == [t.name for t in spec.outputs]
         for value in model.graph.input:
             assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
-    image = onnx.load(str(out / "image_encoder" / "1" / "model.onnx")).graph.input[0]
+    image = onnx.load(str(version_dir(out, "image_encoder") / "model.onnx")).graph.input[0]
     assert all(d.dim_param for d in image.type.tensor_type.shape.dim[:3])  # batch, height, width
 
 
@@ -102,7 +103,7 @@ def test_text_encoder_takes_only_the_tokens_a_batch_needs(repo, shipped_model):
     out, prov = repo
     assert prov["text_tokens"] == "dynamic"
     session = ort.InferenceSession(
-        str(out / "text_encoder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(version_dir(out, "text_encoder") / "model.onnx"), providers=["CPUExecutionProvider"]
     )
     prompts = ["a red circle", "three blue triangles on a grass background", "six stars"]
     full = tokenize(load_clip(shipped_model).tokenizer, prompts).numpy()
@@ -117,29 +118,39 @@ def test_text_encoder_takes_only_the_tokens_a_batch_needs(repo, shipped_model):
     assert tokenized.rows([0], 1).shape[1] == tokenized.lengths[0] < 16  # "a red circle"
 
 
-def test_export_hash_covers_what_computes_rewards(repo, tmp_path):
-    """The content hash changes with any model file, not with configs or provenance."""
+def test_export_hash_names_what_computes_and_serves_rewards(repo, tmp_path):
+    """The content hash is recomputable from the repository; it changes with any model file or
+    config setting (not with provenance or README); every model's one version derives from it."""
     from export.repository import content_hash
 
     out, prov = repo
+    assert content_hash(out) == prov["export_sha256"]
+    version = contract.export_version(prov["export_sha256"])
+    assert prov["model_version"] == version
+    for name in prov["models"]:
+        assert version_dir(out, name).name == str(version)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    for path in [*copy.rglob("*.pbtxt"), copy / "provenance.json", copy / "README.md"]:
-        path.unlink()
+    (copy / "README.md").write_text("edited")
+    (copy / "provenance.json").write_text("{}")
     assert content_hash(copy) == prov["export_sha256"]
-    onnx_file = copy / "reward_head" / "1" / "model.onnx"
+    config = copy / "text_encoder" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size: 16", "max_batch_size: 8"))
+    assert content_hash(copy) != prov["export_sha256"]  # the gateway splits batches by it
+    shutil.copyfile(out / "text_encoder" / "config.pbtxt", config)
+    onnx_file = version_dir(copy, "reward_head") / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
     assert content_hash(copy) != prov["export_sha256"]
 
 
 def test_reexport_is_a_no_op_and_tampering_is_detected(repo, shipped_model):
     out, prov = repo
-    mtime = (out / "reward_head" / "1" / "model.onnx").stat().st_mtime_ns
+    mtime = (version_dir(out, "reward_head") / "model.onnx").stat().st_mtime_ns
     again, changed = export_repository(
         shipped_model, out, SHIPPED_HEAD_DIR, ExportOptions(max_batch=16)
     )
     assert not changed and again["cache_key"] == prov["cache_key"]
-    assert (out / "reward_head" / "1" / "model.onnx").stat().st_mtime_ns == mtime
+    assert (version_dir(out, "reward_head") / "model.onnx").stat().st_mtime_ns == mtime
     # A modified artifact → not up to date, so the next export rewrites it.
     path = out / "text_encoder" / "config.pbtxt"
     original = path.read_text()
@@ -173,7 +184,7 @@ def test_verify_fails_when_an_artifact_is_wrong(repo, tmp_path):
     with torch.no_grad():
         for p in bundle.model.text_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    save_model(export_text_encoder(bundle), broken / "text_encoder" / "1" / "model.onnx")
+    save_model(export_text_encoder(bundle), version_dir(broken, "text_encoder") / "model.onnx")
     res = run_cli("verify", str(broken), "--prompts", "1", "--json")
     assert res.returncode == 1
     report = json.loads(res.stdout)
@@ -182,7 +193,7 @@ def test_verify_fails_when_an_artifact_is_wrong(repo, tmp_path):
 
 def test_batches_of_max_batch_match_single_items(repo):
     out, _ = repo
-    session = ort.InferenceSession(str(out / "image_encoder" / "1" / "model.onnx"))
+    session = ort.InferenceSession(str(version_dir(out, "image_encoder") / "model.onnx"))
     images = np.random.default_rng(1).integers(0, 256, (16, 50, 70, 3), dtype=np.uint8)
     batched = session.run(None, {"IMAGE": images})[0]
     single = np.concatenate([session.run(None, {"IMAGE": images[i : i + 1]})[0] for i in range(16)])
@@ -238,10 +249,13 @@ def test_gpu_flavour_uses_native_backends_and_keeps_the_contract(repo, gpu_repo)
         "reward_head": "onnxruntime_onnx",  # fp32 always: never a TensorRT fp16 engine
         "score": "python",  # only the direct-gRPC pipeline is Python
     }
-    for name in ("image_preprocess", "image_tower", "text_encoder", "reward_head"):
+    for name in ("image_preprocess", "image_tower", "text_encoder"):
         assert [g.kind for g in platforms[name].instance_group] == [
             model_config_pb2.ModelInstanceGroup.KIND_GPU
         ]
+    assert [g.kind for g in platforms["reward_head"].instance_group] == [
+        model_config_pb2.ModelInstanceGroup.KIND_CPU  # exact fp32, no TF32
+    ]
     cpu_out, _ = repo
     for name in MODELS:  # the gateway's view: identical tensors and batching in both flavours
         cpu, gpu = _config(cpu_out / name / "config.pbtxt"), platforms[name]
@@ -273,13 +287,15 @@ def test_gpu_flavour_preprocess_and_tower_equal_the_cpu_image_encoder(repo, gpu_
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 90, 150, 3), dtype=np.uint8)
-    pixels = session(gpu_out / "image_preprocess" / "1" / "model.onnx").run(
+    pixels = session(version_dir(gpu_out, "image_preprocess") / "model.onnx").run(
         None, {"IMAGE": images}
     )[0]
-    chained = session(gpu_out / "image_tower" / "1" / "model.onnx").run(
+    chained = session(version_dir(gpu_out, "image_tower") / "model.onnx").run(
         None, {"PIXEL_VALUES": pixels}
     )[0]
-    whole = session(cpu_out / "image_encoder" / "1" / "model.onnx").run(None, {"IMAGE": images})[0]
+    whole = session(version_dir(cpu_out, "image_encoder") / "model.onnx").run(
+        None, {"IMAGE": images}
+    )[0]
     assert np.abs(chained - whole).max() < 1e-5
 
 
@@ -316,14 +332,14 @@ def test_build_engines_cache_is_keyed_by_gpu_tensorrt_and_onnx(gpu_repo, tmp_pat
     first = run("NVIDIA H200")
     assert [r["reused"] for r in first] == [False, False] and len(built) == 2
     for name in ("image_tower", "text_encoder"):
-        plan = (repo / name / "1" / "model.plan").read_bytes()
-        assert plan == b"engine of " + sha256_file(repo / name / "1" / "model.onnx").encode()
+        plan = (version_dir(repo, name) / "model.plan").read_bytes()
+        assert plan == b"engine of " + sha256_file(version_dir(repo, name) / "model.onnx").encode()
     assert [r["reused"] for r in run("NVIDIA H200")] == [True, True] and len(built) == 2
     other = run("NVIDIA L4")  # another GPU model: new engines, other keys
     assert [r["reused"] for r in other] == [False, False] and len(built) == 4
     assert {r["key"] for r in other}.isdisjoint(r["key"] for r in first)
     assert [r["reused"] for r in run("NVIDIA H200", "10.6.0")] == [False, False]
-    tampered = repo / "text_encoder" / "1" / "model.onnx"
+    tampered = version_dir(repo, "text_encoder") / "model.onnx"
     tampered.write_bytes(tampered.read_bytes() + b"\0")
     with pytest.raises(ValueError, match="does not match provenance"):
         run("NVIDIA H200")
@@ -370,7 +386,7 @@ def test_gpu_export_builds_engines_within_fp16_tolerance(tmp_path, shipped_model
     export_repository(shipped_model, out, SHIPPED_HEAD_DIR, options)
     build_engines(out, tmp_path / "engine-cache")
     for name in ("image_tower", "text_encoder"):
-        assert (out / name / "1" / "model.plan").is_file()
+        assert (version_dir(out, name) / "model.plan").is_file()
     config = text_format.Parse(
         (out / "image_encoder" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
@@ -379,7 +395,9 @@ def test_gpu_export_builds_engines_within_fp16_tolerance(tmp_path, shipped_model
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
 
     def run(plan: str, inputs: dict, output: str, out_shape: tuple) -> np.ndarray:
-        engine = runtime.deserialize_cuda_engine((out / plan / "1" / "model.plan").read_bytes())
+        engine = runtime.deserialize_cuda_engine(
+            (version_dir(out, plan) / "model.plan").read_bytes()
+        )
         context = engine.create_execution_context()
         keep = []
         for name, value in inputs.items():

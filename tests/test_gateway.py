@@ -29,7 +29,7 @@ from service.contrastive import contrastive_prompts
 from service.gateway import BackendError, BackendUnavailable, check_bind, create_app
 from service.gateway.onnx_backend import OnnxBackend
 from service.gateway.provenance import load_provenance
-from service.model_contract import CONTEXT_LENGTH
+from service.model_contract import CONTEXT_LENGTH, version_dir
 from service.settings import SHIPPED_MODEL_DIR, Settings
 from service.textnorm import textnorm
 from shapes_world.grammar import describe
@@ -196,8 +196,8 @@ def test_rewards_equal_direct_onnx_and_numpy_textnorm(client, repo, provenance):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    image_s = ort.InferenceSession(str(repo / "image_encoder/1/model.onnx"), options)
-    text_s = ort.InferenceSession(str(repo / "text_encoder/1/model.onnx"), options)
+    image_s = ort.InferenceSession(str(version_dir(repo, "image_encoder") / "model.onnx"), options)
+    text_s = ort.InferenceSession(str(version_dir(repo, "text_encoder") / "model.onnx"), options)
     tok = Tokenizer.from_file(str(Path(provenance["model"]["source"]) / "tokenizer.json"))
     eos = tok.token_to_id("<|endoftext|>")
 

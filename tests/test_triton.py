@@ -26,7 +26,7 @@ from service.gateway.triton_backend import (
     RewardBackend,
     executions_by_batch_size,
 )
-from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS
+from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS, version_dir
 from service.triton_server import TritonServer, TritonStartError, group_alive, pid_alive
 
 pytest_plugins = ("tests.conftest_triton",)  # the triton_repo and triton_server fixtures
@@ -42,7 +42,7 @@ def run(coro):
 
 def session(repo, name: str) -> ort.InferenceSession:
     return ort.InferenceSession(
-        str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(version_dir(repo, name) / "model.onnx"), providers=["CPUExecutionProvider"]
     )
 
 

@@ -6,7 +6,7 @@ server dependencies, a package name that will not collide in a trainer's env.
         results = client.score([png_bytes, ...], ["three red circles", ...])
 
     from textnorm_reward_client import GrpcRewardClient      # direct Triton gRPC: the grpc extra
-    with GrpcRewardClient("dns:///triton-grpc:8001", "repo/tokenizer.json") as client:
+    with GrpcRewardClient("dns:///triton-grpc:8001", "repo/") as client:   # provenance + tokenizer
         rewards = client.score(uint8_images, "three red circles", contrastive_prompts)
 """
 

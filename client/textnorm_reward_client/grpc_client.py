@@ -3,8 +3,12 @@
 For trainers on the same cluster as Triton (the `grpc` extra: tritonclient, numpy, tokenizers).
 Images go as uint8 tensors (no PNG, no base64); prompts are tokenised here with the export's
 `tokenizer.json` (the same `ClipTokenizer` the gateway uses), so the rewards are the gateway's.
-Unlike the gateway it builds no contrastive sets: pass each prompt's contrastive prompts (e.g.
-from `GET /v1/prompt-sets/{id}` or your own JSON file).
+It reads the export's `provenance.json` (the repository folder, or just those two files): every
+call names the export's model version, so a Triton that serves another export refuses instead
+of answering, and TextNorm's defaults are the export's. Unlike the gateway it builds no
+contrastive sets: pass each prompt's contrastive prompts (e.g. from
+`GET /v1/prompt-sets/{id}` or your own JSON file); blanks, repeats and the prompt itself are
+dropped, as the gateway drops them.
 
 Balancing over Triton pods: gRPC keeps one HTTP/2 connection, so behind a Kubernetes ClusterIP
 every call would land on one pod. Give either one `dns:///<headless service>:8001` target (the
@@ -15,6 +19,7 @@ channel each, calls rotate over them and fail over when one is unavailable).
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,30 +46,36 @@ def _retryable(exc: BaseException) -> bool:
 class GrpcRewardClient:
     """Args:
     urls: `host:port`, `dns:///name:port`, or several `host:port` to rotate over.
-    tokenizer_file: the exported repository's `tokenizer.json`.
-    textnorm_scale, ensemble_lambda: TextNorm's c and the ensemble's λ sent with every item.
+    repository: the export Triton serves (its `provenance.json` and `tokenizer.json` suffice).
+    textnorm_scale, ensemble_lambda: TextNorm's c and the ensemble's λ (default: the export's).
     timeout_s: per call; attempts: tries per call (unavailable / timed-out servers).
     """
 
     def __init__(
         self,
         urls: str | Sequence[str],
-        tokenizer_file: str | Path,
+        repository: str | Path,
         *,
-        textnorm_scale: float = 5.0,
-        ensemble_lambda: float = 1.0,
+        textnorm_scale: float | None = None,
+        ensemble_lambda: float | None = None,
         timeout_s: float = 60.0,
         attempts: int = 4,
         model: str = "score",
     ) -> None:
+        self.provenance = json.loads((Path(repository) / "provenance.json").read_text())
+        defaults = self.provenance.get("textnorm_defaults") or {}
+        version = self.provenance.get("model_version")
+        self.version = "" if version is None else str(version)
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("no Triton address given")
         balance = [("grpc.lb_policy_name", "round_robin")]
         self._clients = [grpcclient.InferenceServerClient(u, channel_args=balance) for u in urls]
         self._next = itertools.cycle(self._clients)
-        self.tokenizer = ClipTokenizer(tokenizer_file)
-        self.scale, self.lam = float(textnorm_scale), float(ensemble_lambda)
+        self.tokenizer = ClipTokenizer(Path(repository) / "tokenizer.json")
+        self.scale = float(defaults.get("scale", 5.0) if textnorm_scale is None else textnorm_scale)
+        lam = defaults.get("ensemble_lambda", 1.0) if ensemble_lambda is None else ensemble_lambda
+        self.lam = float(lam)
         self.timeout_s, self.model = timeout_s, model
         self._infer = retry(
             retry=retry_if_exception(_retryable),
@@ -74,6 +85,14 @@ class GrpcRewardClient:
         )(self._infer_once)
 
     def _tokens(self, prompt: str, contrastive: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        seen = {self.tokenizer.normalise(prompt)}
+        kept = []
+        for text in (t.strip() for t in contrastive):
+            key = self.tokenizer.normalise(text)
+            if text and key not in seen:
+                seen.add(key)
+                kept.append(text)
+        contrastive = kept
         texts = [prompt, *contrastive]
         if not contrastive or len(texts) > MAX_PROMPTS:
             raise ValueError(f"{len(contrastive)} contrastive prompts: give 1 to {MAX_PROMPTS - 1}")
@@ -88,7 +107,9 @@ class GrpcRewardClient:
 
     def _infer_once(self, inputs: list[grpcclient.InferInput]) -> grpcclient.InferResult:
         client = next(self._next)  # rotate; a retry goes to the next address
-        return client.infer(self.model, inputs, client_timeout=self.timeout_s)
+        return client.infer(
+            self.model, inputs, model_version=self.version, client_timeout=self.timeout_s
+        )
 
     def score(
         self,
@@ -136,7 +157,11 @@ class GrpcRewardClient:
             try:
                 result = self._infer(inputs)
             except InferenceServerException as exc:
-                body = {"error": {"code": _status(exc).lower(), "message": exc.message()}}
+                message = exc.message() or str(exc)
+                if "unknown model" in message.lower() and "version" in message.lower():
+                    body = {"error": {"code": "model_mismatch", "message": message}}
+                    raise RewardServiceError(503, body) from None  # Triton serves another export
+                body = {"error": {"code": _status(exc).lower(), "message": message}}
                 raise RewardServiceError(_GRPC_TO_HTTP.get(_status(exc), 502), body) from None
             for output in result.get_response().outputs:
                 values = result.as_numpy(output.name).reshape(-1).astype(np.float64)

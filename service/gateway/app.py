@@ -156,6 +156,12 @@ def create_app(
             "model's tokenizer.json"
         )
     tokenizer = ClipTokenizer(path)
+    exported = (provenance.get("artifacts") or {}).get("tokenizer.json")
+    if exported and tokenizer.sha256 != exported:
+        raise ValueError(
+            f"{path} (sha256 {tokenizer.sha256[:16]}…) is not the tokenizer the export ships "
+            f"(sha256 {exported[:16]}…): other token ids would give wrong rewards"
+        )
     info = ProvenanceInfo(provenance, tokenizer, settings.truncate_long_prompts)
     metrics = GatewayMetrics()
     guarded = GuardedBackend(

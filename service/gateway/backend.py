@@ -232,9 +232,9 @@ class GuardedBackend:
         for the scoring timeout)."""
         timeout_s = min(self.timeout_s, READY_TIMEOUT_S)
         try:
+            await self.verify_identity(force=True)  # first: a mismatch is the reason to give
             if not await self._call("ready", self.backend.ready(), timeout_s):
                 return False, "the reward backend is not ready (models loading or server down)"
-            await self.verify_identity(force=True)
         except (BackendUnavailable, BackendError) as exc:
             return False, str(exc)
         return True, None

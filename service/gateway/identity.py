@@ -35,11 +35,13 @@ class IdentityCheck:
         if not wrong:
             return None
         first = wrong[0]
+        served = found.get(first)
+        what = f"carries export_sha256 {served}" if served else "is not loaded (or has no hash)"
         return (
-            f"Triton serves a different export: model {first!r} carries export_sha256 "
-            f"{found.get(first) or '(none)'}, this gateway's provenance names {self.expected} "
-            f"({len(wrong)} of {len(self.models)} models differ: {', '.join(wrong)}); point the "
-            "gateway at that export's repository, or Triton at this one"
+            f"Triton serves a different export: model {first!r} {what}, this gateway's "
+            f"provenance names {self.expected} ({len(wrong)} of {len(self.models)} models "
+            f"differ: {', '.join(wrong)}); point the gateway at that export's repository, or "
+            "Triton at this one"
         )
 
 

@@ -1,7 +1,7 @@
 """A second reward backend: the exported repository's ONNX files under ONNX Runtime, in process.
 
 Same protocol as the Triton client (`RewardBackendProtocol`), same files Triton serves
-(`<repo>/<model>/1/model.onnx`, tensor names of `service.model_contract`), so the gateway runs
+(`<repo>/<model>/<version>/model.onnx`, tensor names of `service.model_contract`), so the gateway runs
 for development without a Triton server and tests exercise the real models. Sessions run in a
 worker thread (`asyncio.to_thread`) so the event loop never blocks; ONNX Runtime errors come out
 as `BackendError`, calls after `close()` as `BackendUnavailable`. onnxruntime is imported
@@ -38,7 +38,7 @@ class OnnxBackend:
         options.inter_op_num_threads = 1
         self._sessions = {}
         for spec in (_IMAGE, _TEXT, contract.reward_head(0, has_head=False)):
-            path = self.repository / spec.name / "1" / "model.onnx"
+            path = contract.version_dir(self.repository, spec.name) / "model.onnx"
             if not path.is_file():
                 raise ValueError(f"not an exported repository (missing {path})")
             self._sessions[spec.name] = ort.InferenceSession(

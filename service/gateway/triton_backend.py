@@ -33,7 +33,12 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from service.gateway.backend import BackendError, BackendTimeout, BackendUnavailable
+from service.gateway.backend import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ModelMismatch,
+)
 from service.gateway.identity import hash_in_config
 from service.model_contract import (
     CONTEXT_LENGTH,
@@ -77,6 +82,8 @@ def _translate(exc: BaseException, what: str) -> Exception:
         return BackendTimeout(f"{what}: [{code}] {message}")
     if code in _UNAVAILABLE_CODES or "failed to connect" in (message or "").lower():
         return BackendUnavailable(f"{what}: [{code}] {message}")
+    if "unknown model" in (message or "").lower() and "version" in (message or "").lower():
+        return ModelMismatch(f"{what}: Triton serves another export ([{code}] {message})")
     return BackendError(f"{what}: [{code}] {message}")
 
 
@@ -110,6 +117,7 @@ class RewardBackend:
         max_message_bytes: gRPC send/receive limit; -1 = unlimited.
         reconnect_backoff_ms: (initial, max) reconnect backoff of the channel after a failure.
         channel_args: extra gRPC channel arguments.
+        model_version: the export's version, named in every call ("": whatever is loaded).
     """
 
     def __init__(
@@ -124,8 +132,12 @@ class RewardBackend:
         max_message_bytes: int = -1,
         reconnect_backoff_ms: tuple[int, int] = (100, 1000),
         channel_args: Sequence[tuple[str, Any]] = (),
+        model_version: int | None = None,
     ) -> None:
         self.url = url
+        # Every call names the export's model version (provenance.json's model_version), so a
+        # Triton pod that serves another export refuses it (ModelMismatch) instead of answering.
+        self.version = "" if model_version is None else str(model_version)
         self.timeout = timeout
         self.ready_timeout = ready_timeout
         self.image_model = image_model
@@ -169,6 +181,7 @@ class RewardBackend:
             f"{self.reward_model} metadata",
             client.get_model_metadata,
             self.reward_model,
+            self.version,
             as_json=True,
             client_timeout=self.timeout,
         )
@@ -200,7 +213,7 @@ class RewardBackend:
             if not await client.is_server_ready(client_timeout=t):
                 return False
             for model in (self.image_model, self.text_model, self.reward_model):
-                if not await client.is_model_ready(model, client_timeout=t):
+                if not await client.is_model_ready(model, self.version, client_timeout=t):
                     return False
         except asyncio.CancelledError:
             raise
@@ -228,22 +241,29 @@ class RewardBackend:
         return entries[0]
 
     async def export_hashes(self, models: Sequence[str]) -> dict[str, str | None]:
-        """The export content hash in each model's config (None where it has none)."""
-        client, out = self._grpc(), {}
+        """The export content hash in each model's config (None where it has none). Without
+        our version, the hash of the version Triton does serve (to name it in the error)."""
+        out: dict[str, str | None] = {}
         for model in models:
             try:
-                config = await self._call(
-                    f"{model} config",
-                    client.get_model_config,
-                    model,
-                    as_json=True,
-                    client_timeout=self.timeout,
-                )
-            except BackendError:  # Triton answered: it has no such model
-                out[model] = None
-                continue
-            out[model] = hash_in_config(config.get("config", {}), EXPORT_HASH_PARAMETER)
+                out[model] = await self._export_hash(model, self.version)
+            except (ModelMismatch, BackendError):  # not our version: what is there instead?
+                try:
+                    out[model] = await self._export_hash(model, "")
+                except (ModelMismatch, BackendError):  # no such model at all
+                    out[model] = None
         return out
+
+    async def _export_hash(self, model: str, version: str) -> str | None:
+        config = await self._call(
+            f"{model} config",
+            self._grpc().get_model_config,
+            model,
+            version,
+            as_json=True,
+            client_timeout=self.timeout,
+        )
+        return hash_in_config(config.get("config", {}), EXPORT_HASH_PARAMETER)
 
     # -- inference -----------------------------------------------------------------------------
     async def _infer(
@@ -260,6 +280,7 @@ class RewardBackend:
             self._grpc().infer,
             model,
             tensors,
+            model_version=self.version,
             outputs=requested,
             client_timeout=self.timeout,
         )
