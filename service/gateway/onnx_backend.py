@@ -1,8 +1,9 @@
 """A second reward backend: the exported repository's ONNX files under ONNX Runtime, in process.
 
 Same protocol as the Triton client (`RewardBackendProtocol`), same files Triton serves
-(`<repo>/<model>/<version>/model.onnx`, tensor names of `service.model_contract`), so the gateway runs
-for development without a Triton server and tests exercise the real models. Sessions run in a
+(`<repo>/<model>/<version>/model.onnx`, tensor names of `service.model_contract`), so the
+gateway runs for development without a Triton server and tests exercise the real models. Sessions
+run in a
 worker thread (`asyncio.to_thread`) so the event loop never blocks; ONNX Runtime errors come out
 as `BackendError`, calls after `close()` as `BackendUnavailable`. onnxruntime is imported
 lazily: it is needed only when this backend is used.
