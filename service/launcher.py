@@ -186,7 +186,13 @@ def _run_uvicorn(app, settings: Settings) -> None:
     # uvicorn shuts down on SIGTERM, then re-raises it with the default handler, which would
     # kill this process before the caller's `finally` (stopping Triton) runs.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=settings.access_log,
+    )
 
 
 def run_gateway(settings: Settings) -> None:

@@ -243,6 +243,11 @@ def test_torch_free_gateway_from_the_wheel_serves_triton_rewards(
     app = create_app(settings, OnnxBackend(triton_repo, intra_op_threads=1), provenance)
     with TestClient(app) as reference:
         expected = reference.post("/v1/score", json=_score_body()).json()["results"]
+    block = served.json()["provenance"]  # every response names the export that computed it
+    assert (block["export_sha256"], block["model_version"]) == (
+        provenance["export_sha256"],
+        provenance["model_version"],
+    )
     got = served.json()["results"]
     for field in ("raw", "textnorm"):
         assert np.allclose([r[field] for r in got], [r[field] for r in expected], atol=1e-5)

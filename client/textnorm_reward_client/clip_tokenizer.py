@@ -13,6 +13,7 @@ embedding). Whether a prompt was truncated is reported, never silently hidden.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,9 @@ class Tokenized:
 
 
 class ClipTokenizer:
-    def __init__(self, path: str | Path, context_length: int = CONTEXT_LENGTH) -> None:
+    def __init__(
+        self, path: str | Path, context_length: int = CONTEXT_LENGTH, memo_entries: int = 50_000
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"tokenizer file not found: {self.path}")
@@ -57,23 +60,47 @@ class ClipTokenizer:
             raise ValueError(f"{self.path}: not a CLIP tokenizer (no {BOS} / {EOS} tokens)")
         self.context_length = context_length
 
+        # An RL run repeats its prompts and their contrastive sets on every request: remember
+        # what they normalise and tokenise to (bounded: the oldest entries go first).
+        self._normalised: OrderedDict[str, str] = OrderedDict()
+        self._tokens: OrderedDict[str, list[int]] = OrderedDict()
+        self.memo_entries = memo_entries
+
+    def _remember(self, memo: OrderedDict, key: str, value):
+        memo[key] = value
+        if len(memo) > self.memo_entries:
+            memo.popitem(last=False)
+        return value
+
     def normalise(self, prompt: str) -> str:
         """The tokenizer's own normalisation (CLIP: NFC, whitespace collapsed, lower case):
         prompts equal after it have the same token ids, so it keys the embedding cache."""
+        if (known := self._normalised.get(prompt)) is not None:
+            return known
         normalizer = self._tok.normalizer
-        return normalizer.normalize_str(prompt) if normalizer is not None else prompt
+        value = normalizer.normalize_str(prompt) if normalizer is not None else prompt
+        return self._remember(self._normalised, prompt, value)
+
+    def _token_lists(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt with the start and end tokens, untruncated."""
+        found = {p: self._tokens[p] for p in prompts if p in self._tokens}
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        encoded = self._tok.encode_batch(missing, add_special_tokens=True) if missing else []
+        for prompt, encoding in zip(missing, encoded, strict=True):
+            tokens = list(encoding.ids)
+            if not tokens or tokens[0] != self.bos_id:  # a tokenizer.json without the template
+                tokens.insert(0, self.bos_id)
+            if tokens[-1] != self.eos_id or len(tokens) == 1:
+                tokens.append(self.eos_id)
+            found[prompt] = self._remember(self._tokens, prompt, tokens)
+        return [found[p] for p in prompts]
 
     def encode(self, prompts: list[str]) -> Tokenized:
         n, ctx = len(prompts), self.context_length
         ids = np.full((n, ctx), self.eos_id, dtype=np.int64)
         truncated = np.zeros(n, dtype=bool)
         lengths = np.zeros(n, dtype=np.int64)
-        for row, encoding in enumerate(self._tok.encode_batch(prompts, add_special_tokens=True)):
-            tokens = list(encoding.ids)
-            if not tokens or tokens[0] != self.bos_id:  # a tokenizer.json without the template
-                tokens.insert(0, self.bos_id)
-            if tokens[-1] != self.eos_id or len(tokens) == 1:
-                tokens.append(self.eos_id)
+        for row, tokens in enumerate(self._token_lists(prompts)):
             lengths[row] = len(tokens)
             if len(tokens) > ctx:
                 tokens = tokens[: ctx - 1] + [self.eos_id]

@@ -137,6 +137,8 @@ class ProvenanceInfo:
             tokenizer=self.tokenizer,
             exporter=self.exporter,
             cache_key=self.cache_key,
+            export_sha256=self.data.get("export_sha256"),
+            model_version=self.data.get("model_version"),
             gateway={"version": GATEWAY_VERSION},
         )
 

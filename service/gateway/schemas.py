@@ -152,6 +152,12 @@ class Provenance(BaseModel):
     tokenizer: TokenizerInfo
     exporter: ExporterInfo
     cache_key: str
+    export_sha256: str | None = Field(
+        default=None,
+        description="content hash of the export that computed this reward (every call names "
+        "its model version, model_version, so no other export can answer)",
+    )
+    model_version: int | None = None
     gateway: dict[str, str]
 
 
