@@ -228,10 +228,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_title(f"{workload} · {images} img/req · TextNorm {textnorm}", fontsize=10)
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
     fig.suptitle(f"serving throughput — {Path(results['meta']['model']).name}", fontsize=11)
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend may reach past the axes
     plt.close(fig)
 
 
