@@ -60,6 +60,14 @@ def ensure_repository(settings: Settings) -> Path:
         repo = Path(settings.repository)
         if not (repo / "provenance.json").is_file():
             raise ValueError(f"not an exported repository (no provenance.json): {repo}")
+        target = (json.loads((repo / "provenance.json").read_text()).get("options") or {}).get(
+            "target"
+        )
+        if target == "gpu":
+            raise ValueError(
+                f"{repo} is a GPU-flavour export: serve it with the NGC tritonserver on a GPU "
+                "node after `reward-service build-engines` (the bundled server runs CPU exports)"
+            )
         return repo
     if importlib.util.find_spec("torch") is None:
         raise ValueError(

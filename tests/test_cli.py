@@ -139,3 +139,15 @@ def test_train_clip_tiny_run_gives_a_loadable_checkpoint(tmp_path):
     bundle = load_clip(out)
     assert bundle.model.config.vision_config.image_size == 64
     assert bundle.tokenizer("two stars")["input_ids"][-1] == bundle.tokenizer.eos_token_id
+
+
+def test_serve_refuses_a_gpu_repository_in_one_line(tmp_path):
+    """The bundled CPU server cannot load TensorRT engines: say so before starting anything."""
+    import json
+
+    repo = tmp_path / "gpu-repo"
+    repo.mkdir()
+    (repo / "provenance.json").write_text(json.dumps({"options": {"target": "gpu"}}))
+    res = run_cli("serve", "--repository", str(repo), timeout=60)
+    assert res.returncode == 2
+    assert "GPU-flavour export" in res.stderr and res.stderr.strip().count("\n") == 0

@@ -231,10 +231,16 @@ class GuardedBackend:
         anew). Never waits longer than READY_TIMEOUT_S (an orchestrator's probe must not wait
         for the scoring timeout)."""
         timeout_s = min(self.timeout_s, READY_TIMEOUT_S)
-        try:
+
+        async def check() -> bool:
             await self.verify_identity(force=True)  # first: a mismatch is the reason to give
-            if not await self._call("ready", self.backend.ready(), timeout_s):
+            return bool(await self._call("ready", self.backend.ready(), timeout_s))
+
+        try:  # both checks within one READY_TIMEOUT_S, as a probe's timeout expects
+            if not await asyncio.wait_for(check(), timeout_s):
                 return False, "the reward backend is not ready (models loading or server down)"
+        except TimeoutError:
+            return False, f"the reward backend did not answer within {timeout_s:g} s"
         except (BackendUnavailable, BackendError) as exc:
             return False, str(exc)
         return True, None
