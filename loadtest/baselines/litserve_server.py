@@ -19,7 +19,6 @@ setting, not the server.
     python -m loadtest.baselines.litserve_server --model DIR_OR_HUB_ID --port 8200
 """
 
-import argparse
 from collections.abc import Sequence
 
 import litserve as ls
@@ -31,6 +30,7 @@ from loadtest.baselines.naive_server import (
     decode_image,
     pixel_values,
     raw_rewards,
+    server_arguments,
     token_ids,
 )
 
@@ -85,12 +85,7 @@ class ClipRewardAPI(ls.LitAPI):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="CLIP checkpoint directory or hub id")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8200)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
-    args = parser.parse_args(argv)
+    args = server_arguments(__doc__.splitlines()[0], 8200, argv)
     api = ClipRewardAPI(args.model, args.threads)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=False)
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")

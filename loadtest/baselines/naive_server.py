@@ -99,13 +99,20 @@ def create_app(model: str, threads: int | None = None) -> FastAPI:
     return app
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def server_arguments(
+    description: str, default_port: int, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """--model, --host, --port and --threads: the command line of both baseline servers."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="CLIP checkpoint directory or hub id")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = server_arguments(__doc__.splitlines()[0], 8100, argv)
     import uvicorn
 
     app = create_app(args.model, args.threads)

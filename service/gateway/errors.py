@@ -150,24 +150,21 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         body_out["error"]["details"] = details
         return JSONResponse(body_out, status_code=422)
 
-    @app.exception_handler(ModelMismatch)
-    async def _mismatch(request: Request, exc: ModelMismatch) -> JSONResponse:
-        log.error("refusing to score: %s", exc)
-        return error_response(
-            503,
-            "model_mismatch",
-            f"refusing to score: {exc}",
-            current_request_id(request),
-            headers={"Retry-After": str(retry_after_s)},
-        )
-
-    @app.exception_handler(BackendUnavailable)
+    @app.exception_handler(BackendUnavailable)  # ModelMismatch too: it is a subclass
     async def _unavailable(request: Request, exc: BackendUnavailable) -> JSONResponse:
-        log.warning("backend unavailable: %s", exc)
+        if isinstance(exc, ModelMismatch):
+            log.error("refusing to score: %s", exc)
+            code, message = "model_mismatch", f"refusing to score: {exc}"
+        else:
+            log.warning("backend unavailable: %s", exc)
+            code, message = (
+                "backend_unavailable",
+                f"the reward backend is unavailable, retry later ({exc})",
+            )
         return error_response(
             503,
-            "backend_unavailable",
-            f"the reward backend is unavailable, retry later ({exc})",
+            code,
+            message,
             current_request_id(request),
             headers={"Retry-After": str(retry_after_s)},
         )
