@@ -62,6 +62,45 @@ def train_head_cmd(
     print_auroc_report(report)
 
 
+def _load_models(model: str | None, head: str | None, no_head: bool):
+    """(source, CLIP bundle, head or None): the shipped head goes with the shipped model only."""
+    from export.clip_model import checkpoint_hash, load_clip
+    from export.reward_head import load_head
+
+    settings = get_settings()
+    source = model or settings.model
+    bundle = load_clip(source)
+    head_dir = None if no_head else head or (settings.head if model is None else None)
+    reward_head = None
+    if head_dir:
+        reward_head, head_config = load_head(Path(head_dir))
+        if head_config.get("clip_sha256") not in (None, checkpoint_hash(source)):
+            raise ValueError(f"head {head_dir} was trained on a different CLIP than {source}")
+    return source, bundle, reward_head
+
+
+def _served_tokenizer(source: str):
+    """The tokenizer the gateway uses for `source` (its tokenizer.json), if it is local."""
+    from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+
+    path = Path(source) / "tokenizer.json"
+    return ClipTokenizer(path) if path.is_file() else None  # None: compare prompts as text
+
+
+def _served_max_contrastive() -> int:
+    """Contrastive prompts per prompt the gateway keeps (Scorer.max_contrastive)."""
+    from service import model_contract
+
+    return min(get_settings().max_contrastive_prompts, model_contract.MAX_PROMPTS - 1)
+
+
+def _served_vocabulary():
+    from service.contrastive import load_vocabulary
+
+    file = get_settings().contrastive_vocabulary_file
+    return load_vocabulary(file) if file else None
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(
@@ -73,38 +112,216 @@ def eval_cmd(
     ] = None,
     no_head: Annotated[bool, typer.Option("--no-head", help="evaluate CLIP rewards only")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print a markdown table")] = False,
     prompts_per_category: Annotated[int, typer.Option(min=1)] = 10,
     images_per_prompt: Annotated[int, typer.Option(min=2)] = 50,
     seed: Annotated[int | None, typer.Option(help="benchmark seed [default: settings]")] = None,
     textnorm_scale: Annotated[
         float | None, typer.Option(help="TextNorm c [default: settings]")
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="calibration JSON (`calibrate`): per-category c/λ for the category rows, and "
+            "the c/λ the gateway would pick for the served rows [default: settings' "
+            "textnorm_calibration_file]"
+        ),
+    ] = None,
+    via: Annotated[
+        str | None,
+        typer.Option(help="also score the benchmark through a running service at this URL"),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="REWARD_EVAL_API_KEY", help="Bearer key for --via")
+    ] = None,
+    via_batch: Annotated[int, typer.Option(min=1, help="images per /v1/score call")] = 32,
 ) -> None:
-    """Mean per-prompt AUROC by category and reward on the held-out benchmark."""
-    from evaluation.evaluate import EvalSettings, evaluate, score_benchmark
-    from export.clip_model import checkpoint_hash, load_clip
-    from export.reward_head import load_head
+    """Mean per-prompt AUROC by category: per-category-rule rows and the served default's rows
+    (exactly what /v1/score returns with default settings); --via proves the two paths equal."""
+    from evaluation.evaluate import encode_benchmark_images, score_benchmark
+    from evaluation.report import category_rows, served_rows
+    from export.clip_model import checkpoint_hash
     from shapes_world.benchmark import build_benchmark
 
     settings = get_settings()
-    source = model or settings.model
-    bundle = load_clip(source)
-    head_dir = None if no_head else head or (settings.head if model is None else None)
-    reward_head = None
-    if head_dir:
-        reward_head, head_config = load_head(Path(head_dir))
-        if head_config.get("clip_sha256") not in (None, checkpoint_hash(source)):
-            raise ValueError(f"head {head_dir} was trained on a different CLIP than {source}")
+    source, bundle, reward_head = _load_models(model, head, no_head)
     bench = build_benchmark(
         seed=settings.benchmark_seed if seed is None else seed,
         prompts_per_category=prompts_per_category,
         images_per_prompt=images_per_prompt,
     )
     scale = settings.textnorm_scale if textnorm_scale is None else textnorm_scale
-    report = evaluate(
-        score_benchmark(bundle, bench, reward_head), EvalSettings(scale, settings.ensemble_lambda)
+    calibration_file = calibration or settings.textnorm_calibration_file
+    calib = _read_calibration(calibration_file, checkpoint_hash(source))
+    images = encode_benchmark_images(bundle, bench)
+    scored = score_benchmark(bundle, bench, reward_head, images=images)
+    report = category_rows(scored, scale, settings.ensemble_lambda, calib)
+    served_table, rows = served_rows(
+        bundle,
+        bench,
+        reward_head,
+        images,
+        tokenizer=_served_tokenizer(source),
+        max_contrastive=_served_max_contrastive(),
+        vocabulary=_served_vocabulary(),
+        scale=scale,
+        lam=settings.ensemble_lambda,
+        calibration=calib,
     )
+    report |= rows
+    differences = None
+    if via is not None:
+        from evaluation.served import auroc_rows, max_differences, score_via
+
+        via_table, served_checkpoint = score_via(via, bench, api_key, via_batch)
+        if served_checkpoint not in (None, checkpoint_hash(source)):
+            raise ValueError(f"{via} serves checkpoint {served_checkpoint[:12]}, not {source}")
+        report |= auroc_rows(bench, via_table, "via_")
+        differences = max_differences(served_table, via_table)
+        auroc_gap = max(
+            abs(report[f"served_{f}"][c] - report[f"via_{f}"][c])
+            for f in differences
+            if f"served_{f}" in report
+            for c in report[f"served_{f}"]
+        )
+        differences["auroc"] = auroc_gap
     if as_json:
-        print(json.dumps(report))
+        out = dict(report)
+        if differences is not None:
+            out["via_max_abs_difference"] = differences
+        print(json.dumps(out))
         return
-    print_auroc_report(report)
+    if markdown:
+        from evaluation.report import markdown_table
+
+        print(markdown_table(report))
+    else:
+        print_auroc_report(report)
+    if differences is not None:
+        print(
+            "served default vs --via, max |difference| over every image: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in differences.items())
+        )
+
+
+def _read_calibration(path: Path | str | None, checkpoint_sha256: str):
+    if path is None:
+        return None
+    from service.gateway.calibration import load_calibration
+
+    return load_calibration(path, checkpoint_sha256)
+
+
+@app.command("calibrate")
+@user_errors
+def calibrate_cmd(
+    out: Annotated[Path, typer.Option(help="calibration JSON to write")],
+    model: Annotated[str | None, typer.Option(help="checkpoint [default: shipped]")] = None,
+    head: Annotated[str | None, typer.Option(help="reward-head dir [default: shipped]")] = None,
+    no_head: Annotated[bool, typer.Option("--no-head", help="CLIP only (λ not chosen)")] = False,
+    seed: Annotated[
+        int | None, typer.Option(help="validation seed [default: settings' calibration_seed]")
+    ] = None,
+    prompt_sets: Annotated[
+        Path | None,
+        typer.Option(
+            help="prompt-set JSON ({prompt: [contrastive, ...]}): also choose c for its sets, "
+            "on the validation prompts it covers"
+        ),
+    ] = None,
+    prompts_per_category: Annotated[int, typer.Option(min=1)] = 10,
+    images_per_prompt: Annotated[int, typer.Option(min=2)] = 50,
+    scales: Annotated[
+        str, typer.Option(help="grid of c, comma-separated (the authors' values, then 20 and 50)")
+    ] = "0.1,1,3,5,10,20,50",
+    lambdas: Annotated[str, typer.Option(help="grid of λ, comma-separated")] = "0,0.5,1,2",
+) -> None:
+    """Choose TextNorm's c (and the ensemble's λ) per category, per kind of served prompt and
+    per prompt set on a validation seed; write the calibration JSON the gateway reads
+    (`REWARD_TEXTNORM_CALIBRATION_FILE`)."""
+    from evaluation import calibrate as cal
+    from evaluation.evaluate import encode_benchmark_images, score_benchmark
+    from evaluation.served import served_contrastive
+    from export.clip_model import checkpoint_hash
+    from service.contrastive import load_prompt_sets
+    from service.contrastive.dedupe import normalise
+    from service.gateway.calibration import calibration_document, parse_calibration
+    from shapes_world.benchmark import build_benchmark
+
+    settings = get_settings()
+    seed = settings.calibration_seed if seed is None else seed
+    if seed == settings.benchmark_seed:
+        raise ValueError(
+            f"seed {seed} is the held-out benchmark seed: calibrate on a validation seed"
+        )
+    grids = {"scale_grid": _grid(scales, "scales", 0.0), "lambda_grid": _grid(lambdas, "lambdas")}
+    source, bundle, reward_head = _load_models(model, head, no_head)
+    bench = build_benchmark(
+        seed=seed, prompts_per_category=prompts_per_category, images_per_prompt=images_per_prompt
+    )
+    images = encode_benchmark_images(bundle, bench)
+    by_category = cal.by_category(
+        score_benchmark(bundle, bench, reward_head, images=images), **grids
+    )
+    served = served_contrastive(
+        _served_tokenizer(source),
+        _served_max_contrastive(),
+        vocabulary=_served_vocabulary(),
+    )
+    by_kind = cal.by_prompt_kind(
+        score_benchmark(bundle, bench, reward_head, served, images), **grids
+    )
+    by_set: dict = {}
+    if prompt_sets is not None:
+        sets = {normalise(k): v for k, v in load_prompt_sets(prompt_sets).items()}
+        covered = [i for i, p in enumerate(bench) if normalise(p.prompt) in sets]
+        if not covered:
+            raise ValueError(
+                f"{prompt_sets}: none of its prompts is a validation prompt of seed {seed}; "
+                "calibrating a set needs labelled images of its prompt"
+            )
+        chosen = [bench[i] for i in covered]
+        by_set = cal.by_prompt_set(
+            score_benchmark(
+                bundle,
+                chosen,
+                reward_head,
+                lambda p: sets[normalise(p.prompt)][: _served_max_contrastive()],
+                [images[i] for i in covered],
+            ),
+            **grids,
+        )
+    document = calibration_document(
+        checkpoint_sha256=checkpoint_hash(source),
+        validation_seed=seed,
+        grid={"scale": list(grids["scale_grid"]), "ensemble_lambda": list(grids["lambda_grid"])},
+        categories=by_category,
+        prompt_kinds=by_kind,
+        prompt_sets=by_set,
+        extra={
+            "benchmark": {
+                "prompts_per_category": prompts_per_category,
+                "images_per_prompt": images_per_prompt,
+            },
+            "criterion": "max mean per-prompt AUROC of textnorm (c), then of ensemble_uw (λ)",
+        },
+    )
+    parse_calibration(document)  # what the gateway will read back
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out} (validation seed {seed})")
+    for group, choices in (("category", by_category), ("served kind", by_kind)):
+        for name, choice in choices.items():
+            print(f"  {group} {name}: c = {choice['scale']:g}, λ = {choice['ensemble_lambda']:g}")
+    if by_set:
+        print(f"  {len(by_set)} prompt sets of {prompt_sets} calibrated")
+
+
+def _grid(text: str, name: str, above: float | None = None) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v < 0 or (above is not None and v <= above) for v in values):
+        raise ValueError(f"--{name}: expected positive numbers, got {text!r}")
+    return values

@@ -64,18 +64,42 @@ def _encode_texts(bundle: ClipBundle, texts: list[str], batch: int = 512) -> np.
     )
 
 
-def score_benchmark(
-    bundle: ClipBundle, prompts: list[BenchmarkPrompt], head: RewardHead | None = None
-) -> list[ScoredPrompt]:
+ContrastiveFn = Callable[[BenchmarkPrompt], list[str]]
+
+
+def category_contrastive(prompt: BenchmarkPrompt) -> list[str]:
+    """The per-category rule (``CONTRASTIVE_RULES``): each category's own contrastive set."""
+    return CONTRASTIVE_RULES[prompt.category](prompt.prompt)
+
+
+def encode_benchmark_images(bundle: ClipBundle, prompts: list[BenchmarkPrompt]) -> list[np.ndarray]:
+    """Every prompt's image embeddings [N, D] (encode once, score with several rules)."""
     images = _encode_images(bundle, prompts)
-    sets = [[p.prompt, *CONTRASTIVE_RULES[p.category](p.prompt)] for p in prompts]
+    out, at = [], 0
+    for p in prompts:
+        out.append(images[at : at + len(p.items)])
+        at += len(p.items)
+    return out
+
+
+def score_benchmark(
+    bundle: ClipBundle,
+    prompts: list[BenchmarkPrompt],
+    head: RewardHead | None = None,
+    contrastive: ContrastiveFn = category_contrastive,
+    images: list[np.ndarray] | None = None,
+) -> list[ScoredPrompt]:
+    """Score every image against [prompt, *contrastive(prompt)] with CLIP (and the head).
+
+    `images`: precomputed :func:`encode_benchmark_images` (None: encoded here)."""
+    images = encode_benchmark_images(bundle, prompts) if images is None else images
+    sets = [[p.prompt, *contrastive(p)] for p in prompts]
     flat = [t for s in sets for t in s]
     texts = _encode_texts(bundle, flat)
-    out, img_at, txt_at = [], 0, 0
-    for p, s in zip(prompts, sets, strict=True):
-        img = images[img_at : img_at + len(p.items)]
+    out, txt_at = [], 0
+    for p, s, img in zip(prompts, sets, images, strict=True):
         txt = texts[txt_at : txt_at + len(s)]
-        img_at, txt_at = img_at + len(p.items), txt_at + len(s)
+        txt_at += len(s)
         head_scores = None
         if head is not None:
             with torch.no_grad():

@@ -446,6 +446,13 @@ def _replace(out: Path, new: Path) -> None:
         new.rename(out)
 
 
+def _public_name(source: str) -> str:
+    """A hub id as is; a local directory by its last component (never a host path)."""
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser().resolve().name
+    return source
+
+
 def _provenance(
     root: Path,
     source: str,
@@ -463,13 +470,19 @@ def _provenance(
         "format": FORMAT_VERSION,
         "cache_key": key,
         "model": {
+            # `name`: how responses name it (a hub id, or a local directory's last component);
+            # `source` is where this exporter read it, for `verify`/`bench` on this host only —
+            # the gateway never answers with it (service/gateway/provenance.py).
+            "name": _public_name(source),
             "source": source,
             "checkpoint_sha256": checkpoint_sha,
             "embed_dim": bundle.model.config.projection_dim,
             "image_size": bundle.model.config.vision_config.image_size,
             "logit_scale": float(bundle.model.logit_scale.detach().exp()),
         },
-        "head": None if head_dir is None else {"source": str(head_dir), "sha256": head_sha},
+        "head": None
+        if head_dir is None
+        else {"name": Path(head_dir).name, "source": str(head_dir), "sha256": head_sha},
         "options": asdict(options),
         "textnorm_defaults": {
             "scale": options.textnorm_scale,

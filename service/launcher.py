@@ -12,8 +12,10 @@ export the provenance names.
 2. Start the bundled `tritonserver` on loopback ports (`TritonServer`), wait until it is ready.
 3. Serve the gateway with uvicorn; uvicorn turns SIGINT/SIGTERM into a graceful shutdown, after
    which Triton is stopped by PID (its whole process group: no orphans).
-A watchdog thread restarts Triton on the same ports if it dies; meanwhile the gateway answers
-503 with Retry-After and `/readyz` is false, and service resumes without restarting the gateway.
+A watchdog thread restarts Triton on the same ports if it dies, or if it hangs (N consecutive
+failed readiness probes: `triton_probe_*` settings), with a backoff; meanwhile the gateway
+answers 503/504 with Retry-After and `/readyz` is false, and service resumes without restarting
+the gateway. Restarts are counted in `/metrics` by cause (`reward_gateway_triton_restarts_total`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from service.settings import Settings
@@ -112,17 +115,60 @@ def curl_example(settings: Settings) -> str:
     )
 
 
+RESTART_CAUSES = ("exited", "hung")
+
+
 class TritonWatchdog(threading.Thread):
-    """Restart a Triton server that exited, with a backoff; stop() before stopping Triton.
+    """Supervise the bundled Triton: restart it when it exits or hangs; stop() before stopping
+    Triton.
+
+    Every `interval_s` it checks the process; a running process must also answer
+    `GET /v2/health/ready` within `probe_timeout_s`. After `failures_before_restart`
+    consecutive failed probes (a SIGSTOP-ed or deadlocked server: the process is there, the
+    answers are not) it is killed (SIGKILL of its process group: a stopped process ignores
+    SIGTERM) and started again on the same ports. A failed restart is retried after
+    `backoff_s`, doubling up to `max_backoff_s`. Each restart calls `on_restart(cause)` with
+    cause "exited" or "hung" (the launcher counts them in /metrics).
 
     It must stay alive as long as Triton runs: the server gets SIGKILL when the thread that
     started it ends (`TritonServer(die_with_parent=True)`)."""
 
-    def __init__(self, server, interval_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        server,
+        interval_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        *,
+        probe_timeout_s: float = 2.0,
+        failures_before_restart: int = 3,
+        backoff_s: float | None = None,
+        on_restart: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__(name="triton-watchdog", daemon=True)
         self.server, self.interval_s, self.max_backoff_s = server, interval_s, max_backoff_s
+        self.probe_timeout_s = probe_timeout_s
+        self.failures_before_restart = failures_before_restart
+        self.backoff_s = interval_s if backoff_s is None else backoff_s
+        self.on_restart = on_restart
         self._stopping = threading.Event()
         self.restarts = 0
+        self.restarts_by_cause = dict.fromkeys(RESTART_CAUSES, 0)
+        self.failed_probes = 0  # consecutive, of the running server
+        self.restart_waits: list[float] = []  # the backoff after each failed restart
+
+    @classmethod
+    def from_settings(
+        cls, server, settings: Settings, on_restart: Callable[[str], None] | None = None
+    ) -> TritonWatchdog:
+        return cls(
+            server,
+            interval_s=settings.triton_probe_interval_s,
+            max_backoff_s=settings.triton_restart_backoff_max_s,
+            probe_timeout_s=settings.triton_probe_timeout_s,
+            failures_before_restart=settings.triton_probe_failures,
+            backoff_s=settings.triton_restart_backoff_s,
+            on_restart=on_restart,
+        )
 
     def run(self) -> None:
         try:
@@ -131,21 +177,59 @@ class TritonWatchdog(threading.Thread):
             if self._stopping.is_set():
                 self.server.stop()  # from the thread that (re)started it, before it exits
 
+    def _cause(self) -> str | None:
+        """Why Triton needs a restart now ("exited", "hung"), or None while it is healthy."""
+        if not self.server.running():
+            return "exited"
+        if self.server.is_ready(timeout=self.probe_timeout_s):
+            self.failed_probes = 0
+            return None
+        self.failed_probes += 1
+        log.warning(
+            "tritonserver (pid %s) failed readiness probe %d of %d",
+            self.server.pid,
+            self.failed_probes,
+            self.failures_before_restart,
+        )
+        if self.failed_probes < self.failures_before_restart:
+            return None
+        return "hung"
+
     def _watch(self) -> None:
-        backoff = self.interval_s
-        while not self._stopping.wait(backoff):
-            if self.server.running():
-                backoff = self.interval_s
+        wait = self.interval_s
+        backoff = self.backoff_s
+        pending: str | None = None  # the cause of a restart that has not succeeded yet
+        while not self._stopping.wait(wait):
+            wait = self.interval_s
+            cause = pending or self._cause()
+            if cause is None:
                 continue
-            log.warning("tritonserver is not running; restarting it")
+            if cause == "hung" and self.server.running():
+                log.warning(
+                    "tritonserver (pid %s) is hung (%d failed readiness probes): killing it",
+                    self.server.pid,
+                    self.failed_probes,
+                )
+                self.server.kill()
+            elif pending is None:
+                log.warning("tritonserver is not running; restarting it")
             try:
                 self.server.start()
-                self.restarts += 1
-                log.info("tritonserver restarted (pid %s)", self.server.pid)
-                backoff = self.interval_s
             except Exception as exc:  # keep watching; the gateway answers 503 meanwhile
                 log.error("tritonserver restart failed: %s", str(exc).splitlines()[0])
+                pending, wait = cause, backoff
+                self.restart_waits.append(wait)
                 backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            pending, self.failed_probes, backoff = None, 0, self.backoff_s
+            self.restarts += 1
+            self.restarts_by_cause[cause] += 1
+            log.info("tritonserver restarted (pid %s); cause: %s", self.server.pid, cause)
+            if self.on_restart is not None:
+                try:
+                    self.on_restart(cause)
+                except Exception:  # a metrics hook must never stop the supervision
+                    log.exception("on_restart hook failed")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -236,9 +320,13 @@ def serve(settings: Settings) -> None:
         metrics_port=settings.triton_metrics_port,
     )
     server.start()
-    watchdog = TritonWatchdog(server)
+    watchdog = TritonWatchdog.from_settings(server, settings)
     try:
         app = _gateway_app(settings, repo, server.grpc_url, required=True)
+        restarts = app.state.gateway.metrics.triton_restarts
+        for cause in RESTART_CAUSES:
+            restarts.labels(cause)  # every cause in /metrics from the start, at 0
+        watchdog.on_restart = lambda cause: restarts.labels(cause).inc()
         print(
             f"triton: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics "
             f"{server.metrics_url}  (pid {server.pid}, repository {repo})"

@@ -31,6 +31,17 @@ class Settings(BaseSettings):
     textnorm_scale: float = Field(default=5.0, gt=0, description="TextNorm scale c")
     ensemble_lambda: float = Field(default=1.0, ge=0, description="λ of the uncertainty ensemble")
     benchmark_seed: int = Field(default=20_240_611, description="seed of the held-out benchmark")
+    calibration_seed: int = Field(
+        default=12_345,
+        description="validation seed of `reward-service calibrate` (never the held-out "
+        "benchmark_seed)",
+    )
+    textnorm_calibration_file: str | None = Field(
+        default=None,
+        description="calibration JSON written by `reward-service calibrate`: the gateway uses a "
+        "prompt set's or a prompt kind's calibrated c (and λ) unless the request sets them "
+        "(None: the model's defaults)",
+    )
 
     # -- serving (service/launcher.py): where things listen and what Triton loads ---------------
     host: str = Field(default="127.0.0.1", description="gateway bind address")
@@ -153,10 +164,69 @@ class Settings(BaseSettings):
         "requests are counted and timed in /metrics either way)",
     )
     backend_timeout_s: float = Field(
-        default=30.0, gt=0, description="timeout of each gateway → backend call, in seconds"
+        default=30.0,
+        gt=0,
+        description="timeout of each gateway → backend call, in seconds (past it: 504)",
     )
     retry_after_s: int = Field(
-        default=5, ge=1, description="Retry-After seconds sent with 503 (backend unavailable)"
+        default=5,
+        ge=1,
+        description="Retry-After seconds sent with 503 (backend unavailable) and 504 (timeout)",
+    )
+    # -- admission control (service/gateway/admission.py): past a limit, 429 with Retry-After --
+    max_requests_in_flight: int = Field(
+        default=64,
+        ge=1,
+        description="scoring requests (/v1/score, /v1/score/group) admitted at once; more are "
+        "refused at once with 429 (never queued)",
+    )
+    max_body_bytes_in_flight: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="request-body bytes of admitted scoring requests, summed (from "
+        "Content-Length before the body is read, else as it streams in); raised to "
+        "max_request_bytes if lower, so one maximal request always fits",
+    )
+    max_images_in_flight: int = Field(
+        default=1024,
+        ge=1,
+        description="images of admitted scoring requests, summed (queued or being scored); "
+        "raised to max_items_per_request if lower",
+    )
+    max_decoded_bytes_in_flight: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1,
+        description="decoded pixel bytes (H × W × 3) of admitted requests, summed, reserved "
+        "from each image's header before it is decoded; raised to 3 × max_request_pixels if "
+        "lower",
+    )
+    max_backend_calls: int = Field(
+        default=16,
+        ge=1,
+        description="backend (Triton) calls in flight across all requests; Triton's dynamic "
+        "batcher merges them, more would only wait in its queue",
+    )
+    max_backend_calls_per_request: int = Field(
+        default=4,
+        ge=1,
+        description="backend calls in flight for one request (its chunks and image sizes), "
+        "so one large request cannot take every backend slot",
+    )
+    overload_retry_after_s: int = Field(
+        default=1, ge=1, description="Retry-After seconds sent with 429 (a limit above is full)"
+    )
+    decode_threads: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="worker threads that parse request JSON and decode images, off the event "
+        "loop (so /healthz and /readyz answer under full load)",
+    )
+    idempotency_cache_entries: int = Field(
+        default=1024,
+        ge=0,
+        description="responses kept by request_id: a retry with the same id and body gets "
+        "the same result, the same id with another body a 409 (0: off)",
     )
     embedding_cache_entries: int = Field(
         default=50_000, ge=0, description="text embeddings kept in the gateway's LRU cache"
@@ -168,6 +238,45 @@ class Settings(BaseSettings):
         default=None,
         description="tokenizer.json for the gateway (default: the exported model's source "
         "directory, from the repository's provenance.json)",
+    )
+
+    # -- supervision of the bundled Triton (`serve`, service/launcher.py) ----------------------
+    triton_probe_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="seconds between the supervisor's readiness probes of the bundled Triton",
+    )
+    triton_probe_timeout_s: float = Field(
+        default=2.0, gt=0, description="timeout of one readiness probe (GET /v2/health/ready)"
+    )
+    triton_probe_failures: int = Field(
+        default=3,
+        ge=1,
+        description="consecutive failed readiness probes of a running Triton (hung, e.g. "
+        "SIGSTOP or a deadlock) before the supervisor kills and restarts it",
+    )
+    triton_restart_backoff_s: float = Field(
+        default=1.0, gt=0, description="first wait before retrying a failed Triton restart"
+    )
+    triton_restart_backoff_max_s: float = Field(
+        default=30.0, gt=0, description="longest wait between failed Triton restarts (doubling)"
+    )
+
+    # -- exposure and per-key limits (service/gateway/auth.py, openapi.py) ---------------------
+    rate_limit_per_key_rps: float | None = Field(
+        default=None,
+        gt=0,
+        description="requests per second each API key may make to /v1 (token bucket; None: "
+        "no limit); past it 429 with Retry-After",
+    )
+    rate_limit_burst: int = Field(
+        default=20, ge=1, description="token-bucket size of the per-key rate limit (a burst)"
+    )
+    expose_metrics: bool = Field(
+        default=True, description="serve Prometheus metrics at /metrics (False: 404)"
+    )
+    expose_docs: bool = Field(
+        default=True, description="serve /docs, /redoc and /openapi.json (False: all 404)"
     )
 
 

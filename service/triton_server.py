@@ -398,6 +398,18 @@ class TritonServer:
             os.killpg(pgid, signal.SIGKILL)
         return proc.wait()
 
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group at once and reap; for a hung server (a SIGSTOP-ed or
+        deadlocked process ignores SIGTERM, so `stop()` would wait out `stop_timeout`)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            atexit.unregister(self.stop)
+            if proc is None:
+                return None
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
     def __enter__(self) -> TritonServer:
         return self.start()
 

@@ -355,10 +355,10 @@ def test_attributes_not_applicable_raises(prompt: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_auto_prefers_composition() -> None:
-    assert contrastive_prompts("an apple and a dog") == contrastive_prompts(
-        "an apple and a dog", "composition"
-    )
+def test_auto_prefers_binding_for_compositions() -> None:
+    for prompt in ("an apple and a dog", "a red circle and a blue square on a sky background"):
+        assert contrastive_prompts(prompt) == contrastive_prompts(prompt, "binding")
+        assert contrastive_prompts(prompt) != contrastive_prompts(prompt, "composition")
 
 
 def test_auto_is_counting_then_attributes() -> None:
@@ -389,7 +389,7 @@ def test_auto_with_no_rule_applicable_raises(prompt: str) -> None:
 
 
 def test_unknown_rule_names_the_allowed_values() -> None:
-    with pytest.raises(ValueError, match="counting, composition, attributes") as info:
+    with pytest.raises(ValueError, match="counting, binding, composition, attributes") as info:
         contrastive_prompts("a cat", "shuffle")
     assert not isinstance(info.value, NoContrastivePrompts)
     assert "auto" in str(info.value)
@@ -415,6 +415,9 @@ def _norm(text: str) -> str:
         ("an orange star on a sky background", "auto"),
         ("a  red   circle", "attributes"),
         ("a red circle and a red circle", "composition"),
+        ("two red circles and a blue square on a sand background", "binding"),
+        ("a red circle and a red circle", "binding"),
+        ("An orange star and 2 crosses", "binding"),
         ("two circles and two circles", "attributes"),
     ],
 )
@@ -476,7 +479,7 @@ ODD_STRINGS = [
 ]
 
 
-@pytest.mark.parametrize("rule", ["auto", "counting", "composition", "attributes"])
+@pytest.mark.parametrize("rule", ["auto", "counting", "binding", "composition", "attributes"])
 @pytest.mark.parametrize("prompt", ODD_STRINGS, ids=range(len(ODD_STRINGS)))
 def test_never_crashes_on_odd_strings(prompt: str, rule: str) -> None:
     try:
@@ -497,7 +500,7 @@ def test_never_crashes_on_random_strings() -> None:
     alphabet += ["background", "sky", "people", "é", "-", ".", "\n", "A", "Six", "like"]
     for _ in range(500):
         prompt = "".join(rng.choice(alphabet) + rng.choice(["", " "]) for _ in range(12))
-        for rule in ("auto", "counting", "composition", "attributes"):
+        for rule in ("auto", "counting", "binding", "composition", "attributes"):
             try:
                 prompts = contrastive_prompts(prompt, rule)
             except NoContrastivePrompts:
@@ -840,3 +843,98 @@ def test_vocabulary_constructor_validates() -> None:
         Vocabulary("red", {}, ())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"backgrounds\[0\]: expected one lowercase word"):
         Vocabulary((), {}, ("Sky",))
+
+
+# --------------------------------------------------------------------------------------------
+# Binding sets (the default for compositions)
+# --------------------------------------------------------------------------------------------
+
+
+def _world_binding_set(scene) -> set[str]:
+    """What the binding rule must produce for a two-kind world scene, built from scenes with the
+    world's own grammar (an oracle independent of the rule's string rewriting)."""
+    from dataclasses import replace
+
+    from shapes_world.grammar import describe
+    from shapes_world.scene import Caption, Group
+
+    def text(groups) -> str:
+        return describe(Caption(groups=tuple(groups), background=scene.background))
+
+    a, b = scene.groups
+    out = {text([a]), text([b])}
+    for index, group in enumerate(scene.groups):
+        others = list(scene.groups)
+        for shape in SHAPES:
+            if shape not in (a.shape, b.shape):
+                others[index] = replace(group, shape=shape)
+                out.add(text(others))
+        for step in (-2, -1, 1, 2):
+            if 1 <= group.count + step <= 6:
+                others[index] = Group(group.count + step, group.colour, group.shape)
+                out.add(text(others))
+        for colour in COLOURS:
+            if colour != group.colour:
+                others[index] = replace(group, colour=colour)
+                out.add(text(others))
+        others[index] = group
+    if a.colour != b.colour:
+        out.add(text([replace(a, colour=b.colour), replace(b, colour=a.colour)]))
+    out.discard(text([a, b]))
+    return out
+
+
+def test_binding_matches_the_world_oracle_on_random_compositions() -> None:
+    import numpy as np
+
+    from shapes_world.grammar import describe
+    from shapes_world.sampling import random_scene
+    from shapes_world.scene import Caption
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = random_scene(rng, kinds=2)
+        prompt = describe(Caption.of(scene))
+        prompts = contrastive_prompts(prompt, "binding")
+        assert set(prompts) == _world_binding_set(scene), prompt
+        assert len(prompts) == len(set(prompts))
+        assert len(prompts) <= 31  # the model contract's 32 prompts: nothing is cut when served
+
+
+def test_binding_order_puts_object_errors_first() -> None:
+    prompt = "a red circle and a blue square on a grass background"
+    prompts = contrastive_prompts(prompt, "binding")
+    assert prompts[:2] == [
+        "a red circle on a grass background",
+        "a blue square on a grass background",
+    ]
+    assert prompts[2] == "a red triangle and a blue square on a grass background"
+    assert "a blue circle and a red square on a grass background" in prompts  # colours swapped
+    assert "an orange circle and a blue square on a grass background" in prompts  # article fixed
+
+
+def test_binding_keeps_case_digits_and_context_for_free_form_prompts() -> None:
+    prompts = contrastive_prompts("A photo of 2 cats and a dog, at night", "binding")
+    assert prompts[:2] == ["A photo of 2 cats, at night", "A photo of a dog, at night"]
+    assert "A photo of 4 cats and a dog, at night" in prompts
+    assert "A photo of 2 cats and three dogs, at night" in prompts  # each phrase its own style
+    assert all(p.startswith("A photo of ") and p.endswith(", at night") for p in prompts)
+
+
+def test_binding_uses_the_given_vocabulary() -> None:
+    words = parse_vocabulary(
+        {
+            "colours": ["red", "teal"],
+            "shapes": {"cat": "cats", "dog": "dogs", "fox": "foxes"},
+            "backgrounds": ["sky"],
+        }
+    )
+    prompts = contrastive_prompts("a red cat and a teal dog", "binding", vocabulary=words)
+    assert "a red fox and a teal dog" in prompts and "a red cat and a teal fox" in prompts
+    assert "a teal cat and a red dog" in prompts
+    assert not any("circle" in p or "blue" in p for p in prompts)
+
+
+def test_binding_not_applicable_raises() -> None:
+    with pytest.raises(NoContrastivePrompts, match="composition"):
+        contrastive_prompts("three red triangles on a grass background", "binding")

@@ -436,12 +436,13 @@ def test_grpc_client_gives_the_gateway_rewards_in_item_order(triton_server, trit
     with GrpcRewardClient(urls, triton_repo, timeout_s=10) as client:
         for _ in range(3):  # every address gets a turn; the dead one fails over
             got = client.score(images, PROMPT, CONTRASTIVE)
-            assert np.allclose(got["raw"], [r["raw"] for r in expected], atol=1e-5)
-            assert np.allclose(got["textnorm"], [r["textnorm"] for r in expected], atol=1e-5)
+            assert np.allclose(got.rewards("raw"), [r["raw"] for r in expected], atol=1e-5)
+            textnorm = got.rewards("textnorm")
+            assert np.allclose(textnorm, [r["textnorm"] for r in expected], atol=1e-5)
         with pytest.raises(ValueError, match="contrastive"):
             client.score(images, PROMPT, [PROMPT, " "])  # nothing left once cleaned
         repeated = client.score(images, PROMPT, [*CONTRASTIVE, CONTRASTIVE[0], PROMPT])
-        assert np.allclose(repeated["textnorm"], got["textnorm"], atol=1e-6)  # cleaned alike
+        assert np.allclose(repeated.rewards("textnorm"), textnorm, atol=1e-6)  # cleaned alike
     other = tmp_path / "other-export"  # provenance naming another export's model version
     other.mkdir()
     shutil.copyfile(triton_repo / "tokenizer.json", other / "tokenizer.json")

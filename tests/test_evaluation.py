@@ -68,3 +68,57 @@ def test_textnorm_of_a_perfect_reward_is_perfect():
     out = evaluate(scored, EvalSettings())
     assert out["textnorm_clip"]["counting"] == 1.0
     assert set(REWARDS) == set(out)
+
+
+def test_served_rows_score_the_auto_rule_at_each_kinds_calibrated_scale(shipped_model):
+    """The served rows use the gateway's auto rule (binding sets for compositions) and the c a
+    calibration gives each prompt kind; the category rows keep their own rules."""
+    from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+
+    from evaluation.evaluate import encode_benchmark_images
+    from evaluation.report import category_rows, markdown_table, served_rows
+    from service.contrastive import contrastive_prompts
+    from service.gateway.calibration import calibration_document, parse_calibration
+
+    bundle = load_clip(shipped_model)
+    bench = build_benchmark(
+        seed=9, prompts_per_category=2, images_per_prompt=10, categories=("counting", "composition")
+    )
+    calibration = parse_calibration(
+        calibration_document(
+            checkpoint_sha256="x",
+            validation_seed=0,
+            grid={},
+            categories={},
+            prompt_kinds={
+                "composition": {"scale": 20.0, "ensemble_lambda": 1.0},
+                "single_object": {"scale": 3.0, "ensemble_lambda": 1.0},
+            },
+        )
+    )
+    images = encode_benchmark_images(bundle, bench)
+    tokenizer = ClipTokenizer(f"{shipped_model}/tokenizer.json")
+    table, rows = served_rows(
+        bundle,
+        bench,
+        None,
+        images,
+        tokenizer=tokenizer,
+        max_contrastive=31,
+        scale=5.0,
+        lam=1.0,
+        calibration=calibration,
+    )
+    assert list(rows) == ["served_raw", "served_textnorm"]  # no head: CLIP fields only
+    for p, scores in zip(bench, table, strict=True):
+        assert set(scores["textnorm_scale"]) == {20.0 if p.category == "composition" else 3.0}
+    scored = score_benchmark(bundle, bench, images=images)
+    for p in scored:
+        auto = contrastive_prompts(p.prompt.prompt, "auto")
+        rule = "binding" if p.prompt.category == "composition" else "counting"
+        assert p.contrastive == contrastive_prompts(p.prompt.prompt, rule)
+        assert (p.contrastive == auto) == (p.prompt.category == "composition")
+    report = category_rows(scored, 5.0, 1.0) | rows
+    assert report["served_raw"] == report["clip"]  # the raw reward needs no contrastive set
+    table_md = markdown_table(report)
+    assert "| `served_textnorm` |" in table_md and "| `paper: TextNorm` | 0.807 |" in table_md

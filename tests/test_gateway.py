@@ -11,10 +11,7 @@ import asyncio
 import base64
 import io
 import json
-import os
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from contextlib import contextmanager
@@ -37,7 +34,7 @@ from shapes_world.perturb import perturb
 from shapes_world.render import render
 from shapes_world.sampling import random_scene
 from shapes_world.scene import Caption, Group, Scene
-from tests.conftest import REPO_ROOT, assert_error
+from tests.conftest import assert_error
 
 TRUE_PROMPT = "three red triangles on a grass background"
 TRUE_SCENE = Scene(groups=(Group(3, "red", "triangle"),), background="grass")
@@ -55,16 +52,14 @@ def _model_dir() -> Path:
     return SHIPPED_MODEL_DIR
 
 
+pytest_plugins = ("tests.conftest_triton",)  # its session export (no head, max batch 16)
+
+
 @pytest.fixture(scope="session")
-def repo(tmp_path_factory) -> Path:
-    model = _model_dir()
-    out = tmp_path_factory.mktemp("gateway") / "repo"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "service.cli", "export", "--model", str(model), "--no-head"]
-    cmd += ["--out", str(out), "--max-batch", "16"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
+def repo(triton_repo) -> Path:
+    """The shipped model exported once per session (shared with the Triton tests)."""
+    _model_dir()
+    return triton_repo
 
 
 @pytest.fixture(scope="session")
@@ -130,8 +125,9 @@ class DownBackend:
         pass
 
 
-class HangingBackend(DownBackend):
-    """A backend that never answers."""
+class HangingBackend(RecordingBackend):
+    """A real backend that hangs on inference (as a SIGSTOPped Triton does): its config and
+    identity still answer, its encoders never do."""
 
     async def encode_images(self, images):
         await asyncio.sleep(3600)
@@ -394,11 +390,13 @@ def test_group_scores_and_advantages(provenance, onnx_backend):
         items = [{"image": im, "prompt": TRUE_PROMPT, "contrastive": SHORT_SET} for im in images]
         single = c.post("/v1/score", json={"items": items}).json()["results"]
         assert np.allclose([x["textnorm"] for x in single], tn, atol=1e-6)
-        raw = c.post("/v1/score/group", json={**body, "advantage_of": "raw"}).json()
+        other = {**body, "advantage_of": "raw", "request_id": "grpo-step-7-raw"}  # a new id:
+        raw = c.post("/v1/score/group", json=other).json()  # the same id would be a 409
         assert abs(np.mean(raw["advantages"])) < 1e-9 and raw["advantage_of"] == "raw"
-        head = c.post("/v1/score/group", json={**body, "advantage_of": "head"})
+        fresh = {k: v for k, v in body.items() if k != "request_id"}
+        head = c.post("/v1/score/group", json={**fresh, "advantage_of": "head"})
         assert_error(head, 422, "advantage_unavailable", "advantage_of")
-        many = c.post("/v1/score/group", json={**body, "images": images * 20})
+        many = c.post("/v1/score/group", json={**fresh, "images": images * 20})
         assert_error(many, 422, "too_many_items", "images", 64)
 
 
@@ -831,14 +829,15 @@ def test_backend_unavailable_is_503_with_retry_after(provenance):
         assert reg.status_code == 201 and reg.json()["pre_encoded"] is False
 
 
-def test_hanging_backend_times_out_and_errors_are_502(provenance, onnx_backend):
+def test_hanging_backend_times_out_504_and_errors_are_502(provenance, onnx_backend):
     item = {"image": b64(world_image()), "prompt": TRUE_PROMPT}
-    with gateway(provenance, HangingBackend(), backend_timeout_s=0.3) as c:
+    with gateway(provenance, HangingBackend(onnx_backend), backend_timeout_s=0.3) as c:
         start = time.perf_counter()
         r = c.post("/v1/score", json={"items": [item]})
-        assert_error(r, 503, "backend_unavailable")
+        assert_error(r, 504, "backend_timeout")  # a timeout is 504, not 503
         assert "retry-after" in r.headers and time.perf_counter() - start < 5
         assert c.get("/readyz").status_code == 503
+        assert metric(c, "reward_gateway_refusals_total", {"cause": "backend_timeout"}) == 1
 
     class BrokenRewards(RecordingBackend):
         async def rewards(self, *args):
@@ -922,9 +921,10 @@ def test_openapi_documents_typed_api(client):
         "TextNormOptions",
     ):
         assert name in schemas, name
-    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    # no keys configured: no security declared (service/gateway/openapi.py)
+    assert "HTTPBearer" not in spec["components"].get("securitySchemes", {})
     responses = spec["paths"]["/v1/score"]["post"]["responses"]
-    assert {"200", "401", "413", "422", "503"} <= set(responses)
+    assert {"200", "409", "413", "422", "429", "503", "504"} <= set(responses)
 
 
 def test_unexpected_errors_are_json_500_without_traceback(provenance, onnx_backend):
@@ -951,22 +951,22 @@ def test_both_backends_implement_the_protocol(onnx_backend):
 
 def test_client_retries_503_504_and_transport_errors_but_not_502():
     import httpx
-    from textnorm_reward_client import RewardClient, RewardServiceError
+    from textnorm_reward_client import RetryPolicy, RewardClient, RewardServiceError
 
     def counting_client(status: int | None):
         calls = []
 
         def handler(request):
+            if request.url.path == "/v1/models":  # the limits, read once per client
+                return httpx.Response(200, json={"models": [{}]})
             calls.append(request)
             if status is None:
                 raise httpx.ConnectError("refused", request=request)
             return httpx.Response(status, json={"error": {"message": f"status {status}"}})
 
-        trainer = RewardClient("http://gateway.test", attempts=2)
-        trainer._http = httpx.Client(
-            base_url="http://gateway.test", transport=httpx.MockTransport(handler)
-        )
-        return trainer, calls
+        retry = RetryPolicy(attempts=2, backoff_base_s=0.01)
+        transport = httpx.MockTransport(handler)
+        return RewardClient("http://gateway.test", transport=transport, retry=retry), calls
 
     for status, attempts in ((502, 1), (422, 1), (503, 2), (504, 2)):
         trainer, calls = counting_client(status)
@@ -974,8 +974,10 @@ def test_client_retries_503_504_and_transport_errors_but_not_502():
             trainer.score([b"png"], "a red circle")
         assert info.value.status == status and len(calls) == attempts, status
     trainer, calls = counting_client(None)
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(RewardServiceError) as unreachable:  # one error type, cause attached
         trainer.score([b"png"], "a red circle")
+    assert unreachable.value.status is None and unreachable.value.code == "unreachable"
+    assert isinstance(unreachable.value.__cause__, httpx.ConnectError)
     assert len(calls) == 2
 
 
@@ -1006,6 +1008,7 @@ def test_client_registers_a_set_again_on_a_replica_that_lacks_it(provenance, onn
             on_b = client.score([image], TRUE_PROMPT, textnorm={"prompt_set": set_id})
         assert balancer.seen == [
             (0, "/v1/prompt-sets"),
+            (0, "/v1/models"),  # the service's limits, read once
             (0, "/v1/score"),
             (1, "/v1/score"),  # unknown_prompt_set on b
             (1, "/v1/prompt-sets"),  # registered there

@@ -3,16 +3,34 @@ server dependencies, a package name that will not collide in a trainer's env.
 
     from textnorm_reward_client import RewardClient          # REST: httpx + tenacity only
     with RewardClient("http://reward:8000", api_key="...") as client:
-        results = client.score([png_bytes, ...], ["three red circles", ...])
+        result = client.score(images, prompts)               # bytes, paths, PIL, numpy, torch
+        result.rewards("textnorm")                           # numpy array, item order
 
+    from textnorm_reward_client import AsyncRewardClient     # the same interface for asyncio
     from textnorm_reward_client import GrpcRewardClient      # direct Triton gRPC: the grpc extra
-    with GrpcRewardClient("dns:///triton-grpc:8001", "repo/") as client:   # provenance + tokenizer
-        rewards = client.score(uint8_images, "three red circles", contrastive_prompts)
+    from textnorm_reward_client import adapters              # DDPO / flow_grpo / TRL reward fns
+
+numpy is imported only for array inputs and `.rewards()`; torch never (a tensor is converted
+with its own methods).
 """
 
-from textnorm_reward_client.client import RewardClient, RewardServiceError
+from textnorm_reward_client.async_client import AsyncRewardClient
+from textnorm_reward_client.client import RewardClient
+from textnorm_reward_client.core import RetryPolicy
+from textnorm_reward_client.errors import RewardServiceError
+from textnorm_reward_client.results import GroupResult, ItemResult, ScoreResult, ServiceLimits
 
-__all__ = ["GrpcRewardClient", "RewardClient", "RewardServiceError"]
+__all__ = [
+    "AsyncRewardClient",
+    "GroupResult",
+    "GrpcRewardClient",
+    "ItemResult",
+    "RetryPolicy",
+    "RewardClient",
+    "RewardServiceError",
+    "ScoreResult",
+    "ServiceLimits",
+]
 
 
 def __getattr__(name: str):

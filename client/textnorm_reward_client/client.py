@@ -1,4 +1,7 @@
-"""`RewardClient`: calls to /v1/score and /v1/score/group with retries on 503/504/network.
+"""`RewardClient`: the blocking REST client (httpx). `AsyncRewardClient` (async_client.py) has
+the same interface for asyncio; both drive the flows of `core.py`, where everything they do
+(retries, Retry-After, deadline, failover, chunking, prompt-set re-registration, parsing)
+lives once.
 
 Prompt sets registered through the client are remembered (id → prompt and contrastive
 prompts). Gateway replicas share no state and a set's id is its content hash, so when a
@@ -8,143 +11,229 @@ registers the set there — under the same id — and sends the request again.
 
 from __future__ import annotations
 
-import base64
-import uuid
-from pathlib import Path
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import httpx
-from tenacity import (
-    retry,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
 
-ImageInput = bytes | str | Path  # encoded PNG/JPEG/WebP bytes, or a path to such a file
+from textnorm_reward_client.core import ClientCore, Flow, RetryPolicy, Send, Sleep, T
+from textnorm_reward_client.errors import RewardServiceError
+from textnorm_reward_client.results import GroupResult, ScoreResult, ServiceLimits
 
+__all__ = ["ImageInput", "RewardClient", "RewardServiceError"]
 
-class RewardServiceError(RuntimeError):
-    """A non-retryable error answer; `status` and the service's JSON `error` block attached."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        super().__init__(f"HTTP {status}: {error.get('message', body)}")
-        self.status, self.error = status, error
+ImageInput = Any  # bytes | str | Path | PIL image | numpy array | torch tensor (see images.py)
 
 
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, httpx.TransportError):
-        return True
-    # 502 is the backend failing on this input (a bad output, a model error): not transient.
-    return isinstance(exc, RewardServiceError) and exc.status in (503, 504)
+class _ClientBase:
+    """Constructor and options shared by the sync and the asyncio client.
 
+    url: one base URL or several (rotated round robin; a retry goes to the next one, and one
+        that cannot be reached sits out `retry.failover_cooldown_s`).
+    api_key: sent as `Authorization: Bearer`.
+    timeout_s: per HTTP request; deadline_s: per call, over every retry and chunk (None: no
+        deadline beyond the retries); attempts: tries per request (or give `retry`).
+    max_concurrency: requests in flight at once (a call's chunks, and, for the asyncio client,
+        all calls together); encode_workers: threads that base64/PNG-encode images.
+    raw_tensors: send arrays/tensors as raw uint8 (when the service accepts it; else PNG).
+    resize: shrink images whose shorter side exceeds the model's input size (`image_size` of
+        /v1/models) to it here (bicubic, Pillow), cutting the payload ~5× at 512 px for a 224 px
+        model. Off by default: the service's own resize is what the rewards were validated with,
+        so resized rewards are close to, not bit-identical with, unresized ones.
+    max_items_per_request: a cap below the service's limit (None: the service's).
+    transport: an httpx transport (tests; unix sockets).
+    """
 
-REREGISTER_ATTEMPTS = 3  # replicas a request may meet that lack a set the client registered
-
-
-def _named_sets(body: dict[str, Any]) -> list[str]:
-    """The prompt-set ids a request body names (request-level and per item)."""
-    named = [(body.get("textnorm") or {}).get("prompt_set")]
-    named += [item.get("prompt_set") for item in body.get("items", [])]
-    return list(dict.fromkeys(s for s in named if s))
-
-
-def _b64(image: ImageInput) -> str:
-    data = Path(image).read_bytes() if isinstance(image, str | Path) else image
-    return base64.b64encode(data).decode("ascii")
-
-
-class RewardClient:
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         api_key: str | None = None,
         timeout_s: float = 60.0,
         attempts: int = 4,
-        transport: httpx.BaseTransport | None = None,
+        transport: Any = None,
+        *,
+        deadline_s: float | None = None,
+        retry: RetryPolicy | None = None,
+        max_concurrency: int = 8,
+        encode_workers: int | None = None,
+        raw_tensors: bool = True,
+        resize: bool = False,
+        max_items_per_request: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(
-            base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        retry = retry or RetryPolicy(attempts=attempts)
+        self._core = ClientCore(
+            url,
+            timeout_s=timeout_s,
+            deadline_s=deadline_s,
+            retry=retry,
+            raw_tensors=raw_tensors,
+            resize=resize,
+            max_items_per_request=max_items_per_request,
         )
-        self._post_retrying = retry(
-            retry=retry_if_exception(_retryable),
-            stop=stop_after_attempt(attempts),
-            wait=wait_exponential(multiplier=0.5, max=10),
-            reraise=True,
-        )(self._post_once)
-        self._sets: dict[str, dict[str, Any]] = {}  # id → {"prompt", "contrastive"}
+        self.headers = dict(headers or {})
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.max_concurrency = max_concurrency
+        workers = encode_workers or min(4, os.cpu_count() or 1)
+        self._encoder = ThreadPoolExecutor(workers, thread_name_prefix="reward-encode")
+        self._http = self._make_http(transport)
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries; a known prompt set a replica lacks is registered there first."""
-        for _ in range(REREGISTER_ATTEMPTS):
-            try:
-                return self._post_retrying(path, body)
-            except RewardServiceError as exc:
-                missing = [s for s in _named_sets(body) if s in self._sets]
-                if exc.error.get("code") != "unknown_prompt_set" or not missing:
-                    raise
-                for set_id in missing:
-                    self._post_retrying("/v1/prompt-sets", self._sets[set_id])
-        return self._post_retrying(path, body)
+    @property
+    def urls(self) -> list[str]:
+        return list(self._core.endpoints.urls)
 
-    def register_prompt_set(self, prompt: str, contrastive: list[str]) -> str:
-        """Register a contrastive set; returns its id (a content hash, the same on every
-        replica). Name it in `score(..., textnorm={"prompt_set": id})`."""
-        body = {"prompt": prompt, "contrastive": list(contrastive)}
-        set_id = self._post_retrying("/v1/prompt-sets", body)["prompt_set"]["id"]
-        self._sets[set_id] = body
-        return set_id
+    def _make_http(self, transport: Any) -> Any:
+        raise NotImplementedError
 
-    def _post_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = self._http.post(path, json=body)
+    @staticmethod
+    def _request_args(send: Send) -> dict[str, Any]:
+        return {
+            "json": send.json,
+            "headers": {"X-Request-ID": send.request_id},
+            "timeout": send.timeout_now(),
+        }
+
+
+class RewardClient(_ClientBase):
+    """Blocking client. Every method raises `RewardServiceError` when a call cannot be scored.
+
+    with RewardClient(["http://reward-0:8000", "http://reward-1:8000"], api_key=KEY) as c:
+        result = c.score(uint8_batch, prompts)          # [N, H, W, 3], or a list of images
+        result.rewards("textnorm")                       # numpy, item order
+    """
+
+    def _make_http(self, transport: httpx.BaseTransport | None) -> httpx.Client:
+        self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="reward-http")
+        # Attempts run here, so the caller can stop waiting at the attempt's limit (httpx's
+        # timeout is per phase, not per request; see `_send`).
+        self._senders = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="reward-send")
+        return httpx.Client(headers=self.headers, timeout=self._core.timeout_s, transport=transport)
+
+    # -- driving flows -------------------------------------------------------------------------
+    def _send(self, send: Send) -> httpx.Response | httpx.TransportError:
+        # The attempt as a whole is cut at `timeout_now()` (timeout_s, or what the deadline
+        # leaves): httpx's timeout is per phase and restarts with every byte read, so a server
+        # that trickles its answer could hold it far longer. An abandoned attempt ends in its
+        # thread at httpx's own timeout; one still queued is cancelled.
+        limit = send.timeout_now()
+        future = self._senders.submit(self._send_now, send)
         try:
-            payload = response.json()
-        except ValueError:
-            payload = {"error": {"message": response.text[:200]}}
-        if response.status_code >= 400:
-            raise RewardServiceError(response.status_code, payload)
-        return payload
+            return future.result(timeout=limit)
+        except FutureTimeout:
+            future.cancel()
+            return httpx.TimeoutException(f"no complete answer within {limit:.3g} s")
 
+    def _send_now(self, send: Send) -> httpx.Response | httpx.TransportError:
+        try:
+            return self._http.request(send.method, send.url, **self._request_args(send))
+        except httpx.TransportError as exc:
+            return exc
+
+    def _drive(self, flow: Flow[T]) -> T:
+        outcome: Any = None
+        try:
+            while True:
+                action = flow.send(outcome)
+                if isinstance(action, Sleep):
+                    time.sleep(action.seconds)
+                    outcome = None
+                else:
+                    outcome = self._send(action)
+        except StopIteration as done:
+            return done.value
+
+    def _drive_all(self, flows: list[Flow[T]]) -> list[T]:
+        if len(flows) == 1:
+            return [self._drive(flows[0])]
+        futures = [self._pool.submit(self._drive, f) for f in flows]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise future.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
+
+    def _execute(self, call: Any) -> Any:
+        call.use(self._drive(self._core.service_limits(call.deadline)))
+        if call.size == 1:
+            wire = [call.encode(0)]
+        else:
+            wire = list(self._encoder.map(call.encode, range(call.size)))
+        return call.merge(self._drive_all(call.requests(wire)))
+
+    # -- the interface -------------------------------------------------------------------------
     def score(
         self,
-        images: list[ImageInput],
-        prompts: list[str] | str,
+        images: Any,
+        prompts: str | Sequence[str],
         textnorm: dict[str, Any] | None = None,
         request_id: str | None = None,
-    ) -> dict[str, Any]:
+        *,
+        deadline_s: float | None = None,
+    ) -> ScoreResult:
         """One reward per (image, prompt); a single prompt string applies to every image.
-        Returns the service's response: `results` in item order, `provenance`, `request_id`."""
-        if isinstance(prompts, str):
-            prompts = [prompts] * len(images)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        body: dict[str, Any] = {
-            "items": [
-                {"image": _b64(i), "prompt": p} for i, p in zip(images, prompts, strict=True)
-            ],
-            "request_id": request_id or uuid.uuid4().hex,
-        }
-        if textnorm:
-            body["textnorm"] = textnorm
-        return self._post("/v1/score", body)
+
+        images: see `textnorm_reward_client.images` (bytes, paths, PIL, numpy, torch; a batch
+        array or a list). textnorm: the request's TextNorm options ({"contrastive": [...]},
+        {"prompt_set": id}, {"scale": c}, ...). More items than one request may hold are sent
+        as concurrent chunks (ids `<request_id>.<k>`) and reassembled in item order."""
+        call = self._core.score_call(
+            images, prompts, textnorm=textnorm, request_id=request_id, deadline_s=deadline_s
+        )
+        return self._execute(call)
 
     def score_group(
-        self, prompt: str, images: list[ImageInput], advantages: bool = True, **options: Any
-    ) -> dict[str, Any]:
-        """One prompt × N images (GRPO/DDPO), with per-group normalised advantages."""
-        body = {
-            "prompt": prompt,
-            "images": [_b64(i) for i in images],
-            "advantages": advantages,
-            "request_id": options.pop("request_id", None) or uuid.uuid4().hex,
-            **options,
-        }
-        return self._post("/v1/score/group", body)
+        self,
+        prompt: str,
+        images: Any,
+        advantages: bool = True,
+        *,
+        textnorm: dict[str, Any] | None = None,
+        advantage_of: str = "textnorm",
+        advantage_eps: float = 1e-6,
+        request_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> GroupResult:
+        """One prompt × N images (a GRPO/DDPO group) with (r − mean) / (std + eps) advantages.
+
+        A group over the service's per-request limits is scored in chunks and its advantages
+        computed here, from the merged rewards, with the service's formula (population std);
+        `result.advantages_computed_by` says which side computed them."""
+        call = self._core.group_call(
+            prompt, images, textnorm=textnorm, advantages=advantages,
+            advantage_of=advantage_of, advantage_eps=advantage_eps,
+            request_id=request_id, deadline_s=deadline_s,
+        )  # fmt: skip
+        return self._execute(call)
+
+    def register_prompt_set(self, prompt: str, contrastive: Sequence[str]) -> str:
+        """Register a contrastive set; returns its id (a content hash, the same on every
+        replica). Name it in `score(..., textnorm={"prompt_set": id})`."""
+        return self._drive(
+            self._core.register_prompt_set(prompt, contrastive, self._core.call_deadline())
+        )
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models (the model cards, provenance and limits), as JSON."""
+        return self._drive(self._core.models(self._core.call_deadline()))
+
+    def limits(self) -> ServiceLimits:
+        """The service's request limits (read once, then cached)."""
+        return self._drive(self._core.service_limits(self._core.call_deadline()))
 
     def close(self) -> None:
         self._http.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._senders.shutdown(wait=False, cancel_futures=True)
+        self._encoder.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> RewardClient:
         return self

@@ -10,6 +10,12 @@ contrastive sets: pass each prompt's contrastive prompts (e.g. from
 `GET /v1/prompt-sets/{id}` or your own JSON file); blanks, repeats and the prompt itself are
 dropped, as the gateway drops them.
 
+Same interface and results as the REST clients: `score(images, prompts, contrastive)` (or
+`textnorm={"contrastive": [...], "scale": c}`) and `score_group` return `ScoreResult` /
+`GroupResult`; images are any kind `textnorm_reward_client.images` accepts (encoded files are
+decoded here with Pillow); calls over the export's max batch are split; a failure is a
+`RewardServiceError` (status: the HTTP status the gateway would answer).
+
 Balancing over Triton pods: gRPC keeps one HTTP/2 connection, so behind a Kubernetes ClusterIP
 every call would land on one pod. Give either one `dns:///<headless service>:8001` target (the
 channel resolves every pod and balances round robin) or a list of `host:port` addresses (one
@@ -20,16 +26,26 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from textnorm_reward_client.client import RewardServiceError
+from textnorm_reward_client import images as image_inputs
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+from textnorm_reward_client.core import RetryPolicy, new_request_id
+from textnorm_reward_client.errors import RewardServiceError, client_error
+from textnorm_reward_client.results import (
+    GroupResult,
+    ScoreResult,
+    ServiceLimits,
+    group_advantages,
+)
 
 MAX_PROMPTS = 33  # the true prompt + 32 contrastive prompts (the `score` model's contract)
 _RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
@@ -48,7 +64,8 @@ class GrpcRewardClient:
     urls: `host:port`, `dns:///name:port`, or several `host:port` to rotate over.
     repository: the export Triton serves (its `provenance.json` and `tokenizer.json` suffice).
     textnorm_scale, ensemble_lambda: TextNorm's c and the ensemble's λ (default: the export's).
-    timeout_s: per call; attempts: tries per call (unavailable / timed-out servers).
+    timeout_s: per call; attempts: tries per call (unavailable / timed-out servers), with the
+    REST clients' backoff (`retry`); deadline_s: per call, over every retry.
     """
 
     def __init__(
@@ -60,6 +77,8 @@ class GrpcRewardClient:
         ensemble_lambda: float | None = None,
         timeout_s: float = 60.0,
         attempts: int = 4,
+        deadline_s: float | None = None,
+        retry: RetryPolicy | None = None,
         model: str = "score",
     ) -> None:
         self.provenance = json.loads((Path(repository) / "provenance.json").read_text())
@@ -76,15 +95,13 @@ class GrpcRewardClient:
         self.scale = float(defaults.get("scale", 5.0) if textnorm_scale is None else textnorm_scale)
         lam = defaults.get("ensemble_lambda", 1.0) if ensemble_lambda is None else ensemble_lambda
         self.lam = float(lam)
-        self.timeout_s, self.model = timeout_s, model
-        self._infer = retry(
-            retry=retry_if_exception(_retryable),
-            stop=stop_after_attempt(attempts),
-            wait=wait_exponential(multiplier=0.2, max=5),
-            reraise=True,
-        )(self._infer_once)
+        self.timeout_s, self.model, self.deadline_s = timeout_s, model, deadline_s
+        self.retry = retry or RetryPolicy(attempts=attempts)
+        self.max_batch = int((self.provenance.get("options") or {}).get("max_batch") or 64)
 
-    def _tokens(self, prompt: str, contrastive: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _tokens(
+        self, prompt: str, contrastive: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         seen = {self.tokenizer.normalise(prompt)}
         kept = []
         for text in (t.strip() for t in contrastive):
@@ -103,49 +120,99 @@ class GrpcRewardClient:
         ids[: len(texts)] = tokenized.ids
         mask = np.zeros(MAX_PROMPTS, bool)
         mask[: len(texts)] = True
-        return ids, mask
+        return ids, mask, len(contrastive)
 
-    def _infer_once(self, inputs: list[grpcclient.InferInput]) -> grpcclient.InferResult:
-        client = next(self._next)  # rotate; a retry goes to the next address
-        return client.infer(
-            self.model, inputs, model_version=self.version, client_timeout=self.timeout_s
+    def _infer(self, inputs: list[grpcclient.InferInput], request_id: str, deadline: float | None):
+        stop = stop_after_attempt(self.retry.attempts)
+        if deadline is not None:
+            stop = stop | stop_after_delay(max(0.0, deadline - time.monotonic()))
+        for attempt in Retrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop,
+            wait=lambda state: self.retry.delay(state.attempt_number, None),
+            reraise=True,
+        ):
+            with attempt:
+                client = next(self._next)  # rotate; a retry goes to the next address
+                timeout = self.timeout_s
+                if deadline is not None:
+                    timeout = max(0.001, min(timeout, deadline - time.monotonic()))
+                return client.infer(
+                    self.model, inputs, model_version=self.version, client_timeout=timeout,
+                    request_id=request_id,
+                )  # fmt: skip
+        raise AssertionError("unreachable")
+
+    def models(self) -> dict[str, Any]:
+        """The export's model card, as far as its provenance says (no gateway asked)."""
+        model = self.provenance.get("model") or {}
+        return {"models": [{**model, "max_batch": self.max_batch}], "provenance": self.provenance}
+
+    def limits(self) -> ServiceLimits:
+        size = (self.provenance.get("model") or {}).get("image_size")
+        return ServiceLimits(
+            max_items_per_request=self.max_batch,
+            max_contrastive_prompts=MAX_PROMPTS - 1,
+            image_formats=("raw",),
+            raw_dtypes=("uint8",),
+            image_size=size,
+            from_service=False,
         )
 
     def score(
         self,
-        images: Sequence[np.ndarray] | np.ndarray,
+        images: Any,
         prompts: str | Sequence[str],
-        contrastive: Sequence[str] | Sequence[Sequence[str]],
-    ) -> dict[str, np.ndarray]:
-        """Every reward the model has ("raw", "textnorm", …) as float arrays in item order.
+        contrastive: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        *,
+        textnorm: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> ScoreResult:
+        """Every reward the model has ("raw", "textnorm", …), per item in item order.
 
-        images: uint8 [H, W, 3] each (or one [N, H, W, 3] array); prompts: one per image, or
-        one for all; contrastive: that prompt's contrastive prompts, or one list per image.
-        Images of one size go in one call. Raises RewardServiceError (status = gRPC code)
-        for an error answer that retrying cannot fix, after retries for the rest."""
-        images = list(images)
-        n = len(images)
+        images: any kind the REST client takes (uint8 [H, W, 3] arrays, a batch, tensors, PIL,
+        encoded files); prompts: one per image, or one for all; contrastive (or
+        textnorm["contrastive"]): that prompt's contrastive prompts, or one list per image;
+        textnorm["scale"] / ["ensemble_lambda"] override the export's defaults. Images of one
+        size go in one call (split at the export's max batch). Raises RewardServiceError
+        (status: the HTTP status the gateway would answer) for an error answer that retrying
+        cannot fix, after retries for the rest."""
+        options = dict(textnorm or {})
+        unsupported = set(options) - {"contrastive", "scale", "ensemble_lambda"}
+        if unsupported:
+            raise ValueError(f"textnorm options the gRPC path cannot apply: {sorted(unsupported)}")
+        contrastive = options.get("contrastive", contrastive)
+        if not contrastive:
+            raise ValueError("the gRPC path needs contrastive prompts (no prompt sets here)")
+        scale = float(options.get("scale", self.scale))
+        lam = float(options.get("ensemble_lambda", self.lam))
+        arrays = [_pixels(i) for i in image_inputs.expand(images)]
+        n = len(arrays)
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
-        sets = [contrastive] * n if contrastive and isinstance(contrastive[0], str) else contrastive
+        sets = [contrastive] * n if isinstance(contrastive[0], str) else list(contrastive)
         if len(prompts) != n or len(sets) != n:
             raise ValueError(f"{n} images, {len(prompts)} prompts, {len(sets)} contrastive sets")
+        rid = request_id or new_request_id()
+        limit = self.deadline_s if deadline_s is None else deadline_s
+        deadline = None if limit is None else time.monotonic() + limit
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, image in enumerate(images):
-            array = np.asarray(image)
-            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-                raise ValueError(
-                    f"images[{i}]: expected uint8 [H, W, 3], got {array.dtype} {array.shape}"
-                )
+        for i, array in enumerate(arrays):
             groups.setdefault(array.shape, []).append(i)
-        out: dict[str, np.ndarray] = {}
-        for index in groups.values():
-            tokens = [self._tokens(prompts[i], sets[i]) for i in index]
+        batches = [
+            index[k : k + self.max_batch]
+            for index in groups.values()
+            for k in range(0, len(index), self.max_batch)
+        ]
+        tokens = [self._tokens(prompts[i], sets[i]) for i in range(n)]
+        columns: dict[str, np.ndarray] = {}
+        for b, index in enumerate(batches):
             tensors = {
-                "IMAGE": np.stack([np.asarray(images[i]) for i in index]),
-                "INPUT_IDS": np.stack([t[0] for t in tokens]),
-                "PROMPT_MASK": np.stack([t[1] for t in tokens]),
-                "TEXTNORM_SCALE": np.full((len(index), 1), self.scale, np.float32),
-                "ENSEMBLE_LAMBDA": np.full((len(index), 1), self.lam, np.float32),
+                "IMAGE": np.stack([arrays[i] for i in index]),
+                "INPUT_IDS": np.stack([tokens[i][0] for i in index]),
+                "PROMPT_MASK": np.stack([tokens[i][1] for i in index]),
+                "TEXTNORM_SCALE": np.full((len(index), 1), scale, np.float32),
+                "ENSEMBLE_LAMBDA": np.full((len(index), 1), lam, np.float32),
             }
             inputs = []
             for name, value in tensors.items():
@@ -155,19 +222,48 @@ class GrpcRewardClient:
                 tensor.set_data_from_numpy(value)
                 inputs.append(tensor)
             try:
-                result = self._infer(inputs)
+                result = self._infer(inputs, rid if len(batches) == 1 else f"{rid}.{b}", deadline)
             except InferenceServerException as exc:
-                message = exc.message() or str(exc)
-                if "unknown model" in message.lower() and "version" in message.lower():
-                    body = {"error": {"code": "model_mismatch", "message": message}}
-                    raise RewardServiceError(503, body) from None  # Triton serves another export
-                body = {"error": {"code": _status(exc).lower(), "message": message}}
-                raise RewardServiceError(_GRPC_TO_HTTP.get(_status(exc), 502), body) from None
+                raise _service_error(exc, rid) from None
             for output in result.get_response().outputs:
                 values = result.as_numpy(output.name).reshape(-1).astype(np.float64)
-                column = out.setdefault(output.name.lower(), np.full(n, np.nan))
+                column = columns.setdefault(output.name.lower(), np.full(n, np.nan))
                 column[index] = values
-        return out
+        items = []
+        for i in range(n):
+            item: dict[str, Any] = {name: float(col[i]) for name, col in columns.items()}
+            item.update(
+                contrastive_count=tokens[i][2], contrastive_source="explicit",
+                prompt_set=None, contrastive_sha256=None, prompt_truncated=False,
+            )  # fmt: skip
+            items.append(item)
+        payload = {"request_id": rid, "results": items, "provenance": self.provenance}
+        return ScoreResult.from_json(payload)
+
+    def score_group(
+        self,
+        prompt: str,
+        images: Any,
+        advantages: bool = True,
+        *,
+        contrastive: Sequence[str] | None = None,
+        textnorm: dict[str, Any] | None = None,
+        advantage_of: str = "textnorm",
+        advantage_eps: float = 1e-6,
+        request_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> GroupResult:
+        """One prompt × N images; advantages with the gateway's formula (computed here)."""
+        scored = self.score(
+            images, prompt, contrastive, textnorm=textnorm, request_id=request_id,
+            deadline_s=deadline_s,
+        )  # fmt: skip
+        payload: dict[str, Any] = {**scored.raw_response, "prompt": prompt}
+        if advantages:
+            values = [r.get(advantage_of) for r in payload["results"]]
+            payload.update(group_advantages(values, advantage_eps, advantage_of))
+            payload["advantages_computed_by"] = "client"
+        return GroupResult.from_json(payload)
 
     def close(self) -> None:
         for client in self._clients:
@@ -178,6 +274,31 @@ class GrpcRewardClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pixels(image: Any) -> np.ndarray:
+    """An expanded input → uint8 [H, W, 3] (encoded files and PIL images decoded with Pillow)."""
+    if isinstance(image, np.ndarray):
+        return image
+    import io
+
+    from PIL import Image
+
+    if not image_inputs.is_pil_image(image):
+        data = image.read_bytes() if isinstance(image, Path) else image
+        image = Image.open(io.BytesIO(data))
+    return np.asarray(image.convert("RGB"))
+
+
+def _service_error(exc: InferenceServerException, request_id: str) -> RewardServiceError:
+    message = exc.message() or str(exc)
+    if "unknown model" in message.lower() and "version" in message.lower():
+        body = {"error": {"code": "model_mismatch", "message": message}}
+        return RewardServiceError(503, body, request_id=request_id)  # another export
+    if _status(exc) in _RETRYABLE and "deadline" in message.lower():
+        return client_error("deadline_exceeded", message, request_id=request_id)
+    body = {"error": {"code": _status(exc).lower(), "message": message}}
+    return RewardServiceError(_GRPC_TO_HTTP.get(_status(exc), 502), body, request_id=request_id)
 
 
 # gRPC status → the HTTP status the gateway would answer, for one error type across clients.

@@ -6,12 +6,16 @@ the probability of the true prompt. This package builds those sets without any m
 - **counting**: change the count of the prompt's counted noun phrase by ±1 and ±2, never below
   one ("an airplane" → "two airplanes", "three airplanes"), keeping the number style (digits or
   words) and getting articles and plurals right;
-- **composition**: for "<NP1> and <NP2>[ context]", each object alone, every count combination up
-  to three of each, and the "X-like Y" / "Y-like X" blends;
+- **binding** (the default for compositions): for "<NP1> and <NP2>[ context]", each object alone,
+  one object replaced by another kind, one count changed by ±1/±2, the colours swapped between
+  the objects, one colour changed — the errors a composition reward must catch;
+- **composition** (the paper's templates, kept available): for "<NP1> and <NP2>[ context]",
+  each object alone, every count combination up to three of each, and the "X-like Y" /
+  "Y-like X" blends;
 - **attributes**: the Lee et al. swaps of colour, shape ("object") and background, over a
   :class:`Vocabulary` (data: the shapes world's words by default, or any JSON file read by
   :func:`load_vocabulary`);
-- **auto**: composition when it applies, otherwise counting followed by attribute swaps.
+- **auto**: binding when it applies, otherwise counting followed by attribute swaps.
 
 It also cleans caller-supplied sets and imports the JSON format the TextNorm authors released,
 ``{"prompt": ["contrastive prompt", ...], ...}`` (JSON only: never pickle or eval).
@@ -24,13 +28,14 @@ The package is torch-free and stdlib-only; it imports no other package of this p
 
 Modules, bottom-up: ``tokens`` (word spans), ``inflection`` (plurals, articles), ``phrases``
 (count-phrase detection and re-counting, English number words), ``vocabulary`` (the words
-attribute swaps use), ``counting``, ``composition`` and ``attributes`` (one rule each),
+attribute swaps use), ``counting``, ``binding``, ``composition`` and ``attributes`` (one rule each),
 ``dedupe`` (dropping the original and repeats), ``rules`` (the :func:`contrastive_prompts`
 dispatcher and the benchmark category → rule table), ``prompt_sets`` (caller-supplied sets,
 JSON import) and ``errors``.
 """
 
 from service.contrastive.attributes import ATTRIBUTE_KINDS, attribute_swaps
+from service.contrastive.binding import BINDING_COUNT_STEPS, binding_candidates
 from service.contrastive.composition import COMPOSITION_MAX_COUNT
 from service.contrastive.errors import NoContrastivePrompts, PromptSetFormatError
 from service.contrastive.inflection import pluralize, singularize
@@ -50,6 +55,7 @@ from service.contrastive.vocabulary import (
 
 __all__ = [
     "ATTRIBUTE_KINDS",
+    "BINDING_COUNT_STEPS",
     "COMPOSITION_MAX_COUNT",
     "CONTRASTIVE_RULES",
     "DEFAULT_VOCABULARY_FILE",
@@ -59,6 +65,7 @@ __all__ = [
     "PromptSetFormatError",
     "Vocabulary",
     "attribute_swaps",
+    "binding_candidates",
     "clean_contrastive_set",
     "contrastive_prompts",
     "default_vocabulary",

@@ -24,7 +24,7 @@ COMPOSITION_MAX_COUNT = 3
 
 def composition_candidates(prompt: str) -> list[str]:
     """Composition prompts, before dedupe; empty when the prompt is not "<NP1> and <NP2>"."""
-    found = _find_composition(prompt, tokenize(prompt))
+    found = find_composition(prompt, tokenize(prompt))
     if found is None:
         return []
     first, second = found
@@ -49,7 +49,7 @@ def composition_candidates(prompt: str) -> list[str]:
     return outputs
 
 
-def _find_composition(text: str, tokens: Sequence[Token]) -> tuple[CountPhrase, CountPhrase] | None:
+def find_composition(text: str, tokens: Sequence[Token]) -> tuple[CountPhrase, CountPhrase] | None:
     """The first two count phrases joined by "and", if any."""
     for index in range(len(tokens)):
         first = any_count_phrase_at(text, tokens, index)

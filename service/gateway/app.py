@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request, Response, Security
@@ -39,19 +40,24 @@ from service.contrastive import (
 )
 from service.contrastive.errors import quote_prompt
 from service.contrastive.prompt_sets import reject_duplicate_keys
-from service.gateway.auth import configured_keys
+from service.gateway.admission import Admission
+from service.gateway.auth import KeyRateLimit, configured_keys
 from service.gateway.backend import (
     BackendError,
     BackendUnavailable,
     GuardedBackend,
     RewardBackendProtocol,
+    request_call_slots,
 )
+from service.gateway.calibration import gateway_calibration, with_scale_sources
 from service.gateway.embedding_cache import EmbeddingCache
 from service.gateway.errors import ApiError, install_error_handlers
+from service.gateway.idempotency import IdempotencyCache
 from service.gateway.identity import IdentityCheck
 from service.gateway.images import ImageLimits, decode_images, set_pillow_limits
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware
+from service.gateway.openapi import install_openapi
 from service.gateway.prompt_sets import (
     PromptSet,
     PromptSetConflict,
@@ -59,7 +65,14 @@ from service.gateway.prompt_sets import (
     RegistryFull,
 )
 from service.gateway.provenance import ProvenanceInfo
-from service.gateway.request_ids import adopt_body_request_id, current_request_id
+from service.gateway.raw_images import RAW_DTYPES
+from service.gateway.request_body import OffloadedJsonRoute
+from service.gateway.request_ids import (
+    HEADER,
+    adopt_body_request_id,
+    current_request_id,
+    valid_request_id,
+)
 from service.gateway.schemas import (
     ErrorResponse,
     GroupRequest,
@@ -76,11 +89,13 @@ from service.gateway.schemas import (
     Readiness,
     ScoreRequest,
     ScoreResponse,
+    ServiceLimits,
 )
 from service.gateway.scoring import PlannedItem, Scorer
 from service.settings import Settings
 
 log = logging.getLogger("service.gateway")
+_Response = TypeVar("_Response")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": description}
@@ -90,10 +105,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "request, image bytes or image pixels (per image or per request) over a limit",
         415: "image not PNG, JPEG or WebP",
         422: "invalid request or a limit exceeded (the field and limit are named)",
+        429: "a limit on work in flight is full, retry after Retry-After seconds",
         502: "the reward backend failed",
         503: "the reward backend is unavailable (see Retry-After)",
+        504: "the reward backend did not answer in time (see Retry-After)",
     }.items()
 }
+_CONFLICT = {409: {"model": ErrorResponse, "description": "request_id re-used with another body"}}
 _IMPORT_SCHEMA = {
     "required": True,
     "content": {
@@ -121,6 +139,9 @@ class GatewayState:
     metrics: GatewayMetrics
     scorer: Scorer
     image_limits: ImageLimits
+    admission: Admission | None = None  # the shared budgets of scoring requests
+    idempotency: IdempotencyCache | None = None  # responses by request_id
+    pool: ThreadPoolExecutor | None = None  # JSON parsing and image decoding (while serving)
 
 
 def tokenizer_path(settings: Settings, provenance: dict[str, Any]) -> Path:
@@ -172,6 +193,7 @@ def create_app(
         max_batch=info.max_batch or 64,
         embed_dim=info.embed_dim,
         metrics=metrics,
+        max_calls=settings.max_backend_calls,
     )
     cache = EmbeddingCache(settings.embedding_cache_entries)
     registry = PromptSetRegistry(settings.max_prompt_sets)
@@ -194,16 +216,20 @@ def create_app(
         truncate_long_prompts=settings.truncate_long_prompts,
         vocabulary=_vocabulary(settings),
         token_bucket=settings.text_token_bucket,
+        calibration=gateway_calibration(settings.textnorm_calibration_file, info.checkpoint_sha256),
     )
     state = GatewayState(
         settings, guarded, info, tokenizer, cache, registry, metrics, scorer, limits
     )
+    state.admission = Admission.from_settings(settings, metrics)
+    state.idempotency = IdempotencyCache(settings.idempotency_cache_entries, metrics)
     configured: list[str] = []
     if settings.prompt_sets_file:
         configured = _load_configured_sets(state, Path(settings.prompt_sets_file))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         ready, reason = await guarded.readiness()  # at start: is it the export we name?
         if ready:
             log.info("backend ready, serving export %s", guarded.identity.expected)
@@ -211,6 +237,8 @@ def create_app(
         else:
             log.warning("backend not ready: %s", reason)
         yield
+        pool, state.pool = state.pool, None
+        pool.shutdown(wait=False, cancel_futures=True)
         if close_backend_on_shutdown:
             await backend.close()
 
@@ -219,21 +247,28 @@ def create_app(
         version="1",
         summary="CLIP rewards calibrated with TextNorm, for online RL of text-to-image models",
         lifespan=lifespan,
+        docs_url="/docs" if settings.expose_docs else None,  # expose_docs: /docs, /redoc and
+        redoc_url="/redoc" if settings.expose_docs else None,  # /openapi.json, or all 404
+        openapi_url="/openapi.json" if settings.expose_docs else None,
     )
+    install_openapi(app, settings)  # the exact document: service/gateway/openapi.py
     app.state.gateway = state
-    install_error_handlers(app, settings.retry_after_s)
+    install_error_handlers(app, settings.retry_after_s, metrics)
     labelled_routes: list = []  # route templates for metric labels, filled below
+    app.add_middleware(KeyRateLimit, settings=settings, metrics=metrics)  # inside the auth check
     app.add_middleware(
         GatewayMiddleware,
         routes=labelled_routes,
         metrics=metrics,
         keys=configured_keys(settings.api_keys),
         max_request_bytes=settings.max_request_bytes,
+        admission=state.admission,
     )
     v1 = APIRouter(
         prefix="/v1",
         dependencies=[Security(HTTPBearer(auto_error=False, description="an API key"))],
         responses=_ERRORS,
+        route_class=OffloadedJsonRoute,  # JSON bodies parsed off the event loop
     )
     _score_routes(v1, state)
     _prompt_set_routes(v1, state)
@@ -244,6 +279,7 @@ def create_app(
         return ModelsResponse(
             request_id=current_request_id(request),
             models=[info.model_card()],
+            limits=_service_limits(state),
             provenance=info.block(),
         )
 
@@ -257,8 +293,55 @@ def create_app(
 
 
 # -- scoring ---------------------------------------------------------------------------------------
-async def _decode_all(state: GatewayState, images: list[tuple[str, str]]) -> list[np.ndarray]:
-    return await asyncio.to_thread(decode_images, images, state.image_limits)
+async def _decode_all(
+    state: GatewayState, request: Request, images: list[tuple[str | dict, str]]
+) -> list[np.ndarray]:
+    """Decode in the worker pool, within the request's admission: its images first, then each
+    image's decoded bytes from its header (429 when a budget is full)."""
+    ticket = getattr(request.state, "admission", None)
+    reserve = None
+    if ticket is not None:
+        ticket.reserve("images", len(images))
+
+        def reserve(nbytes: int) -> None:
+            ticket.reserve("decoded_bytes", nbytes)
+
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        state.pool, decode_images, images, state.image_limits, reserve
+    )
+
+
+async def _idempotent(
+    state: GatewayState,
+    request: Request,
+    endpoint: str,
+    body_id: str | None,
+    compute: Callable[[], Awaitable[_Response]],
+) -> _Response:
+    """`compute()` once per client request id and body (service/gateway/idempotency.py),
+    with the request's bound on backend calls in flight."""
+    client_id = body_id or valid_request_id(request.headers.get(HEADER))
+    digest = getattr(request.state, "body_sha256", None) or ""
+    assert state.idempotency is not None
+    with request_call_slots(state.settings.max_backend_calls_per_request):
+        return await state.idempotency.run(endpoint, client_id, digest, compute)
+
+
+def _service_limits(state: GatewayState) -> ServiceLimits:
+    s = state.settings
+    return ServiceLimits(
+        max_items_per_request=s.max_items_per_request,
+        max_image_bytes=s.max_image_bytes,
+        max_image_pixels=s.max_image_pixels,
+        max_image_aspect_ratio=s.max_image_aspect_ratio,
+        max_request_pixels=s.max_request_pixels,
+        max_request_bytes=s.max_request_bytes,
+        max_prompt_chars=s.max_prompt_chars,
+        max_contrastive_prompts=state.scorer.max_contrastive,
+        image_formats=["png", "jpeg", "webp", "raw"],
+        raw_dtypes=list(RAW_DTYPES),
+    )
 
 
 def _check_count(n: int, limit: int, field: str, what: str) -> None:
@@ -272,20 +355,27 @@ def _check_count(n: int, limit: int, field: str, what: str) -> None:
         )
 
 
-def _settings_used(state: GatewayState, options) -> tuple[float, float]:
-    info = state.provenance
-    scale = info.default_scale if options.scale is None else float(options.scale)
-    lam = info.default_lambda if options.ensemble_lambda is None else float(options.ensemble_lambda)
+def _settings_used(state: GatewayState, options) -> tuple[float | None, float | None]:
+    """The request's c and λ; None where it sets none: each item then takes its calibrated
+    value or the model's default (service/gateway/calibration.py, Scorer.score)."""
+    scale = None if options.scale is None else float(options.scale)
+    lam = None if options.ensemble_lambda is None else float(options.ensemble_lambda)
     return scale, lam
 
 
 def _score_routes(router: APIRouter, state: GatewayState) -> None:
     scorer = state.scorer
 
-    @router.post("/score", response_model=ScoreResponse, tags=["scoring"])
+    @router.post("/score", response_model=ScoreResponse, tags=["scoring"], responses=_CONFLICT)
     async def score(request: Request, body: ScoreRequest) -> ScoreResponse:
-        """Score (image, prompt) items: raw CLIP reward and TextNorm, in item order."""
+        """Score (image, prompt) items: raw CLIP reward and TextNorm, in item order. An image
+        is base64 PNG/JPEG/WebP or a raw tensor {shape: [H, W, 3], dtype: uint8, data}."""
         rid = adopt_body_request_id(request, body.request_id)
+        return await _idempotent(
+            state, request, "/v1/score", body.request_id, lambda: _score(request, body, rid)
+        )
+
+    async def _score(request: Request, body: ScoreRequest, rid: str) -> ScoreResponse:
         _check_count(len(body.items), state.settings.max_items_per_request, "items", "items")
         options = body.textnorm
         planned = []
@@ -299,6 +389,7 @@ def _score_routes(router: APIRouter, state: GatewayState) -> None:
         text_plan = scorer.plan_texts(planned)
         images = await _decode_all(
             state,
+            request,
             [(item.image, p.image_field) for item, p in zip(body.items, planned, strict=True)],
         )
         scale, lam = _settings_used(state, options)
@@ -307,14 +398,25 @@ def _score_routes(router: APIRouter, state: GatewayState) -> None:
         return ScoreResponse(
             request_id=rid,
             results=results,
-            provenance=state.provenance.block(scale, lam, options.rule, options.allow_missing),
+            provenance=with_scale_sources(
+                state.provenance.block(scale, lam, options.rule, options.allow_missing),
+                results,
+                scorer.calibration,
+            ),
         )
 
-    @router.post("/score/group", response_model=GroupResponse, tags=["scoring"])
+    @router.post(
+        "/score/group", response_model=GroupResponse, tags=["scoring"], responses=_CONFLICT
+    )
     async def score_group(request: Request, body: GroupRequest) -> GroupResponse:
         """One prompt × N images (a GRPO/DDPO group): one text encode, optional advantages
         (r − mean) / (std + eps) of `advantage_of` over the group (population std)."""
         rid = adopt_body_request_id(request, body.request_id)
+        return await _idempotent(
+            state, request, "/v1/score/group", body.request_id, lambda: _group(request, body, rid)
+        )
+
+    async def _group(request: Request, body: GroupRequest, rid: str) -> GroupResponse:
         _check_count(len(body.images), state.settings.max_items_per_request, "images", "images")
         options = body.textnorm
         scorer.check_prompt(body.prompt, "prompt")
@@ -326,7 +428,9 @@ def _score_routes(router: APIRouter, state: GatewayState) -> None:
             for i in range(len(body.images))
         ]
         text_plan = scorer.plan_texts(planned)
-        images = await _decode_all(state, [(b, f"images[{i}]") for i, b in enumerate(body.images)])
+        images = await _decode_all(
+            state, request, [(b, f"images[{i}]") for i, b in enumerate(body.images)]
+        )
         scale, lam = _settings_used(state, options)
         results = await scorer.score(planned, text_plan, images, scale, lam)
         state.metrics.images_scored.labels("/v1/score/group").inc(len(images))
@@ -334,7 +438,11 @@ def _score_routes(router: APIRouter, state: GatewayState) -> None:
             request_id=rid,
             prompt=body.prompt,
             results=results,
-            provenance=state.provenance.block(scale, lam, options.rule, options.allow_missing),
+            provenance=with_scale_sources(
+                state.provenance.block(scale, lam, options.rule, options.allow_missing),
+                results,
+                scorer.calibration,
+            ),
         )
         if body.advantages:
             values = np.array([getattr(r, body.advantage_of) for r in results], np.float64)
@@ -505,7 +613,9 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
         rid = current_request_id(request)
         raw = await request.body()
         try:
-            data = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
+            data = await asyncio.get_running_loop().run_in_executor(
+                state.pool, lambda: json.loads(raw, object_pairs_hook=reject_duplicate_keys)
+            )
             sets = parse_prompt_sets(data)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             message = f"request body is not valid JSON: {exc}"
@@ -623,12 +733,16 @@ def _ops_routes(app: FastAPI, state: GatewayState) -> None:
             headers={"Retry-After": str(state.settings.retry_after_s)},
         )
 
-    @app.get(
-        "/metrics",
-        tags=["operations"],
-        response_class=Response,
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
-    )
     async def metrics() -> Response:
         """Prometheus metrics of this gateway."""
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    if state.settings.expose_metrics:  # else /metrics is a 404
+        app.get(
+            "/metrics",
+            tags=["operations"],
+            response_class=Response,
+            responses={
+                200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}
+            },
+        )(metrics)

@@ -3,12 +3,15 @@
 `RewardBackendProtocol` is the interface the app depends on; `triton_backend.RewardBackend`
 (Triton over gRPC, production) and `onnx_backend.OnnxBackend` (ONNX Runtime in process,
 development and tests) implement it. Every implementation raises only these errors:
-`BackendUnavailable` (answer 503 with Retry-After; `BackendTimeout` is one), `ModelMismatch`
-(the backend serves other models than the provenance names: 503, and `/readyz` says why) and
+`BackendUnavailable` (answer 503 with Retry-After; `BackendTimeout`, a subclass, 504),
+`ModelMismatch` (the backend serves other models than the provenance names: 503, and
+`/readyz` says why) and
 `BackendError` (the backend failed on the request: 502).
 
 `GuardedBackend` wraps any implementation for the gateway: every call gets a timeout (a hung
-backend becomes `BackendUnavailable`, never a hung request), batches are split to the exported
+backend becomes `BackendTimeout`, 504, never a hung request), inference calls take a slot of
+the overall bound (`max_calls`) and of their request's (`request_call_slots`, a context
+variable the route sets) before they go out, batches are split to the exported
 model's maximum batch size (image batches also to at most MAX_CALL_BYTES, far below gRPC's 2 GB
 message limit) and sent concurrently (so Triton's dynamic batcher can merge them),
 outputs are checked for shape and finiteness (`BackendError` otherwise), unexpected exceptions
@@ -18,8 +21,10 @@ become `BackendError`, and each call's round-trip time is recorded in the metric
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -29,14 +34,27 @@ from service.gateway.metrics import GatewayMetrics
 
 READY_TIMEOUT_S = 5.0
 MAX_CALL_BYTES = 1 << 30  # image bytes per backend call (gRPC messages are limited to 2 GB)
+# The current request's bound on its backend calls in flight (set by `request_call_slots`);
+# asyncio.gather's tasks copy the context, so every chunk of the request shares it.
+_REQUEST_SLOTS: ContextVar[asyncio.Semaphore | None] = ContextVar("request_slots", default=None)
+
+
+@contextlib.contextmanager
+def request_call_slots(limit: int):
+    """Within this block, the current task's backend calls are at most `limit` at once."""
+    token = _REQUEST_SLOTS.set(asyncio.Semaphore(limit))
+    try:
+        yield
+    finally:
+        _REQUEST_SLOTS.reset(token)
 
 
 class BackendUnavailable(RuntimeError):
-    """The backend cannot serve now (down, restarting, model not loaded, timed out): 503."""
+    """The backend cannot serve now (down, restarting, model not loaded): 503."""
 
 
 class BackendTimeout(BackendUnavailable):
-    """A call ran past its timeout."""
+    """A call ran past its timeout (the backend is slow or hung): 504."""
 
 
 class ModelMismatch(BackendUnavailable):
@@ -94,6 +112,7 @@ class GuardedBackend:
         metrics: GatewayMetrics,
         identity_interval_s: float = 10.0,
         max_call_bytes: int = MAX_CALL_BYTES,
+        max_calls: int = 1024,
     ) -> None:
         self.backend = backend
         self.identity = identity
@@ -106,6 +125,11 @@ class GuardedBackend:
         self._checked_at: float | None = None  # monotonic time of the last identity answer
         self._mismatch: str | None = None  # the last answer's problem
         self._identity_lock = asyncio.Lock()
+        self.max_calls = max_calls
+        self._slots = asyncio.Semaphore(max_calls)  # inference calls in flight, all requests
+        self._calls_in_flight = 0
+        metrics.admission_limit.labels("backend_calls").set(max_calls)
+        metrics.admission_in_use.labels("backend_calls").set(0)
 
     async def verify_identity(self, force: bool = False) -> None:
         """Raise ModelMismatch unless the backend serves the provenance's export.
@@ -133,6 +157,29 @@ class GuardedBackend:
             and time.monotonic() - self._checked_at < self.identity_interval_s
         )
 
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One backend-call slot of the current request (if it has a bound), then one of all."""
+        request_slots = _REQUEST_SLOTS.get()
+        async with request_slots or contextlib.nullcontext(), self._slots:
+            self._calls_in_flight += 1
+            self.metrics.admission_in_use.labels("backend_calls").set(self._calls_in_flight)
+            try:
+                yield
+            finally:
+                self._calls_in_flight -= 1
+                self.metrics.admission_in_use.labels("backend_calls").set(self._calls_in_flight)
+
+    async def _inference(self, call: str, coro_fn, *args):
+        """An inference call within the slots; the timeout covers the wait for a slot too (a
+        hung backend holds every slot: the waiters must not wait beyond their deadline)."""
+
+        async def bounded():
+            async with self._slot():
+                return await coro_fn(*args)
+
+        return await self._call(call, bounded())
+
     async def _call(self, call: str, coro, timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         start = time.perf_counter()
@@ -141,7 +188,10 @@ class GuardedBackend:
             return await asyncio.wait_for(coro, timeout_s)
         except TimeoutError:
             outcome = "timeout"
-            raise BackendUnavailable(f"{call}: no answer within {timeout_s:g} s") from None
+            raise BackendTimeout(f"{call}: no answer within {timeout_s:g} s") from None
+        except BackendTimeout:
+            outcome = "timeout"
+            raise
         except BackendUnavailable:
             outcome = "unavailable"
             raise
@@ -175,7 +225,7 @@ class GuardedBackend:
         await self.verify_identity()
         parts = await asyncio.gather(
             *(
-                self._call("encode_images", self.backend.encode_images(images[s]))
+                self._inference("encode_images", self.backend.encode_images, images[s])
                 for s in self._chunks(len(images), images[0].nbytes if len(images) else 0)
             )
         )
@@ -185,7 +235,7 @@ class GuardedBackend:
         await self.verify_identity()
         parts = await asyncio.gather(
             *(
-                self._call("encode_texts", self.backend.encode_texts(ids[s]))
+                self._inference("encode_texts", self.backend.encode_texts, ids[s])
                 for s in self._chunks(len(ids))
             )
         )
@@ -203,11 +253,14 @@ class GuardedBackend:
         n = len(image_embeds)
         parts = await asyncio.gather(
             *(
-                self._call(
+                self._inference(
                     "rewards",
-                    self.backend.rewards(
-                        image_embeds[s], prompt_embeds[s], prompt_mask[s], scale[s], lam[s]
-                    ),
+                    self.backend.rewards,
+                    image_embeds[s],
+                    prompt_embeds[s],
+                    prompt_mask[s],
+                    scale[s],
+                    lam[s],
                 )
                 for s in self._chunks(n)
             )

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.gateway.backend import BackendError, BackendUnavailable, ModelMismatch
+from service.gateway.backend import BackendError, BackendTimeout, BackendUnavailable, ModelMismatch
 from service.gateway.request_ids import current_request_id, valid_request_id
 
 log = logging.getLogger("service.gateway")
@@ -38,12 +38,14 @@ class ApiError(StarletteHTTPException):
         field: str | None = None,
         limit: Any = None,
         headers: dict[str, str] | None = None,
+        details: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code
         self.message = message
         self.field = field
         self.limit = limit
+        self.details = details
 
 
 def error_body(
@@ -64,10 +66,12 @@ def error_response(
     field: str | None = None,
     limit: Any = None,
     headers: dict[str, str] | None = None,
+    details: list[dict[str, Any]] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        error_body(code, message, request_id, field, limit), status_code=status, headers=headers
-    )
+    body = error_body(code, message, request_id, field, limit)
+    if details:
+        body["error"]["details"] = details
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def field_path(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -97,8 +101,16 @@ _HTTP_CODES = {
 }
 
 
-def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
-    """Register the handlers that turn every error into the shape above."""
+def install_error_handlers(app: FastAPI, retry_after_s: int, metrics=None) -> None:
+    """Register the handlers that turn every error into the shape above.
+
+    Backend trouble: a timeout is 504 (the backend is there but slow or hung: retrying into it
+    at once would only add load), unavailable or serving another export 503; both carry
+    Retry-After. `metrics` (GatewayMetrics): each is counted in `refusals` by cause."""
+
+    def refused(cause: str) -> None:
+        if metrics is not None:
+            metrics.refusals.labels(cause).inc()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -110,6 +122,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
             field=exc.field,
             limit=exc.limit,
             headers=exc.headers,
+            details=exc.details,
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -117,12 +130,18 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         if isinstance(exc, ApiError):  # subclass: Starlette looks handlers up by MRO anyway
             return await _api_error(request, exc)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # security helper: Allow names every method of the path
+            from service.gateway.openapi import allowed_methods  # (openapi imports this module)
+
+            if allowed := allowed_methods(request.app, request.url.path):
+                headers = {**(headers or {}), "Allow": ", ".join(allowed)}
         return error_response(
             exc.status_code,
             code,
             str(exc.detail),
             current_request_id(request),
-            headers=getattr(exc, "headers", None),
+            headers=headers,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -150,9 +169,14 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         body_out["error"]["details"] = details
         return JSONResponse(body_out, status_code=422)
 
-    @app.exception_handler(BackendUnavailable)  # ModelMismatch too: it is a subclass
+    @app.exception_handler(BackendUnavailable)  # ModelMismatch, BackendTimeout: subclasses
     async def _unavailable(request: Request, exc: BackendUnavailable) -> JSONResponse:
-        if isinstance(exc, ModelMismatch):
+        status = 503
+        if isinstance(exc, BackendTimeout):
+            log.warning("backend timed out: %s", exc)
+            status, code = 504, "backend_timeout"
+            message = f"the reward backend did not answer in time, retry later ({exc})"
+        elif isinstance(exc, ModelMismatch):
             log.error("refusing to score: %s", exc)
             code, message = "model_mismatch", f"refusing to score: {exc}"
         else:
@@ -161,8 +185,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
                 "backend_unavailable",
                 f"the reward backend is unavailable, retry later ({exc})",
             )
+        refused(code)
         return error_response(
-            503,
+            status,
             code,
             message,
             current_request_id(request),

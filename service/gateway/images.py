@@ -12,8 +12,13 @@ Order of checks, cheapest first, each failure an `ApiError` naming the field and
    shorter side to its input size, so a 1 × 16,000,000 image would be enormous there;
 7. the request's running total of width × height from the headers (`max_request_pixels`, 413,
    naming the image that crossed it), so a small body of flat images cannot decode to GBs;
-8. decoding (only the first frame of an animation), then conversion to RGB as CLIP's
+8. the decoded bytes (width × height × 3) are reserved from the admission budget
+   (`reserve`, 429 when it is full), still before decoding;
+9. decoding (only the first frame of an animation), then conversion to RGB as CLIP's
    processor does (alpha is dropped); a truncated or corrupt file is a 422.
+
+An image may also come as a raw tensor object (`service.gateway.raw_images`), checked against
+the same limits with the same codes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -99,21 +106,66 @@ def _too_many_bytes(field: str, limits: ImageLimits) -> ApiError:
     )
 
 
-def decode_images(images: list[tuple[str, str]], limits: ImageLimits) -> list[np.ndarray]:
-    """(base64, field) pairs → uint8 [H, W, 3] arrays in order, within the request's pixels."""
+def decode_images(
+    images: list[tuple[str | dict[str, Any], str]],
+    limits: ImageLimits,
+    reserve: Callable[[int], None] | None = None,
+) -> list[np.ndarray]:
+    """(base64 or raw tensor, field) pairs → uint8 [H, W, 3] arrays in order, within the
+    request's pixels; `reserve(nbytes)` before each image is decoded (admission control)."""
+    from service.gateway.raw_images import decode_raw_image  # it builds on this module
+
     arrays: list[np.ndarray] = []
     used = 0  # pixels of the images decoded so far
-    for text, field in images:
-        array = decode_image(text, field, limits, request_pixels=used)
+    for image, field in images:
+        if isinstance(image, dict):
+            array = decode_raw_image(image, field, limits, request_pixels=used, reserve=reserve)
+        else:
+            array = decode_image(image, field, limits, request_pixels=used, reserve=reserve)
         used += array.shape[0] * array.shape[1]
         arrays.append(array)
     return arrays
 
 
-def decode_image(text: str, field: str, limits: ImageLimits, request_pixels: int = 0) -> np.ndarray:
+def check_image_size(
+    field: str, width: int, height: int, limits: ImageLimits, request_pixels: int
+) -> None:
+    """Pixels, aspect ratio and the request's pixel budget of a width × height image."""
+    if width < 1 or height < 1:
+        raise ApiError(422, "invalid_image", f"{field}: the image has no pixels", field=field)
+    if width * height > limits.max_pixels:
+        raise _too_many_pixels(field, limits, (width, height))
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ApiError(
+            422,
+            "image_aspect_ratio",
+            f"{field}: the image's aspect ratio ({width}×{height}) exceeds "
+            f"{limits.max_aspect_ratio:g}:1",
+            field=field,
+            limit=limits.max_aspect_ratio,
+        )
+    if request_pixels + width * height > limits.max_request_pixels:
+        raise ApiError(
+            413,
+            "request_too_many_pixels",
+            f"{field}: the request's images exceed {limits.max_request_pixels} pixels "
+            "in all (width × height summed)",
+            field=field,
+            limit=limits.max_request_pixels,
+        )
+
+
+def decode_image(
+    text: str,
+    field: str,
+    limits: ImageLimits,
+    request_pixels: int = 0,
+    reserve: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """A base64 PNG/JPEG/WebP → uint8 [H, W, 3] RGB, or an ApiError naming `field`.
 
-    `request_pixels`: pixels the request's earlier images hold (`max_request_pixels` budget).
+    `request_pixels`: pixels the request's earlier images hold (`max_request_pixels` budget);
+    `reserve(width × height × 3)` is called after the header checks, before decoding.
     """
     data = decode_base64(text, field, limits)
     fmt = sniff_format(data)
@@ -135,28 +187,9 @@ def decode_image(text: str, field: str, limits: ImageLimits, request_pixels: int
         raise _corrupt(field, fmt, exc) from None
     with image:
         width, height = image.size
-        if width < 1 or height < 1:
-            raise ApiError(422, "invalid_image", f"{field}: the image has no pixels", field=field)
-        if width * height > limits.max_pixels:
-            raise _too_many_pixels(field, limits, (width, height))
-        if max(width, height) > limits.max_aspect_ratio * min(width, height):
-            raise ApiError(
-                422,
-                "image_aspect_ratio",
-                f"{field}: the image's aspect ratio ({width}×{height}) exceeds "
-                f"{limits.max_aspect_ratio:g}:1",
-                field=field,
-                limit=limits.max_aspect_ratio,
-            )
-        if request_pixels + width * height > limits.max_request_pixels:
-            raise ApiError(
-                413,
-                "request_too_many_pixels",
-                f"{field}: the request's images exceed {limits.max_request_pixels} pixels "
-                "in all (width × height summed)",
-                field=field,
-                limit=limits.max_request_pixels,
-            )
+        check_image_size(field, width, height, limits, request_pixels)
+        if reserve is not None:
+            reserve(width * height * 3)
         try:
             image.seek(0)
             rgb = image.convert("RGB")

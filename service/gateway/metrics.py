@@ -8,7 +8,12 @@
 - `reward_gateway_textnorm{prompt_set}`: returned TextNorm values, labelled by the prompt-set id
   they were computed with, or "rule" / "explicit" (trainers alert on drift); ids past the first
   `MAX_SET_LABELS` share the label "other", so clients cannot grow the series without bound;
-- `reward_gateway_prompts_truncated_total`.
+- `reward_gateway_prompts_truncated_total`;
+- `reward_gateway_admission_in_use{limit}` / `reward_gateway_admission_limit{limit}` (each
+  admission budget), `reward_gateway_refusals_total{cause}` (each refusal cause) and
+  `reward_gateway_idempotent_replays_total`;
+- `reward_gateway_triton_restarts_total{cause}` (exited / hung) and
+  `reward_gateway_rate_limited_total` (per-key rate limit 429s).
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TEXTNORM_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 MAX_SET_LABELS = 200
+REFUSAL_CAUSES = (
+    "requests_in_flight",
+    "body_bytes_in_flight",
+    "images_in_flight",
+    "decoded_bytes_in_flight",
+    "backend_timeout",
+    "backend_unavailable",
+    "model_mismatch",
+    "request_id_conflict",
+)
 
 
 class GatewayMetrics:
@@ -75,6 +90,47 @@ class GatewayMetrics:
         self.prompts_truncated = Counter(
             "reward_gateway_prompts_truncated",
             "prompts truncated to CLIP's context length",
+            registry=r,
+        )
+        # -- admission control (service/gateway/admission.py) and refusals ---------------------
+        self.admission_in_use = Gauge(
+            "reward_gateway_admission_in_use",
+            "current use of each admission budget (requests, body_bytes, images, "
+            "decoded_bytes, backend_calls)",
+            ["limit"],
+            registry=r,
+        )
+        self.admission_limit = Gauge(
+            "reward_gateway_admission_limit",
+            "each admission budget's limit (past it: 429 with Retry-After)",
+            ["limit"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "reward_gateway_refusals",
+            "requests refused, by cause (requests_in_flight, body_bytes_in_flight, "
+            "images_in_flight, decoded_bytes_in_flight: 429; backend_timeout: 504; "
+            "backend_unavailable, model_mismatch: 503; request_id_conflict: 409)",
+            ["cause"],
+            registry=r,
+        )
+        for cause in REFUSAL_CAUSES:  # every cause in /metrics from the start, at 0
+            self.refusals.labels(cause)
+        self.idempotent_replays = Counter(
+            "reward_gateway_idempotent_replays",
+            "requests answered from the request_id cache (a client's retry)",
+            registry=r,
+        )
+        # -- security helper (issue 13): supervision and per-key rate limits -------------------
+        self.triton_restarts = Counter(
+            "reward_gateway_triton_restarts",
+            "restarts of the bundled Triton by the `serve` supervisor, by cause (exited, hung)",
+            ["cause"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "reward_gateway_rate_limited",
+            "requests refused with 429 by the per-key rate limit (rate_limit_per_key_rps)",
             registry=r,
         )
 

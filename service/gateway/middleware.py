@@ -7,6 +7,10 @@ For every HTTP request, before any route runs:
   before the body is read, so an unauthenticated client cannot make the gateway parse anything;
 - a body over `max_request_bytes` is refused: at once from `Content-Length`, or while it
   streams in (chunked uploads);
+- a scoring request (`ADMITTED_PATHS`) is admitted (`service.gateway.admission`): a request
+  slot and its `Content-Length` bytes are reserved before the body is read (without a length,
+  the bytes as they stream in), else 429 with Retry-After at once; the ticket is on
+  `scope["state"]["admission"]` for the route's image reservations, released after the response;
 - the request is counted and timed by route template and status;
 - an exception nothing else handled becomes a JSON 500 without a traceback (logged).
 """
@@ -17,17 +21,22 @@ import logging
 import time
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.gateway.admission import Admission, Overloaded, Ticket
 from service.gateway.auth import bearer_token, key_matches
 from service.gateway.errors import ApiError, error_response
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.request_ids import HEADER, new_request_id, valid_request_id
 
+CLIENT_CLOSED_REQUEST = 499  # status recorded in /metrics for a client that disconnected
+
 log = logging.getLogger("service.gateway")
 
 PROTECTED_PREFIX = "/v1/"
+ADMITTED_PATHS = frozenset({"/v1/score", "/v1/score/group"})
 
 
 class GatewayMiddleware:
@@ -39,7 +48,9 @@ class GatewayMiddleware:
         metrics: GatewayMetrics,
         keys: list[bytes],
         max_request_bytes: int,
+        admission: Admission | None = None,
     ) -> None:
+        self.admission = admission
         self.app = app
         self.routes = routes  # filled by create_app once every route exists
         self.metrics = metrics
@@ -67,6 +78,7 @@ class GatewayMiddleware:
         state["request_id"] = valid_request_id(headers.get(HEADER)) or new_request_id()
         status = 500
         started = False
+        ticket: Ticket | None = None
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
@@ -78,10 +90,16 @@ class GatewayMiddleware:
 
         try:
             refusal = self._refuse(scope, headers)
+            if refusal is None:
+                ticket, refusal = self._admit(scope, headers)
             if refusal is not None:
                 await refusal(scope, receive, send_with_id)
                 return
-            await self.app(scope, self._limited(receive), send_with_id)
+            await self.app(scope, self._limited(receive, ticket), send_with_id)
+        except ClientDisconnect:
+            # The client went away mid-request (e.g. its own deadline cut the upload): nobody
+            # to answer; counted as 499 (nginx's "client closed request"), not as our error.
+            status = CLIENT_CLOSED_REQUEST
         except Exception:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if started:
@@ -91,6 +109,8 @@ class GatewayMiddleware:
             )
             await response(scope, receive, send_with_id)
         finally:
+            if ticket is not None:
+                ticket.release()
             endpoint = self._endpoint(scope)
             method = scope.get("method", "")
             elapsed = time.perf_counter() - start
@@ -120,6 +140,31 @@ class GatewayMiddleware:
                 return self._too_large(rid)
         return None
 
+    def _admit(self, scope: Scope, headers: Headers):
+        """(the request's admission ticket, None) or (None, a 429 response)."""
+        if (
+            self.admission is None
+            or scope.get("method") != "POST"
+            or scope.get("path") not in ADMITTED_PATHS
+        ):
+            return None, None
+        length = headers.get("content-length")
+        try:
+            ticket = self.admission.admit(int(length) if length is not None else 0)
+        except Overloaded as exc:
+            return None, error_response(
+                exc.status_code,
+                exc.code,
+                exc.message,
+                scope["state"]["request_id"],
+                limit=exc.limit,
+                headers=exc.headers,
+                details=exc.details,
+            )
+        ticket.streamed = length is None  # bytes are reserved as they arrive
+        scope["state"]["admission"] = ticket
+        return ticket, None
+
     def _too_large(self, rid: str):
         return error_response(
             413,
@@ -130,15 +175,19 @@ class GatewayMiddleware:
             limit=self.max_request_bytes,
         )
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, ticket: Ticket | None = None) -> Receive:
         limit = self.max_request_bytes
         received = 0
+        streamed = ticket is not None and ticket.streamed
 
         async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                received += chunk
+                if streamed and received <= limit:
+                    ticket.reserve("body_bytes", chunk)  # Overloaded: 429
                 if received > limit:
                     raise ApiError(
                         413,

@@ -1,4 +1,10 @@
-"""An exported repository's provenance.json, read (JSON only) and turned into response blocks."""
+"""An exported repository's provenance.json, read (JSON only) and turned into response blocks.
+
+Response blocks name the model, the head and the tokenizer by name and content hash only
+(`public_name`: a hub id as is, a local directory by its last component): provenance.json keeps
+the exporter's local paths for the torch-side tools (`verify`, `bench`), but a caller never
+learns the server's filesystem layout.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +62,16 @@ def model_name(source: str) -> str:
     return source
 
 
+def public_name(source: object) -> str | None:
+    """`source` as a caller may see it: a hub id as is, a path by its last component only."""
+    if source is None:
+        return None
+    text = str(source).replace("\\", "/").rstrip("/")
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or ".." in text:
+        return PurePosixPath(text).name or "model"
+    return text
+
+
 def reward_names(has_head: bool) -> list[str]:
     names = contract.CLIP_REWARDS + (contract.HEAD_REWARDS if has_head else ())
     return [n.lower() for n in names]
@@ -71,14 +87,18 @@ class ProvenanceInfo:
         self.data = data
         m = data["model"]
         self.model = ModelInfo(
-            name=model_name(str(m["source"])),
-            source=str(m["source"]),
+            name=str(m.get("name") or model_name(str(m["source"]))),
+            source=str(public_name(m["source"])),
             checkpoint_sha256=str(m["checkpoint_sha256"]),
             embed_dim=int(m["embed_dim"]),
             image_size=m.get("image_size"),
         )
         head = data.get("head")
-        self.head = HeadInfo(source=head.get("source"), sha256=head.get("sha256")) if head else None
+        self.head = (
+            HeadInfo(source=public_name(head.get("source")), sha256=head.get("sha256"))
+            if head
+            else None
+        )
         options = data.get("options") or {}
         self.exporter = ExporterInfo(
             format=data.get("format"),
@@ -94,7 +114,7 @@ class ProvenanceInfo:
         )
         self.max_prompts = int(defaults.get("max_prompts", contract.MAX_PROMPTS))
         self.tokenizer = TokenizerInfo(
-            file=str(tokenizer.path),
+            file=Path(tokenizer.path).name,  # its name; the sha256 says which one
             sha256=tokenizer.sha256,
             context_length=tokenizer.context_length,
             pad_id=tokenizer.eos_id,

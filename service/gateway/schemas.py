@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from service.gateway.prompt_sets import PROMPT_SET_ID_PATTERN
+from service.gateway.raw_images import RAW_IMAGE_SCHEMA
 from service.gateway.request_ids import REQUEST_ID_PATTERN
 
 RequestId = Annotated[
@@ -25,14 +26,30 @@ PromptSetId = Annotated[
     StringConstraints(pattern=PROMPT_SET_ID_PATTERN),
     Field(description="id of a registered prompt set: ps_ + 32 hex digits of its content hash"),
 ]
-Rule = Literal["auto", "counting", "composition", "attributes"]
+Rule = Literal["auto", "counting", "binding", "composition", "attributes"]
 RewardField = Literal["raw", "textnorm", "head", "textnorm_head", "ensemble_mean", "ensemble_uw"]
+_BASE64_IMAGE_SCHEMA = {
+    "type": "string",
+    "description": "base64 PNG, JPEG or WebP (format detected from the content); an optional "
+    "`data:image/...;base64,` prefix is accepted",
+}
+
+
+def _image_or_raw(value: Any) -> str | dict[str, Any]:
+    """A base64 string or a raw tensor object; the object's keys, dtype, shape and bytes are
+    checked where the image is decoded (service/gateway/raw_images.py), naming the field."""
+    if isinstance(value, str | dict):
+        return value
+    raise ValueError(
+        'an image is a base64 string or a raw tensor {"shape": [H, W, 3], "dtype": "uint8", '
+        '"data": base64}'
+    )
+
+
 Base64Image = Annotated[
-    str,
-    Field(
-        description="base64 PNG, JPEG or WebP (format detected from the content); an optional "
-        "`data:image/...;base64,` prefix is accepted",
-    ),
+    Any,
+    AfterValidator(_image_or_raw),
+    WithJsonSchema({"anyOf": [_BASE64_IMAGE_SCHEMA, RAW_IMAGE_SCHEMA]}),
 ]
 
 
@@ -120,11 +137,25 @@ class HeadInfo(BaseModel):
 
 
 class TextNormUsed(BaseModel):
-    scale: float
-    ensemble_lambda: float
+    scale: float | None = Field(
+        description="the c every item used (null when items used different calibrated values: "
+        "see each item's textnorm_scale)"
+    )
+    ensemble_lambda: float | None = Field(
+        description="the λ every item used (null when items differ: each item's ensemble_lambda)"
+    )
     max_prompts: int
     rule: Rule | None = None
     allow_missing: bool | None = None
+    scale_source: Literal["request", "calibrated", "default", "mixed"] | None = Field(
+        default=None,
+        description="where the items' c came from: the request, the calibration file "
+        "(textnorm_calibration_file), the model's default, or a mix (see each item's "
+        "textnorm_scale_source)",
+    )
+    calibration_sha256: str | None = Field(
+        default=None, description="sha256 of the calibration file the gateway loaded, if any"
+    )
 
 
 class TokenizerInfo(BaseModel):
@@ -175,6 +206,21 @@ class ItemResult(BaseModel):
         default=None,
         description="sha256 of the prompt set TextNorm used (normalised prompt + contrastive "
         "prompts, canonical JSON): proves which set produced this value",
+    )
+    export_sha256: str | None = Field(
+        default=None,
+        description="content hash of the export (model) that computed this item's rewards",
+    )
+    textnorm_scale: float | None = Field(
+        default=None, description="the TextNorm scale c this item was scored with"
+    )
+    ensemble_lambda: float | None = Field(
+        default=None, description="the ensemble λ this item was scored with"
+    )
+    textnorm_scale_source: Literal["request", "calibrated", "default"] | None = Field(
+        default=None,
+        description="where this item's c came from: the request, the calibration file, or the "
+        "model's default",
     )
     prompt_truncated: bool
     contrastive_truncated: int = Field(
@@ -255,9 +301,25 @@ class ModelCard(BaseModel):
     cache_key: str
 
 
+class ServiceLimits(BaseModel):
+    """The request limits of this gateway (clients chunk and validate by them)."""
+
+    max_items_per_request: int
+    max_image_bytes: int = Field(description="bytes per encoded image after base64 decoding")
+    max_image_pixels: int = Field(description="width × height per image (encoded or raw)")
+    max_image_aspect_ratio: float
+    max_request_pixels: int = Field(description="width × height summed over a request")
+    max_request_bytes: int = Field(description="HTTP request body size")
+    max_prompt_chars: int
+    max_contrastive_prompts: int
+    image_formats: list[str] = Field(description='accepted image forms, "raw" the tensor form')
+    raw_dtypes: list[str] = Field(description="dtypes of the raw tensor form")
+
+
 class ModelsResponse(BaseModel):
     request_id: str
     models: list[ModelCard]
+    limits: ServiceLimits
     provenance: Provenance
 
 

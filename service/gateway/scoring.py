@@ -28,6 +28,7 @@ from service.contrastive import NoContrastivePrompts, Vocabulary, contrastive_pr
 from service.contrastive.dedupe import normalise as normalise_prompt
 from service.contrastive.errors import quote_prompt
 from service.gateway.backend import GuardedBackend
+from service.gateway.calibration import Calibration, choose_scale
 from service.gateway.embedding_cache import CacheKey, EmbeddingCache
 from service.gateway.errors import ApiError
 from service.gateway.metrics import GatewayMetrics
@@ -50,6 +51,7 @@ class ContrastivePlan:
     source: str  # "explicit" | "prompt_set" | "rule" | "none"
     set_id: str | None = None
     field: str = ""  # the request field the contrastive prompts came from
+    rule: str | None = None  # the rule that built the set (source "rule")
 
     @property
     def metric_label(self) -> str:
@@ -93,6 +95,7 @@ class Scorer:
         truncate_long_prompts: bool,
         vocabulary: Vocabulary | None = None,
         token_bucket: int = 16,
+        calibration: Calibration | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -105,6 +108,7 @@ class Scorer:
         self.truncate_long_prompts = truncate_long_prompts
         self.vocabulary = vocabulary  # of the attribute-swap rules (None: the shapes world's)
         self.token_bucket = token_bucket  # text batches are padded to a multiple of this
+        self.calibration = calibration  # calibrated c/λ (service/gateway/calibration.py)
 
     # -- checks --------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field_name: str) -> str:
@@ -197,7 +201,9 @@ class Scorer:
             generated = contrastive_prompts(prompt, options.rule, vocabulary=self.vocabulary)
         except NoContrastivePrompts as exc:
             return self._missing(prompt_field, prompt, options, f"rule {options.rule!r}: {exc}")
-        return ContrastivePlan(generated[: self.max_contrastive], "rule", field=prompt_field)
+        return ContrastivePlan(
+            generated[: self.max_contrastive], "rule", field=prompt_field, rule=options.rule
+        )
 
     def _explicit(
         self,
@@ -319,12 +325,13 @@ class Scorer:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(image.shape, []).append(i)
-        parts = await asyncio.gather(
-            *(
-                self.backend.encode_images(np.stack([images[i] for i in idx]))
-                for idx in groups.values()
-            )
-        )
+
+        async def encode(idx: list[int]) -> np.ndarray:
+            # the batch copy (tens of MB for a large request) runs off the event loop
+            batch = await asyncio.to_thread(np.stack, [images[i] for i in idx])
+            return await self.backend.encode_images(batch)
+
+        parts = await asyncio.gather(*(encode(idx) for idx in groups.values()))
         out = np.empty((len(images), self.provenance.embed_dim), np.float32)
         for idx, emb in zip(groups.values(), parts, strict=True):
             out[idx] = emb
@@ -335,9 +342,29 @@ class Scorer:
         items: Sequence[PlannedItem],
         text_plan: TextPlan,
         images: Sequence[np.ndarray],
-        scale: float,
-        lam: float,
+        scale: float | None,
+        lam: float | None,
     ) -> list[ItemResult]:
+        """Rewards of every item; `scale`/`lam`: the request's (None: each item's calibrated
+        value, else the model's default; service/gateway/calibration.py)."""
+        shas = [
+            contrastive_set_sha256(it.prompt, it.plan.prompts) if it.plan.prompts else None
+            for it in items
+        ]
+        choices = [
+            choose_scale(
+                self.calibration,
+                it.prompt,
+                sha,
+                it.plan.source,
+                scale,
+                lam,
+                self.provenance.default_scale,
+                self.provenance.default_lambda,
+                rule=it.plan.rule or "auto",
+            )
+            for it, sha in zip(items, shas, strict=True)
+        ]
         texts, image_embeds = await asyncio.gather(
             self.text_embeddings(text_plan), self.image_embeddings(images)
         )
@@ -352,8 +379,8 @@ class Scorer:
             image_embeds,
             prompt_embeds,
             mask,
-            np.full((n, 1), scale, np.float32),
-            np.full((n, 1), lam, np.float32),
+            np.array([[c.scale] for c in choices], np.float32).reshape(n, 1),
+            np.array([[c.ensemble_lambda] for c in choices], np.float32).reshape(n, 1),
         )
         results = []
         for i, item in enumerate(items):
@@ -371,11 +398,13 @@ class Scorer:
                     contrastive_count=len(item.plan.prompts),
                     contrastive_source=item.plan.source,
                     prompt_set=item.plan.set_id,
-                    contrastive_sha256=(
-                        contrastive_set_sha256(item.prompt, item.plan.prompts) if has_set else None
-                    ),
+                    contrastive_sha256=shas[i],
+                    textnorm_scale=choices[i].scale if has_set else None,
+                    ensemble_lambda=choices[i].ensemble_lambda if has_set else None,
+                    textnorm_scale_source=choices[i].source if has_set else None,
                     prompt_truncated=item.prompt_truncated,
                     contrastive_truncated=item.contrastive_truncated,
+                    export_sha256=self.provenance.data.get("export_sha256"),
                 )
             )
             if has_set:

@@ -6,8 +6,8 @@ reward head (every output it declares, read from its metadata at connect time), 
 hash each model's config carries. Errors come out as the backend protocol's types
 (`service.gateway.backend`), so the gateway can map them to status codes:
 
-- `BackendUnavailable`: the server cannot be reached, is shutting down, a model is not loaded,
-  or the call ran past its timeout (`BackendTimeout`, a subclass) — answer 503;
+- `BackendUnavailable`: the server cannot be reached, is shutting down or a model is not
+  loaded — answer 503; a call past its deadline is `BackendTimeout` (a subclass) — 504;
 - `BackendError`: the server answered with an error about the request or the model — 502.
 
 `url` is `host:port`, or any gRPC target such as `dns:///triton-headless:8001`: with a DNS

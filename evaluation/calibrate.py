@@ -1,0 +1,90 @@
+"""Choosing TextNorm's scale c (and the ensemble's λ) on a validation seed, as the authors did.
+
+For a group of benchmark prompts (one category, one kind of prompt the gateway tells apart, or
+the prompts a prompt-set file covers), c is the value of the grid with the highest mean
+per-prompt AUROC of TextNorm over raw CLIP; λ is then the value with the highest AUROC of the
+uncertainty-regularised ensemble at that c. Ties go to the earlier grid value. Only a
+validation seed may be used (`calibrate` refuses the held-out one): choosing on the held-out
+seed would report a tuned number as a measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from evaluation.auroc import mean_per_prompt_auroc
+from evaluation.evaluate import ScoredPrompt
+from service.gateway.calibration import prompt_kind
+from service.gateway.prompt_sets import contrastive_set_sha256
+from service.textnorm import ensemble_uncertainty, textnorm
+
+SCALE_GRID: tuple[float, ...] = (0.1, 1.0, 3.0, 5.0, 10.0, 20.0, 50.0)  # authors' + 20, 50
+LAMBDA_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+
+
+def _auroc(scored: Sequence[ScoredPrompt], reward) -> float:
+    return mean_per_prompt_auroc([(reward(p), p.prompt.labels) for p in scored])[0]
+
+
+def choose(
+    scored: Sequence[ScoredPrompt],
+    scale_grid: Sequence[float] = SCALE_GRID,
+    lambda_grid: Sequence[float] = LAMBDA_GRID,
+) -> dict[str, Any]:
+    """{scale, ensemble_lambda, prompts, auroc_by_scale, auroc_by_lambda} for one group."""
+    by_scale = {
+        c: _auroc(scored, lambda p, c=c: textnorm(p.clip.astype(np.float64), c)) for c in scale_grid
+    }
+    scale = max(scale_grid, key=lambda c: (by_scale[c], -scale_grid.index(c)))
+    out: dict[str, Any] = {
+        "scale": scale,
+        "prompts": len(scored),
+        "auroc_by_scale": {str(c): round(v, 6) for c, v in by_scale.items()},
+    }
+    if all(p.head is not None for p in scored):
+
+        def uw(p: ScoredPrompt, lam: float) -> np.ndarray:
+            probs = np.stack([textnorm(p.clip.astype(np.float64), scale), textnorm(p.head, scale)])
+            return ensemble_uncertainty(probs, lam=lam)
+
+        by_lambda = {lam: _auroc(scored, lambda p, lam=lam: uw(p, lam)) for lam in lambda_grid}
+        lam = max(lambda_grid, key=lambda x: (by_lambda[x], -lambda_grid.index(x)))
+        out["ensemble_lambda"] = lam
+        out["auroc_by_lambda"] = {str(x): round(v, 6) for x, v in by_lambda.items()}
+    else:
+        out["ensemble_lambda"] = 1.0
+    return out
+
+
+def by_category(scored: Sequence[ScoredPrompt], **grids: Any) -> dict[str, dict[str, Any]]:
+    categories = dict.fromkeys(p.prompt.category for p in scored)
+    return {c: choose([p for p in scored if p.prompt.category == c], **grids) for c in categories}
+
+
+def by_prompt_kind(scored: Sequence[ScoredPrompt], **grids: Any) -> dict[str, dict[str, Any]]:
+    """One choice per kind of prompt the gateway tells apart (calibration.PROMPT_KINDS)."""
+    kinds: dict[str, list[ScoredPrompt]] = {}
+    for p in scored:
+        kinds.setdefault(prompt_kind(p.prompt.prompt), []).append(p)
+    return {kind: choose(group, **grids) for kind, group in kinds.items()}
+
+
+def by_prompt_set(scored: Sequence[ScoredPrompt], **grids: Any) -> dict[str, dict[str, Any]]:
+    """For prompts scored with a prompt-set file's sets: one choice per category of those
+    prompts, stored under each set's content hash (the gateway looks sets up by it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for category, choice in by_category(scored, **grids).items():
+        for p in scored:
+            if p.prompt.category == category:
+                sha = contrastive_set_sha256(p.prompt.prompt, p.contrastive)
+                out[sha] = {
+                    "prompt": p.prompt.prompt,
+                    "category": category,
+                    "scale": choice["scale"],
+                    "ensemble_lambda": choice["ensemble_lambda"],
+                    "auroc_by_scale": choice["auroc_by_scale"],
+                }
+    return out

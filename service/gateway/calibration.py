@@ -1,0 +1,276 @@
+"""Calibrated TextNorm scales: which c (and ensemble λ) the gateway uses for an item.
+
+`reward-service calibrate` (evaluation/commands.py) picks c and λ on a validation seed of the
+benchmark, per benchmark category, per kind of prompt the gateway can tell apart, and per
+prompt set when given a prompt-set file, and writes a calibration JSON
+(`textnorm_calibration_file`). For each item the gateway then uses, in order:
+
+1. the request's ``textnorm.scale`` / ``textnorm.ensemble_lambda`` (source "request");
+2. the calibrated values of the item's exact contrastive set (by `contrastive_set_sha256`,
+   whatever its source: a configured, registered or explicit set);
+3. for a set the `auto` rule built (the rule `calibrate` calibrates), the calibrated values
+   of the prompt's kind: "composition" (a
+   "<NP1> and <NP2>" prompt: the auto rule's binding set) or "single_object" (counting plus
+   attribute swaps) — the gateway cannot tell a counting prompt from a colour prompt, so
+   those benchmark categories are pooled into one kind;
+4. the model's defaults (provenance ``textnorm_defaults``; source "default").
+
+A request that sets only one of c and λ takes the other from the same lookup. The file is JSON
+only, checked when the gateway starts (one-line ValueError naming the problem), and refused
+when it was calibrated for another checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from service.contrastive.composition import find_composition
+from service.contrastive.tokens import tokenize
+
+CALIBRATION_FORMAT = 1
+PROMPT_KINDS: tuple[str, ...] = ("composition", "single_object")
+SCALE_SOURCES: tuple[str, ...] = ("request", "calibrated", "default")
+CALIBRATED_RULE = "auto"  # the rule whose sets `calibrate` chose the prompt kinds' values on
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    """The c and λ one item is scored with, and where c came from (SCALE_SOURCES)."""
+
+    scale: float
+    ensemble_lambda: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    scale: float
+    ensemble_lambda: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibration file, parsed: lookups by prompt kind and by exact contrastive set."""
+
+    sha256: str
+    checkpoint_sha256: str | None
+    prompt_kinds: Mapping[str, Calibrated] = field(default_factory=dict)
+    prompt_sets: Mapping[str, Calibrated] = field(default_factory=dict)
+    categories: Mapping[str, Calibrated] = field(default_factory=dict)  # benchmark categories
+
+    def lookup(
+        self, prompt: str, contrastive_sha256: str | None, source: str, rule: str = "auto"
+    ) -> Calibrated | None:
+        """The calibrated values for a set (by hash), else for a set the `auto` rule built, its
+        prompt kind's (`calibrate` chose those on the auto rule's sets: another rule's set gets
+        none of them)."""
+        if contrastive_sha256 is not None and contrastive_sha256 in self.prompt_sets:
+            return self.prompt_sets[contrastive_sha256]
+        if source == "rule" and rule == CALIBRATED_RULE:
+            return self.prompt_kinds.get(prompt_kind(prompt))
+        return None
+
+    def choose(
+        self,
+        prompt: str,
+        contrastive_sha256: str | None,
+        request_scale: float | None,
+        request_lambda: float | None,
+        default_scale: float,
+        default_lambda: float,
+        source: str = "rule",
+        rule: str = CALIBRATED_RULE,
+    ) -> ScaleChoice:
+        return choose_scale(
+            self,
+            prompt,
+            contrastive_sha256,
+            source,
+            request_scale,
+            request_lambda,
+            default_scale,
+            default_lambda,
+            rule=rule,
+        )
+
+
+def prompt_kind(prompt: str) -> str:
+    """ "composition" for a "<NP1> and <NP2>" prompt, else "single_object" (PROMPT_KINDS)."""
+    return "composition" if find_composition(prompt, tokenize(prompt)) else "single_object"
+
+
+def choose_scale(
+    calibration: Calibration | None,
+    prompt: str,
+    contrastive_sha256: str | None,
+    source: str,
+    request_scale: float | None,
+    request_lambda: float | None,
+    default_scale: float,
+    default_lambda: float,
+    rule: str = CALIBRATED_RULE,
+) -> ScaleChoice:
+    """The item's (c, λ) by the order of the module docstring; `source`: its set's source,
+    `rule`: the rule that built it (when `source` is "rule")."""
+    found = calibration.lookup(prompt, contrastive_sha256, source, rule) if calibration else None
+    if request_scale is not None:
+        scale, where = float(request_scale), "request"
+    elif found is not None:
+        scale, where = found.scale, "calibrated"
+    else:
+        scale, where = default_scale, "default"
+    if request_lambda is not None:
+        lam = float(request_lambda)
+    else:
+        lam = found.ensemble_lambda if found is not None else default_lambda
+    return ScaleChoice(scale, lam, where)
+
+
+def summarise_sources(sources: Iterable[str | None]) -> str | None:
+    """One word for a response's provenance: the items' common scale source, or "mixed"."""
+    found = {s for s in sources if s is not None}
+    if not found:
+        return None
+    return found.pop() if len(found) == 1 else "mixed"
+
+
+def gateway_calibration(path: str | None, checkpoint_sha256: str) -> Calibration | None:
+    """The gateway's calibration (`textnorm_calibration_file`), or None when none is set."""
+    return None if path is None else load_calibration(path, checkpoint_sha256)
+
+
+def with_scale_sources(provenance: Any, results: Iterable[Any], calibration: Calibration | None):
+    """`provenance` (a response's block) saying where the items' c came from, and which
+    calibration file the gateway loaded."""
+    results = list(results)
+    provenance.textnorm.scale_source = summarise_sources(r.textnorm_scale_source for r in results)
+    scales = {r.textnorm_scale for r in results if r.textnorm_scale is not None}
+    lambdas = {r.ensemble_lambda for r in results if r.ensemble_lambda is not None}
+    if scales:  # the c and λ the items used: one value, or null when they differ
+        provenance.textnorm.scale = scales.pop() if len(scales) == 1 else None
+    if lambdas:
+        provenance.textnorm.ensemble_lambda = lambdas.pop() if len(lambdas) == 1 else None
+    provenance.textnorm.calibration_sha256 = calibration.sha256 if calibration else None
+    return provenance
+
+
+def _calibrated(where: str, value: object) -> Calibrated:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected an object with scale and ensemble_lambda")
+    try:
+        scale, lam = float(value["scale"]), float(value["ensemble_lambda"])
+    except KeyError as exc:
+        raise ValueError(f"{where}: missing {exc.args[0]}") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: scale and ensemble_lambda must be numbers") from None
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{where}.scale: must be finite and > 0, got {scale}")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"{where}.ensemble_lambda: must be finite and >= 0, got {lam}")
+    return Calibrated(scale, lam)
+
+
+def parse_calibration(data: object, sha256: str = "") -> Calibration:
+    """Validate decoded calibration JSON (format CALIBRATION_FORMAT, see `calibrate`)."""
+    if not isinstance(data, dict):
+        raise ValueError("calibration: expected a JSON object")
+    if data.get("format") != CALIBRATION_FORMAT:
+        raise ValueError(f"calibration: format {data.get('format')!r} is not {CALIBRATION_FORMAT}")
+    kinds_in = data.get("prompt_kinds") or {}
+    sets_in = data.get("prompt_sets") or {}
+    categories_in = data.get("categories") or {}
+    if not all(isinstance(x, dict) for x in (kinds_in, sets_in, categories_in)):
+        raise ValueError("calibration: prompt_kinds, prompt_sets and categories must be objects")
+    unknown = [k for k in kinds_in if k not in PROMPT_KINDS]
+    if unknown:
+        raise ValueError(
+            f"calibration: unknown prompt kind {unknown[0]!r}; known: {', '.join(PROMPT_KINDS)}"
+        )
+    kinds = {k: _calibrated(f"prompt_kinds.{k}", v) for k, v in kinds_in.items()}
+    sets = {k: _calibrated(f"prompt_sets.{k}", v) for k, v in sets_in.items()}
+    categories = {k: _calibrated(f"categories.{k}", v) for k, v in categories_in.items()}
+    model = data.get("model") or {}
+    checkpoint = model.get("checkpoint_sha256") if isinstance(model, dict) else None
+    return Calibration(
+        sha256=sha256,
+        checkpoint_sha256=checkpoint,
+        prompt_kinds=MappingProxyType(kinds),
+        prompt_sets=MappingProxyType(sets),
+        categories=MappingProxyType(categories),
+    )
+
+
+def load_calibration(
+    path: str | os.PathLike[str], checkpoint_sha256: str | None = None
+) -> Calibration:
+    """Read a calibration file (JSON only); ValueError (one line, naming the file) when it is
+    unusable or was calibrated for another checkpoint than `checkpoint_sha256`."""
+    try:
+        raw = open(path, "rb").read()  # noqa: SIM115 - one read
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the calibration file ({exc.strerror})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        calibration = parse_calibration(data, hashlib.sha256(raw).hexdigest())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON calibration file ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if (
+        checkpoint_sha256 is not None
+        and calibration.checkpoint_sha256 is not None
+        and calibration.checkpoint_sha256 != checkpoint_sha256
+    ):
+        raise ValueError(
+            f"{path}: calibrated for checkpoint {calibration.checkpoint_sha256[:12]}, but the "
+            f"served model is {checkpoint_sha256[:12]}"
+        )
+    return calibration
+
+
+def calibration_document(
+    *,
+    checkpoint_sha256: str,
+    validation_seed: int,
+    grid: Mapping[str, list[float]],
+    categories: Mapping[str, Mapping[str, Any]],
+    prompt_kinds: Mapping[str, Mapping[str, Any]],
+    prompt_sets: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON a calibration file holds (what `calibrate` writes, `parse_calibration` reads)."""
+    return {
+        "format": CALIBRATION_FORMAT,
+        "model": {"checkpoint_sha256": checkpoint_sha256},
+        "validation_seed": validation_seed,
+        "grid": dict(grid),
+        "categories": dict(categories),
+        "prompt_kinds": dict(prompt_kinds),
+        "prompt_sets": dict(prompt_sets or {}),
+        **dict(extra or {}),
+    }
+
+
+__all__ = [
+    "CALIBRATION_FORMAT",
+    "PROMPT_KINDS",
+    "SCALE_SOURCES",
+    "Calibrated",
+    "Calibration",
+    "ScaleChoice",
+    "calibration_document",
+    "choose_scale",
+    "gateway_calibration",
+    "load_calibration",
+    "parse_calibration",
+    "prompt_kind",
+    "summarise_sources",
+    "with_scale_sources",
+]

@@ -1,0 +1,95 @@
+"""Request bodies parsed off the event loop, strictly.
+
+`OffloadedJsonRoute` is the APIRoute class of the routes that take large JSON bodies: it reads
+the body, parses it in the gateway's worker pool (`decode_threads`; a 100 MB body takes the
+parser hundreds of milliseconds, which on the event loop would stall /healthz and every other
+request), and hands the parsed value to FastAPI, which validates it against the route's model
+as usual. The parse is strict JSON (RFC 8259): a key repeated in one object and the
+non-standard constants NaN / Infinity are 400s, not silently last-wins or a float the schema
+never allowed. The body's sha256 is kept on `request.state.body_sha256` (the idempotency key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from concurrent.futures import Executor
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+from service.gateway.errors import ApiError
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Invalid(f"duplicate key {json.dumps(key)[:80]} in one object")
+        result[key] = value
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise _Invalid(f"{name} is not JSON")
+
+
+def parse_json(body: bytes) -> tuple[Any, str]:
+    """(the parsed body, its sha256), or ApiError 400 `malformed_json`."""
+    digest = hashlib.sha256(body).hexdigest()
+    try:
+        value = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        message = f"request body is not valid JSON ({exc.msg} at character {exc.pos})"
+        raise ApiError(400, "malformed_json", message, field="body") from None
+    except (_Invalid, UnicodeDecodeError, RecursionError) as exc:
+        message = f"request body is not valid JSON: {str(exc)[:200]}"
+        raise ApiError(400, "malformed_json", message, field="body") from None
+    return value, digest
+
+
+def _is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type")
+    if not content_type:
+        return True  # FastAPI reads a body without a content type as JSON too
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+async def parse_in_pool(pool: Executor | None, body: bytes) -> tuple[Any, str]:
+    return await asyncio.get_running_loop().run_in_executor(pool, parse_json, body)
+
+
+class OffloadedJsonRoute(APIRoute):
+    """A route whose JSON body is parsed in the gateway's worker pool (see the module doc)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        if self.body_field is None:  # no body model (GET, or a route that reads its own body)
+            return handler
+
+        async def offloaded(request: Request) -> Response:
+            body = await request.body()
+            if body and not _is_json(request):  # security helper: a 415 naming the header,
+                raise ApiError(  # not FastAPI's 422 "Input should be a valid dictionary"
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Type: {request.headers.get('content-type', '')[:80]!r} is not "
+                    "JSON; request bodies are application/json",
+                    field="Content-Type",
+                    limit="application/json",
+                )
+            if body and _is_json(request):
+                pool = getattr(request.app.state, "gateway", None)
+                value, digest = await parse_in_pool(getattr(pool, "pool", None), body)
+                request._json = value  # Starlette's cache of request.json(): FastAPI uses it
+                request.state.body_sha256 = digest
+            return await handler(request)
+
+        return offloaded

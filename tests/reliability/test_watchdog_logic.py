@@ -1,0 +1,115 @@
+"""The supervisor's decisions, on a scripted stand-in for the server (fast; the real
+tritonserver under SIGSTOP/SIGKILL is tests/reliability/test_supervision.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from service.launcher import TritonWatchdog
+from service.settings import Settings
+
+
+class ScriptedServer:
+    """Answers `running()`/`is_ready()` from flags; `start()` fails `fail_starts` times."""
+
+    def __init__(self, fail_starts: int = 0) -> None:
+        self.alive, self.ready, self.fail_starts = True, True, fail_starts
+        self.starts: list[float] = []
+        self.kills = 0
+        self.pid = 1
+        self.lock = threading.Lock()
+
+    def running(self) -> bool:
+        return self.alive
+
+    def is_ready(self, timeout: float) -> bool:
+        return self.alive and self.ready
+
+    def kill(self) -> None:
+        self.kills += 1
+        self.alive = False
+
+    def start(self) -> None:
+        self.starts.append(time.monotonic())
+        if len(self.starts) <= self.fail_starts:
+            raise RuntimeError("tritonserver exited with code 1 during startup\nlog tail")
+        self.alive, self.ready = True, True
+        self.pid += 1
+
+    def stop(self) -> None:
+        self.alive = False
+
+
+def _watch(server, **kw) -> tuple[TritonWatchdog, list[str]]:
+    causes: list[str] = []
+
+    def hook(cause: str) -> None:
+        causes.append(cause)
+        raise ValueError("a broken metrics hook must not stop the supervision")
+
+    dog = TritonWatchdog(server, interval_s=0.02, on_restart=hook, **kw)
+    dog.start()
+    return dog, causes
+
+
+def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.01)
+
+
+def test_hang_needs_n_consecutive_failed_probes_then_kill_and_restart():
+    server = ScriptedServer()
+    dog, causes = _watch(server, failures_before_restart=3, backoff_s=0.02)
+    try:
+        server.ready = False
+        _until(lambda: causes == ["hung"])
+        assert server.kills == 1 and dog.restarts_by_cause == {"exited": 0, "hung": 1}
+        server.alive = False  # then it dies: the other cause
+        _until(lambda: causes == ["hung", "exited"])
+        assert server.kills == 1  # nothing to kill when it already exited
+    finally:
+        dog.stop()
+    assert dog.restarts == 2 and not server.alive  # stop() stops the server too
+
+
+def test_a_probe_that_recovers_resets_the_count():
+    server = ScriptedServer()
+    dog, causes = _watch(server, failures_before_restart=1000, backoff_s=0.02)
+    try:
+        server.ready = False
+        _until(lambda: dog.failed_probes >= 3)
+        server.ready = True
+        _until(lambda: dog.failed_probes == 0)
+        assert causes == [] and server.kills == 0
+    finally:
+        dog.stop()
+
+
+def test_failed_restarts_back_off_doubling_up_to_the_maximum():
+    server = ScriptedServer(fail_starts=4)
+    dog, causes = _watch(server, backoff_s=0.05, max_backoff_s=0.2)
+    try:
+        server.alive = False
+        _until(lambda: causes == ["exited"], timeout=10)
+    finally:
+        dog.stop()
+    assert len(server.starts) == 5 and dog.restarts_by_cause["exited"] == 1
+    assert dog.restart_waits == [0.05, 0.1, 0.2, 0.2]  # doubling, capped at the maximum
+    gaps = [b - a for a, b in zip(server.starts, server.starts[1:], strict=False)]
+    assert all(gap >= wait * 0.9 for gap, wait in zip(gaps, dog.restart_waits, strict=True))
+
+
+def test_settings_configure_the_supervisor():
+    settings = Settings(
+        triton_probe_interval_s=0.7,
+        triton_probe_timeout_s=0.3,
+        triton_probe_failures=5,
+        triton_restart_backoff_s=2,
+        triton_restart_backoff_max_s=9,
+    )
+    dog = TritonWatchdog.from_settings(ScriptedServer(), settings)
+    assert (dog.interval_s, dog.probe_timeout_s, dog.failures_before_restart) == (0.7, 0.3, 5)
+    assert (dog.backoff_s, dog.max_backoff_s) == (2, 9)

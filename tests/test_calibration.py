@@ -1,0 +1,222 @@
+"""Calibrated TextNorm scales: `reward-service calibrate` and the gateway's lookup.
+
+The command runs on a small validation benchmark with the shipped model (torch, in process);
+the lookup is the torch-free module the gateway uses.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from evaluation.calibrate import SCALE_GRID
+from evaluation.commands import app
+from service.gateway.calibration import (
+    Calibration,
+    calibration_document,
+    choose_scale,
+    load_calibration,
+    parse_calibration,
+    prompt_kind,
+    summarise_sources,
+)
+from service.gateway.prompt_sets import contrastive_set_sha256
+from service.settings import SHIPPED_MODEL_DIR, get_settings
+
+COMPOSITION = "a red circle and a blue square on a grass background"
+SINGLE = "three red triangles on a grass background"
+
+
+def _doc(**kinds) -> dict:
+    return calibration_document(
+        checkpoint_sha256="abc",
+        validation_seed=1,
+        grid={"scale": [1.0, 10.0], "ensemble_lambda": [0.0, 1.0]},
+        categories={"counting": {"scale": 10.0, "ensemble_lambda": 1.0}},
+        prompt_kinds=kinds,
+        prompt_sets={
+            contrastive_set_sha256(SINGLE, ["two red triangles on a grass background"]): {
+                "scale": 0.1,
+                "ensemble_lambda": 2.0,
+            }
+        },
+    )
+
+
+@pytest.fixture
+def calibration() -> Calibration:
+    return parse_calibration(
+        _doc(
+            composition={"scale": 3.0, "ensemble_lambda": 0.5},
+            single_object={"scale": 10.0, "ensemble_lambda": 2.0},
+        )
+    )
+
+
+def test_prompt_kinds_follow_the_auto_rule():
+    assert prompt_kind(COMPOSITION) == "composition"
+    assert prompt_kind("an apple and a dog") == "composition"
+    assert prompt_kind(SINGLE) == "single_object"
+    assert prompt_kind("a photo of six cats") == "single_object"
+
+
+def test_lookup_order_request_then_set_then_kind_then_default(calibration):
+    def pick(prompt, sha=None, source="rule", scale=None, lam=None):
+        return choose_scale(calibration, prompt, sha, source, scale, lam, 5.0, 1.0)
+
+    assert pick(COMPOSITION) == pick(COMPOSITION, source="rule")
+    assert (pick(COMPOSITION).scale, pick(COMPOSITION).ensemble_lambda) == (3.0, 0.5)
+    assert pick(COMPOSITION).source == "calibrated"
+    assert (pick(SINGLE).scale, pick(SINGLE).source) == (10.0, "calibrated")
+    # An explicit set the calibration does not know: the model's default, not the kind's c.
+    assert (pick(SINGLE, source="explicit").scale, pick(SINGLE, source="explicit").source) == (
+        5.0,
+        "default",
+    )
+    # The exact set the calibration names wins over the prompt's kind, whatever its source.
+    known = contrastive_set_sha256(SINGLE, ["two red triangles on a grass background"])
+    assert pick(SINGLE, known, source="prompt_set").scale == 0.1
+    # The request overrides c; λ not set by the request still comes from the lookup.
+    chosen = pick(COMPOSITION, scale=1.5)
+    assert (chosen.scale, chosen.ensemble_lambda, chosen.source) == (1.5, 0.5, "request")
+    assert pick(COMPOSITION, lam=0.0).ensemble_lambda == 0.0
+    no_file = choose_scale(None, COMPOSITION, None, "rule", None, None, 5.0, 1.0)
+    assert (no_file.scale, no_file.ensemble_lambda, no_file.source) == (5.0, 1.0, "default")
+
+
+def test_summarise_sources():
+    assert summarise_sources(["calibrated", "calibrated", None]) == "calibrated"
+    assert summarise_sources(["calibrated", "default"]) == "mixed"
+    assert summarise_sources([None]) is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([], "expected a JSON object"),
+        ({"format": 9}, "format 9 is not 1"),
+        ({"format": 1, "prompt_kinds": {"counting": {}}}, "unknown prompt kind 'counting'"),
+        (
+            {"format": 1, "prompt_kinds": {"composition": {"scale": 1}}},
+            "prompt_kinds.composition: missing ensemble_lambda",
+        ),
+        (
+            {"format": 1, "prompt_kinds": {"composition": {"scale": 0, "ensemble_lambda": 1}}},
+            "prompt_kinds.composition.scale: must be finite and > 0",
+        ),
+        (
+            {"format": 1, "prompt_sets": {"x": {"scale": 1, "ensemble_lambda": -1}}},
+            "prompt_sets.x.ensemble_lambda: must be finite and >= 0",
+        ),
+    ],
+)
+def test_bad_calibration_documents_name_the_problem(doc, message):
+    with pytest.raises(ValueError, match=message):
+        parse_calibration(doc)
+
+
+def test_load_refuses_another_checkpoint_and_bad_json(tmp_path):
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(_doc()))
+    assert load_calibration(path, "abc").checkpoint_sha256 == "abc"
+    with pytest.raises(ValueError, match="calibrated for checkpoint abc, but the served model"):
+        load_calibration(path, "def")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON calibration file"):
+        load_calibration(path)
+    with pytest.raises(ValueError, match="cannot read the calibration file"):
+        load_calibration(tmp_path / "missing.json")
+
+
+# -- the command ----------------------------------------------------------------------------------
+SMALL = ["--prompts-per-category", "2", "--images-per-prompt", "16", "--seed", "4242"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> dict:
+    """`calibrate` on a small validation benchmark, with a prompt-set file for two prompts."""
+    from shapes_world.benchmark import build_benchmark
+
+    tmp = tmp_path_factory.mktemp("calibrate")
+    bench = build_benchmark(seed=4242, prompts_per_category=2, images_per_prompt=16)
+    composition = [p.prompt for p in bench if p.category == "composition"]
+    from service.contrastive import contrastive_prompts
+
+    sets = {p: contrastive_prompts(p, "composition") for p in composition}  # the paper's sets
+    sets_file = tmp / "sets.json"
+    sets_file.write_text(json.dumps(sets))
+    out = tmp / "cal.json"
+    args = ["calibrate", "--out", str(out), "--prompt-sets", str(sets_file), *SMALL]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {"doc": json.loads(out.read_text()), "path": out, "sets": sets, "output": result.output}
+
+
+def test_calibrate_picks_the_best_grid_value_per_group(calibrated):
+    doc = calibrated["doc"]
+    assert doc["validation_seed"] == 4242 and doc["grid"]["scale"] == list(SCALE_GRID)
+    groups = [*doc["categories"].values(), *doc["prompt_kinds"].values()]
+    assert set(doc["categories"]) == {"counting", "color", "background", "object", "composition"}
+    assert set(doc["prompt_kinds"]) == {"composition", "single_object"}
+    for choice in groups:
+        by_scale = {float(k): v for k, v in choice["auroc_by_scale"].items()}
+        assert by_scale[choice["scale"]] == max(by_scale.values())
+        by_lambda = {float(k): v for k, v in choice["auroc_by_lambda"].items()}
+        assert by_lambda[choice["ensemble_lambda"]] == max(by_lambda.values())
+    assert doc["prompt_kinds"]["single_object"]["prompts"] == 8  # four categories pooled
+
+
+def test_calibrate_stores_each_prompt_sets_scale_by_its_content_hash(calibrated):
+    doc, sets = calibrated["doc"], calibrated["sets"]
+    expected = {contrastive_set_sha256(p, s) for p, s in sets.items()}
+    assert set(doc["prompt_sets"]) == expected
+    for entry in doc["prompt_sets"].values():
+        assert entry["prompt"] in sets and entry["category"] == "composition"
+    # What the gateway reads back: the file's own sets are found by hash.
+    calibration = load_calibration(calibrated["path"])
+    prompt, contrastive = next(iter(sets.items()))
+    sha = contrastive_set_sha256(prompt, contrastive)
+    chosen = calibration.choose(prompt, sha, None, None, 5.0, 1.0, source="prompt_set")
+    assert chosen.scale == doc["prompt_sets"][sha]["scale"] and chosen.source == "calibrated"
+
+
+def test_calibrate_refuses_the_held_out_seed(tmp_path):
+    seed = str(get_settings().benchmark_seed)
+    result = CliRunner().invoke(
+        app, ["calibrate", "--out", str(tmp_path / "c.json"), "--seed", seed, "--no-head"]
+    )
+    assert result.exit_code == 2
+    assert "held-out benchmark seed" in result.output
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_calibrate_refuses_a_prompt_set_file_with_no_validation_prompt(tmp_path):
+    sets = tmp_path / "sets.json"
+    sets.write_text(json.dumps({"a purple star": ["two purple stars"]}))
+    args = ["calibrate", "--out", str(tmp_path / "c.json"), "--prompt-sets", str(sets), *SMALL]
+    result = CliRunner().invoke(app, [*args, "--no-head"])
+    assert result.exit_code == 2
+    assert "none of its prompts is a validation prompt" in result.output
+
+
+def test_eval_uses_the_calibrated_scale_per_category(calibrated):
+    """The per-category rows with --calibration equal evaluate() at each category's own c."""
+    from evaluation.evaluate import EvalSettings, evaluate, score_benchmark
+    from export.clip_model import load_clip
+    from shapes_world.benchmark import build_benchmark
+
+    result = CliRunner().invoke(
+        app, ["eval", "--json", "--no-head", "--calibration", str(calibrated["path"]), *SMALL]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    bench = build_benchmark(seed=4242, prompts_per_category=2, images_per_prompt=16)
+    scored = score_benchmark(load_clip(str(SHIPPED_MODEL_DIR)), bench)
+    for category, choice in calibrated["doc"]["categories"].items():
+        part = [p for p in scored if p.prompt.category == category]
+        expected = evaluate(part, EvalSettings(choice["scale"], choice["ensemble_lambda"]))
+        assert report["textnorm_clip"][category] == pytest.approx(
+            expected["textnorm_clip"][category], abs=1e-9
+        )
