@@ -5,7 +5,9 @@
   `bench serving`;
 - export (torch side, `export/commands.py`): `export`, `verify`, `build-engines`,
   `build-vit-b32`, `train-clip`, `bench encoders`;
-- evaluation (torch side, `evaluation/commands.py`): `eval`, `train-head`.
+- evaluation (torch side, `evaluation/commands.py`): `eval`, `train-head`;
+- fine-tuning (torch side, `finetune/commands.py`): `train-judge`, `train-generator`,
+  `finetune run | evaluate | compare`.
 The torch side's modules import torch inside their commands, so every command is listed (and
 the runtime ones run) where torch is not installed. User errors print one line (`error: ...`)
 and exit with status 2.
@@ -22,6 +24,7 @@ import typer
 
 from evaluation import commands as evaluation_commands
 from export import commands as export_commands
+from finetune import commands as finetune_commands
 from service.cli_support import user_errors
 from service.settings import get_settings
 
@@ -35,6 +38,8 @@ world_app = typer.Typer(help="The shapes world: prompts and rendered images.", n
 app.add_typer(world_app, name="world")
 app.add_typer(export_commands.app)
 app.add_typer(evaluation_commands.app)
+app.add_typer(finetune_commands.app)
+app.add_typer(finetune_commands.finetune_app, name="finetune")
 
 
 @world_app.command("render")
@@ -126,7 +131,9 @@ def world_sample(
 @user_errors
 def prompts_cmd(
     prompt: Annotated[str, typer.Argument(help="the prompt to contrast")],
-    rule: Annotated[str, typer.Option(help="counting|composition|attributes|auto")] = "auto",
+    rule: Annotated[
+        str, typer.Option(help="counting|binding|composition|attributes|auto")
+    ] = "auto",
     file: Annotated[
         Path | None, typer.Option(help='JSON {"prompt": ["contrastive", ...]} to look up first')
     ] = None,

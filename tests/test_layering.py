@@ -14,20 +14,22 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("export", "evaluation", "service", "shapes_world")
+PACKAGES = ("export", "evaluation", "finetune", "service", "shapes_world")
 TORCH = ("torch", "transformers")
 
 # Top-level package → the top-level modules it must never import.
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "export": frozenset({"evaluation"}),
-    "evaluation": frozenset(),
-    "service": frozenset({"export", "evaluation", "shapes_world", *TORCH}),
-    "shapes_world": frozenset({"service", "export", "evaluation", *TORCH}),
+    "export": frozenset({"evaluation", "finetune"}),
+    "evaluation": frozenset({"finetune"}),
+    # The fine-tuning side (torch) reaches the service only through the client library.
+    "finetune": frozenset({"evaluation"}),
+    "service": frozenset({"export", "evaluation", "finetune", "shapes_world", *TORCH}),
+    "shapes_world": frozenset({"service", "export", "evaluation", "finetune", *TORCH}),
 }
 # The one exemption: service/cli.py is the single CLI entry point; its command functions lazily
-# import the torch-side command modules (export, evaluation, shapes_world). It sits above every
-# package, so it is exempt from service's export/evaluation/shapes_world rule and left out of
-# the package graph; it must still never import torch or transformers itself.
+# import the torch-side command modules (export, evaluation, finetune, shapes_world). It sits
+# above every package, so it is exempt from service's export/evaluation/finetune/shapes_world
+# rule and left out of the package graph; it must still never import torch or transformers itself.
 CLI_ENTRY_POINT = "service/cli.py"
 CLI_FORBIDDEN = frozenset(TORCH)
 

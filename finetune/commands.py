@@ -1,0 +1,194 @@
+"""The fine-tuning side's commands (torch side), mounted by the one CLI (`service/cli.py`).
+
+`train-judge`, `train-generator`, and `finetune run | evaluate | compare`. Torch and diffusers
+are imported inside the commands, so `reward-service --help` works without them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service.cli_support import user_errors
+
+app = typer.Typer()
+
+# Torch intra-op threads of the training commands. Measured on the shared 2-core machine under
+# load: a UNet step took 0.68 CPU-s with 1 thread and 6.3 CPU-s with 2 (OpenMP threads spin
+# while other processes hold the cores), so 1 is the default; raise it on a machine of your own.
+Threads = Annotated[int, typer.Option(min=1, help="torch threads")]
+finetune_app = typer.Typer(
+    help="Online RL fine-tuning of the shapes generator against the service."
+)
+
+_SHIPPED = Path(__file__).resolve().parents[1] / "models"
+
+
+@app.command("train-judge")
+@user_errors
+def train_judge_cmd(
+    out: Annotated[Path, typer.Option(help="directory for the judge")] = _SHIPPED / "shapes-judge",
+    seed: Annotated[int, typer.Option()] = 0,
+    images: Annotated[int | None, typer.Option(min=256, help="[default: 24000]")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="[default: 5]")] = None,
+    threads: Threads = 1,
+) -> None:
+    """Train the ground-truth attribute judge on rendered 32 px images (seed 0: the shipped one)."""
+    import torch
+
+    from finetune.judge import JudgeTrainConfig, train_judge
+
+    torch.set_num_threads(threads)
+
+    given = {"images": images, "epochs": epochs}
+    cfg = JudgeTrainConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
+    stats = train_judge(cfg, out)
+    acc = ", ".join(f"{k} {v:.3f}" for k, v in stats["held_out_accuracy"].items())
+    print(f"saved to {out}: held-out accuracy {acc}")
+
+
+@app.command("train-generator")
+@user_errors
+def train_generator_cmd(
+    out: Annotated[Path, typer.Option(help="directory for the generator")] = _SHIPPED
+    / "shapes-generator",
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="[default: 800]")] = None,
+    images: Annotated[int | None, typer.Option(min=64, help="[default: 12000]")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=2, help="[default: 24]")] = None,
+    threads: Threads = 1,
+) -> None:
+    """Train the 32 px text-to-image diffusion model (seed 0, the defaults: the shipped one)."""
+    import torch
+
+    from finetune.generator import GeneratorTrainConfig, train_generator
+
+    torch.set_num_threads(threads)
+
+    given = {"steps": steps, "images": images, "batch_size": batch_size}
+    cfg = GeneratorTrainConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
+    stats = train_generator(cfg, out, log_every=25)
+    print(f"saved to {out}: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}")
+
+
+def _config(**given):
+    from finetune.trainers import FinetuneConfig
+
+    return FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+Algorithm = Annotated[str, typer.Option(help="ddpo | rwl")]
+Reward = Annotated[str, typer.Option(help="raw | textnorm | head | textnorm_head | ensemble_uw")]
+Url = Annotated[str, typer.Option(help="the reward service (gateway) URL")]
+ApiKey = Annotated[
+    str | None, typer.Option(envvar="REWARD_SERVICE_API_KEY", help="bearer token, if required")
+]
+Device = Annotated[str, typer.Option(help="cpu | cuda")]
+Opt = typer.Option
+
+
+@finetune_app.command("run")
+@user_errors
+def run_cmd(
+    run: Annotated[Path, typer.Option(help="run directory (resumed if it holds checkpoints)")],
+    algorithm: Algorithm = "ddpo",
+    reward: Reward = "textnorm",
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+    steps: Annotated[int, Opt(min=1)] = 20,
+    seed: Annotated[int, Opt()] = 0,
+    device: Device = "cpu",
+    generator: Annotated[str | None, Opt(help="[default: shipped]")] = None,
+    judge: Annotated[str | None, Opt(help="[default: shipped]")] = None,
+    prompts: Annotated[int | None, Opt(min=1, help="prompt-set size [default: 12]")] = None,
+    sample_batch_size: Annotated[int | None, Opt(min=1, help="[default: 8]")] = None,
+    batches_per_step: Annotated[int | None, Opt(min=1, help="[default: 2]")] = None,
+    ddim_steps: Annotated[int | None, Opt(min=1, help="[default: 10]")] = None,
+    inner_epochs: Annotated[int | None, Opt(min=1, help="[default: 1]")] = None,
+    train_batch_size: Annotated[int | None, Opt(min=1, help="[default: 8]")] = None,
+    lr: Annotated[float | None, Opt(help="[default: 3e-5]")] = None,
+    rwl_beta: Annotated[float | None, Opt(help="β of the pre-training loss [default: 1.0]")] = None,
+    threads: Threads = 1,
+) -> None:
+    """Fine-tune the generator with DDPO or reward-weighted likelihood against the service."""
+    import torch
+
+    from finetune.trainers import run_finetune
+
+    torch.set_num_threads(threads)
+    cfg = _config(
+        algorithm=algorithm, reward=reward, service_url=url, steps=steps, seed=seed,
+        device=device, generator=generator, judge=judge, prompts=prompts,
+        sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
+        ddim_steps=ddim_steps, inner_epochs=inner_epochs, train_batch_size=train_batch_size,
+        lr=lr, rwl_beta=rwl_beta,
+    )  # fmt: skip
+    trainer = run_finetune(cfg, run, api_key=api_key)
+    print(f"{run}: step {trainer.step}; metrics in {run / 'metrics.csv'}")
+
+
+@finetune_app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    generator: Annotated[str | None, Opt(help="generator dir [default: shipped]")] = None,
+    prompts: Annotated[int, Opt(min=1)] = 60,
+    per_prompt: Annotated[int, Opt(min=1)] = 4,
+    seed: Annotated[int, Opt()] = 0,
+    ddim_steps: Annotated[int, Opt(min=1)] = 20,
+    grid: Annotated[Path | None, Opt(help="also save an image grid here")] = None,
+    as_json: Annotated[bool, Opt("--json")] = False,
+    threads: Threads = 1,
+) -> None:
+    """Judge alignment per attribute of a generator's samples on a fixed prompt set."""
+    import torch
+
+    from finetune.evaluate import judge_generator, save_grid
+    from finetune.generator import load_generator
+    from finetune.judge import load_judge
+    from finetune.text_encoder import TextConditioner
+    from finetune.world_data import SHIPPED_GENERATOR_DIR, SHIPPED_JUDGE_DIR
+
+    torch.set_num_threads(threads)
+    unet, _ = load_generator(generator or SHIPPED_GENERATOR_DIR)
+    result, images, _ = judge_generator(
+        unet, TextConditioner(), load_judge(SHIPPED_JUDGE_DIR), prompts, per_prompt,
+        seed=seed, ddim_steps=ddim_steps,
+    )  # fmt: skip
+    if grid is not None:
+        save_grid(images[: 8 * per_prompt], grid, columns=per_prompt * 2)
+    print(json.dumps(result) if as_json else "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
+
+
+@finetune_app.command("compare")
+@user_errors
+def compare_cmd(
+    out: Annotated[Path, typer.Option(help="directory for every run, the summary, plot, grids")],
+    rewards: Annotated[str, Opt(help="comma-separated reward fields")] = "raw,textnorm",
+    seeds: Annotated[str, Opt(help="comma-separated seeds")] = "0,1",
+    algorithm: Algorithm = "ddpo",
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+    steps: Annotated[int, Opt(min=1)] = 20,
+    device: Device = "cpu",
+    sample_batch_size: Annotated[int | None, Opt(min=1, help="[default: 8]")] = None,
+    batches_per_step: Annotated[int | None, Opt(min=1, help="[default: 2]")] = None,
+    ddim_steps: Annotated[int | None, Opt(min=1, help="[default: 10]")] = None,
+    lr: Annotated[float | None, Opt(help="[default: 3e-5]")] = None,
+    threads: Threads = 1,
+) -> None:
+    """Same seeds and step budget under each reward: CSV per run, summary.csv, compare.png."""
+    import torch
+
+    from finetune.compare import compare
+
+    torch.set_num_threads(threads)
+    cfg = _config(
+        algorithm=algorithm, service_url=url, steps=steps, device=device,
+        sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
+        ddim_steps=ddim_steps, lr=lr,
+    )  # fmt: skip
+    summary = compare(cfg, rewards.split(","), [int(s) for s in seeds.split(",")], out, api_key)
+    print(summary.read_text())

@@ -1,0 +1,67 @@
+"""Every call the trainers make to the reward service, in one place (through the client only).
+
+`ServiceReward` takes uint8 images [N, H, W, 3] and prompts and returns the chosen reward field
+as a float64 array plus the service's provenance block. The images go to the service as raw
+uint8 tensors (no PNG encoding; `textnorm_reward_client` chunks by the service's limits and
+retries). `submit` runs a call on a worker thread so the reward of batch k overlaps the
+sampling of batch k + 1.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from textnorm_reward_client import RewardClient
+
+REWARD_FIELDS = ("raw", "textnorm", "head", "textnorm_head", "ensemble_uw")
+
+
+@dataclass
+class RewardBatch:
+    rewards: np.ndarray  # float64 [N], the chosen field
+    provenance: dict[str, Any]
+    latency_s: float  # wall time of the service call (encoding included)
+
+
+class ServiceReward:
+    """The reward service as a reward function of (images, prompts), for one reward field."""
+
+    def __init__(
+        self, url: str, field: str, api_key: str | None = None, timeout_s: float = 120.0
+    ) -> None:
+        if field not in REWARD_FIELDS:
+            raise ValueError(f"unknown reward {field!r}; known: {', '.join(REWARD_FIELDS)}")
+        self.url, self.field = url, field
+        self._client = RewardClient(url, api_key=api_key, timeout_s=timeout_s)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardBatch:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}"
+            )
+        began = time.perf_counter()
+        out = self._client.score(np.ascontiguousarray(images), list(prompts))
+        latency = time.perf_counter() - began
+        rewards, provenance = out.rewards(self.field), out.provenance  # NaN where null
+        if np.isnan(rewards).any():
+            raise ValueError(f"the service returned no {self.field!r} reward (is a head served?)")
+        return RewardBatch(rewards, provenance, latency)
+
+    def submit(self, images: np.ndarray, prompts: list[str]) -> Future[RewardBatch]:
+        """The same call on the worker thread: returns at once."""
+        return self._pool.submit(self, images, list(prompts))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._client.close()
+
+    def __enter__(self) -> ServiceReward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

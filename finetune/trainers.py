@@ -1,0 +1,340 @@
+"""DDPO and reward-weighted likelihood (RWL) fine-tuning of the generator against the service.
+
+One *step* samples `batches_per_step` batches with the current model (the reward call of batch k
+runs on a worker thread while batch k + 1 is sampled), then updates the model:
+
+- `ddpo` (ddpo-pytorch): advantages from a per-prompt stat tracker, clipped to ±adv_clip_max;
+  `inner_epochs` passes over the samples, each minibatch one optimizer step on the clipped
+  importance-ratio objective max(−A·ρ, −A·clip(ρ, 1 ± ε)) summed over the DDIM steps, where
+  ρ = p_θ(x_{t−1}|x_t) / p_old(x_{t−1}|x_t).
+- `rwl` (Lee et al.): minimise E_model[−r · log p] + β · E_pretrain[−log p], with −log p replaced
+  by its bound, the DDPM denoising loss: reward-weighted denoising loss on the model's samples
+  plus β × the denoising loss on freshly rendered data (the generator's pre-training recipe).
+
+The trainer talks to the service only through `finetune.reward_client`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from finetune import run_dir as rd
+from finetune.ddim import ddim_step_with_logprob, guided_eps, sample
+from finetune.generator import (
+    denoising_loss,
+    load_generator,
+    noise_scheduler,
+    to_model_space,
+    to_uint8,
+)
+from finetune.judge import alignment, load_judge
+from finetune.reward_client import REWARD_FIELDS, ServiceReward
+from finetune.stat_tracker import PerPromptStatTracker
+from finetune.text_encoder import TextConditioner
+from finetune.world_data import (
+    SHIPPED_GENERATOR_DIR,
+    SHIPPED_JUDGE_DIR,
+    labels_of,
+    prompt_of,
+    prompt_set,
+    rendered_set,
+)
+
+ALGORITHMS = ("ddpo", "rwl")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    algorithm: str = "ddpo"
+    reward: str = "textnorm"
+    service_url: str = "http://127.0.0.1:8000"
+    steps: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    generator: str = str(SHIPPED_GENERATOR_DIR)
+    judge: str = str(SHIPPED_JUDGE_DIR)
+    prompts: int = 12  # size of the fixed prompt set (balanced over counts)
+    prompt_seed: int = 0
+    sample_batch_size: int = 8
+    batches_per_step: int = 2
+    ddim_steps: int = 10
+    eta: float = 1.0
+    guidance: float = 3.0
+    lr: float = 3e-5  # 3e-4 wrecked colour within 2 steps (Adam moves every weight by ~lr)
+    inner_epochs: int = 1
+    train_batch_size: int = 8
+    clip_range: float = 1e-4  # ddpo-pytorch's default
+    adv_clip_max: float = 5.0
+    tracker_buffer: int = 32
+    tracker_min_count: int = 8
+    rwl_beta: float = 1.0
+    rwl_pretrain_pool: int = 1024
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 3  # about 13 MB each (UNet + Adam state)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(
+                f"unknown algorithm {self.algorithm!r}; known: {', '.join(ALGORITHMS)}"
+            )
+        if self.reward not in REWARD_FIELDS:
+            raise ValueError(f"unknown reward {self.reward!r}; known: {', '.join(REWARD_FIELDS)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+
+    @classmethod
+    def from_json(cls, data: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Settings a resume may change (the rest must match the run directory's config.json).
+RESUMABLE_CHANGES = ("steps", "service_url", "device", "checkpoint_every", "keep_checkpoints")
+
+
+@dataclass
+class _Batch:
+    images: np.ndarray
+    prompts: list[str]
+    labels: np.ndarray
+    cond: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+
+
+class Trainer:
+    def __init__(self, cfg: FinetuneConfig, run: Path) -> None:
+        self.cfg, self.run = cfg, run
+        device = cfg.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device")
+        torch.manual_seed(cfg.seed)
+        self.unet, self.generator_meta = load_generator(cfg.generator, device)
+        self.initial = [p.detach().clone() for p in self.unet.parameters()]
+        self.judge = load_judge(cfg.judge, device)
+        self.text = TextConditioner(device=device)
+        self.null = self.text.encode([""])[0]
+        self.acp = noise_scheduler().alphas_cumprod.to(device)
+        self.noise_sched = noise_scheduler()
+        self.scenes = prompt_set(cfg.prompts, cfg.prompt_seed)
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.gens = {
+            "sample": torch.Generator(device).manual_seed(cfg.seed),
+            "train": torch.Generator(device).manual_seed(cfg.seed + 1),
+        }
+        self.rng = np.random.default_rng([cfg.seed, 3])
+        self.tracker = PerPromptStatTracker(cfg.tracker_buffer, cfg.tracker_min_count)
+        self.step = 0
+        self.provenance: dict[str, Any] | None = None
+        self.pretrain = None
+        if cfg.algorithm == "rwl":
+            miscount = float(self.generator_meta.get("config", {}).get("miscount_rate", 0.0))
+            data = rendered_set(cfg.rwl_pretrain_pool, 9000 + cfg.seed, miscount)
+            self.pretrain = (to_model_space(data.images).to(device), self.text.encode(data.prompts))
+
+    # -- run directory --------------------------------------------------------------------------
+    def open_run(self) -> None:
+        """Create the run directory, or resume from its latest checkpoint."""
+        self.run.mkdir(parents=True, exist_ok=True)
+        config_path = self.run / "config.json"
+        if config_path.is_file():
+            saved = json.loads(config_path.read_text())
+            mine = asdict(self.cfg)
+            differ = [k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k]]
+            if differ:
+                raise ValueError(f"{self.run} holds a run with other settings: {', '.join(differ)}")
+        config_path.write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        latest = rd.latest_checkpoint(self.run)
+        if latest is not None:
+            state = rd.load_checkpoint(latest[1], self.unet, self.opt, self.gens, self.rng)
+            self.tracker.load_state(state["tracker"])
+            self.provenance = state.get("provenance")
+            self.step = state["step"]
+        rd.truncate_metrics(self.run, self.step)
+
+    def checkpoint(self) -> Path:
+        extra = {
+            "config": asdict(self.cfg),
+            "provenance": self.provenance,
+            "tracker": self.tracker.state(),
+        }
+        path = rd.save_checkpoint(
+            self.run, self.step, self.unet, self.opt, self.gens, self.rng, extra
+        )
+        rd.prune_checkpoints(self.run, self.cfg.keep_checkpoints)
+        return path
+
+    # -- sampling -------------------------------------------------------------------------------
+    def _sample_batch(self) -> _Batch:
+        cfg = self.cfg
+        picks = self.rng.integers(len(self.scenes), size=cfg.sample_batch_size)
+        scenes = [self.scenes[i] for i in picks]
+        prompts = [prompt_of(s) for s in scenes]
+        cond = self.text.encode(prompts)
+        self.unet.eval()
+        traj = sample(
+            self.unet, self.acp, cond, self.null, cfg.ddim_steps, cfg.eta, cfg.guidance,
+            self.gens["sample"],
+        )  # fmt: skip
+        images = to_uint8(traj.images)
+        labels = np.stack([labels_of(s) for s in scenes])
+        return _Batch(images, prompts, labels, cond, traj.latents, traj.log_probs, traj.timesteps)
+
+    def _collect(self, reward: ServiceReward) -> tuple[list[_Batch], np.ndarray, float]:
+        """Sample every batch of a step; batch k's reward call overlaps batch k+1's sampling."""
+        batches, futures = [], []
+        for _ in range(self.cfg.batches_per_step):
+            batch = self._sample_batch()
+            batches.append(batch)
+            futures.append(reward.submit(batch.images, batch.prompts))
+        results = [f.result() for f in futures]
+        self.provenance = results[-1].provenance
+        rewards = np.concatenate([r.rewards for r in results])
+        return batches, rewards, float(np.mean([r.latency_s for r in results]))
+
+    # -- updates --------------------------------------------------------------------------------
+    def _ddpo_update(self, batches: list[_Batch], rewards: np.ndarray) -> dict[str, float]:
+        cfg = self.cfg
+        prompts = [p for b in batches for p in b.prompts]
+        adv = self.tracker.update(prompts, rewards)
+        adv = torch.as_tensor(np.clip(adv, -cfg.adv_clip_max, cfg.adv_clip_max)).float()
+        adv = adv.to(self.acp.device)
+        latents = torch.cat([b.latents for b in batches])
+        old_lp = torch.cat([b.log_probs for b in batches])
+        cond = torch.cat([b.cond for b in batches])
+        timesteps = batches[0].timesteps
+        ratio_step = len(self.acp) // cfg.ddim_steps
+        n, steps = len(latents), len(timesteps)
+        losses, kls, clipfracs = [], [], []
+        self.unet.train()
+        for _ in range(cfg.inner_epochs):
+            order = torch.randperm(n, generator=self.gens["train"], device=self.acp.device)
+            for start in range(0, n, cfg.train_batch_size):
+                mb = order[start : start + cfg.train_batch_size]
+                self.opt.zero_grad()
+                for j in range(steps):
+                    t = timesteps[j]
+                    x_t = latents[mb, j]
+                    eps = guided_eps(self.unet, x_t, t, cond[mb], self.null, cfg.guidance)
+                    _, lp = ddim_step_with_logprob(
+                        self.acp, eps, t.expand(len(mb)), (t - ratio_step).expand(len(mb)),
+                        x_t, cfg.eta, prev_sample=latents[mb, j + 1],
+                    )  # fmt: skip
+                    ratio = torch.exp(lp - old_lp[mb, j])
+                    a = adv[mb]
+                    clipped = torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
+                    loss = torch.maximum(-a * ratio, -a * clipped).mean()
+                    (loss / steps).backward()
+                    losses.append(loss.item())
+                    kls.append(0.5 * ((lp - old_lp[mb, j]) ** 2).mean().item())
+                    clipfracs.append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
+                torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
+                self.opt.step()
+        return {
+            "loss": float(np.mean(losses)),
+            "approx_kl": float(np.mean(kls)),
+            "clipfrac": float(np.mean(clipfracs)),
+        }
+
+    def _rwl_update(self, batches: list[_Batch], rewards: np.ndarray) -> dict[str, float]:
+        cfg = self.cfg
+        device = self.acp.device
+        x0 = to_model_space(np.concatenate([b.images for b in batches])).to(device)
+        cond = torch.cat([b.cond for b in batches])
+        weights = torch.as_tensor(np.clip(rewards, 0.0, None)).float().to(device)
+        pool_x, pool_c = self.pretrain
+        losses = []
+        self.unet.train()
+        for _ in range(cfg.inner_epochs):
+            order = torch.randperm(len(x0), generator=self.gens["train"], device=device)
+            for start in range(0, len(x0), cfg.train_batch_size):
+                mb = order[start : start + cfg.train_batch_size]
+                per_sample = denoising_loss(
+                    self.unet, self.noise_sched, x0[mb], cond[mb], self.gens["train"], reduce=False
+                )
+                pre = torch.randint(
+                    len(pool_x), (len(mb),), generator=self.gens["train"], device=device
+                )
+                pre_loss = denoising_loss(
+                    self.unet, self.noise_sched, pool_x[pre], pool_c[pre], self.gens["train"]
+                )
+                loss = (weights[mb] * per_sample).mean() + cfg.rwl_beta * pre_loss
+                self.opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
+                self.opt.step()
+                losses.append(loss.item())
+        return {"loss": float(np.mean(losses)), "approx_kl": float("nan"), "clipfrac": float("nan")}
+
+    def distance_to_init(self) -> float:
+        with torch.no_grad():
+            sq = sum(
+                ((p - p0) ** 2).sum()
+                for p, p0 in zip(self.unet.parameters(), self.initial, strict=True)
+            )
+        return float(torch.sqrt(sq))
+
+    def train_step(self, reward: ServiceReward) -> dict[str, Any]:
+        began = time.perf_counter()
+        batches, rewards, latency = self._collect(reward)
+        sampled = time.perf_counter()
+        update = self._ddpo_update if self.cfg.algorithm == "ddpo" else self._rwl_update
+        stats = update(batches, rewards)
+        self.step += 1
+        images = np.concatenate([b.images for b in batches])
+        labels = np.concatenate([b.labels for b in batches])
+        prompts = [p for b in batches for p in b.prompts]
+        rd.save_samples(self.run, self.step, images, prompts, rewards, labels)
+        judged = alignment(self.judge, images, labels)
+        row = {
+            "step": self.step,
+            "algorithm": self.cfg.algorithm,
+            "reward_field": self.cfg.reward,
+            "mean_reward": float(rewards.mean()),
+            **{f"judge_{k}": v for k, v in judged.items()},
+            "distance_to_init": self.distance_to_init(),
+            "reward_latency_s": latency,
+            "sample_s": sampled - began,
+            "train_s": time.perf_counter() - sampled,
+            **stats,
+        }
+        rd.append_metrics(self.run, row)
+        if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+            self.checkpoint()
+        return row
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    run: Path,
+    api_key: str | None = None,
+    progress: Progress | None = None,
+) -> Trainer:
+    """Train (or resume) until `cfg.steps`; returns the trainer at its last step. The API key
+    is not part of the config (never written to the run directory)."""
+    trainer = Trainer(cfg, run)
+    trainer.open_run()
+    progress = progress or Progress()
+    with progress, ServiceReward(cfg.service_url, cfg.reward, api_key=api_key) as reward:
+        task = progress.add_task(
+            f"{cfg.algorithm} / {cfg.reward}", total=cfg.steps, completed=trainer.step
+        )
+        while trainer.step < cfg.steps:
+            row = trainer.train_step(reward)
+            progress.update(
+                task,
+                advance=1,
+                description=f"{cfg.algorithm} / {cfg.reward} (reward {row['mean_reward']:.3f}, "
+                f"count {row['judge_count']:.2f})",
+            )
+    return trainer
