@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import math
 import os
 import random
@@ -41,6 +40,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from loadtest.serving import Corpus  # the benchmark's corpus: item i is image i, prompt i
 from loadtest.tcp_delay_proxy import DelayProxy
 from service.triton_server import TritonServer, free_ports
 
@@ -58,35 +58,6 @@ FAULT_GATEWAY_SETTINGS = {
 
 
 # -- the corpus and its reference --------------------------------------------------------------
-@dataclass
-class Corpus:
-    """Shapes-world scenes (PNG) and their captions; item i is image i with prompt i."""
-
-    prompts: list[str]
-    pngs: list[bytes]
-
-    @classmethod
-    def build(cls, n: int = 16, size: int = 96, seed: int = 7) -> Corpus:
-        from shapes_world.grammar import describe
-        from shapes_world.render import render
-        from shapes_world.sampling import random_scene
-        from shapes_world.scene import Caption
-
-        rng = np.random.default_rng(seed)
-        scenes: dict[str, Any] = {}
-        while len(scenes) < n:
-            scene = random_scene(rng, 1)
-            scenes.setdefault(describe(Caption.of(scene)), scene)
-        pngs = []
-        for i, scene in enumerate(scenes.values()):
-            buf = io.BytesIO()
-            render(scene, seed=i, size=size).image.save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        return cls(list(scenes), pngs)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
 
 Reference = list[dict[str, float | None]]  # per corpus item: reward field → value
 
@@ -126,8 +97,8 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Every process of process group `pgid` (Triton and its Python-backend stubs)."""
+def _processes(field: int, value: int) -> list[int]:
+    """Live processes whose /proc/PID/stat field (after the name: 1 ppid, 2 pgid) is `value`."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -135,9 +106,14 @@ def group_pids(pgid: int) -> list[int]:
         with contextlib.suppress(OSError, IndexError):
             stat = (entry / "stat").read_text()
             fields_ = stat[stat.rindex(")") + 2 :].split()
-            if fields_[0] != "Z" and int(fields_[2]) == pgid:
+            if fields_[0] != "Z" and int(fields_[field]) == value:
                 out.append(int(entry.name))
     return out
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every process of process group `pgid` (Triton and its Python-backend stubs)."""
+    return _processes(2, pgid)
 
 
 def _gateway_env(settings: dict[str, str]) -> dict[str, str]:
@@ -405,7 +381,7 @@ async def open_loop(
         if now < next_at:
             await asyncio.sleep(min(next_at - now, 0.25))
         else:
-            indices = rng.sample(range(len(corpus)), items_per_call)
+            indices = rng.sample(range(len(corpus.prompts)), items_per_call)
             task = asyncio.create_task(
                 one_call(client, corpus, reference, indices, run, deadline_s, grace_s)
             )
@@ -440,7 +416,7 @@ async def closed_loop(
     async def caller() -> None:
         nonlocal done
         while run.now() < end:
-            indices = rng.sample(range(len(corpus)), items_per_call)
+            indices = rng.sample(range(len(corpus.prompts)), items_per_call)
             call = await one_call(client, corpus, reference, indices, run, deadline_s, 5.0)
             if call.outcome == "ok" and call.ended <= end:
                 done += 1
@@ -486,16 +462,7 @@ def default_repository() -> Path:
 
 
 def _children(ppid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            stat = (entry / "stat").read_text()
-            fields_ = stat[stat.rindex(")") + 2 :].split()
-            if fields_[0] != "Z" and int(fields_[1]) == ppid:
-                out.append(int(entry.name))
-    return out
+    return _processes(1, ppid)
 
 
 class ServeProcess:

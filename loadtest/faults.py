@@ -305,7 +305,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="faults-"))
     print(f"repository {repository}; logs in {workdir}", flush=True)
     names = args.scenario or list(SCENARIOS)
-    corpus = Corpus.build(args.corpus)
+    corpus = Corpus.build(size=96, n=args.corpus, seed=7)
     scenarios: list[dict[str, Any]] = []
     references: list[Reference] = []
 

@@ -269,7 +269,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     with fault_stack(repository, workdir, SOAK_GATEWAY_SETTINGS) as stack:
         client = make_client(stack.gateway.url, attempts=1, timeout_s=60)
         try:
-            corpus = Corpus.build(args.corpus)
+            corpus = Corpus.build(size=96, n=args.corpus, seed=7)
             reference = await reference_rewards(client, corpus)
             print("measuring capacity ...", flush=True)
             capacity = await measure_capacity(

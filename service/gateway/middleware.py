@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.gateway.admission import Admission, Overloaded, Ticket
-from service.gateway.auth import bearer_token, key_matches
+from service.gateway.auth import PROTECTED_PREFIX, bearer_token, key_matches
 from service.gateway.errors import ApiError, error_response
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.request_ids import HEADER, new_request_id, valid_request_id
@@ -35,7 +35,6 @@ CLIENT_CLOSED_REQUEST = 499  # status recorded in /metrics for a client that dis
 
 log = logging.getLogger("service.gateway")
 
-PROTECTED_PREFIX = "/v1/"
 ADMITTED_PATHS = frozenset({"/v1/score", "/v1/score/group"})
 
 

@@ -19,11 +19,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.gateway.auth import configured_keys
+from service.gateway.auth import PROTECTED_PREFIX, configured_keys
 from service.settings import Settings
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
-PROTECTED_PREFIX = "/v1/"
 SCHEME = "HTTPBearer"
 
 _DESCRIPTIONS = {

@@ -34,7 +34,7 @@ def stack(exported_repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus() -> Corpus:
-    return Corpus.build(12, size=64)
+    return Corpus.build(size=64, n=12, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_soak_60s_no_errors_no_rss_drift(stack):
     async def go():
         client = make_client(stack.gateway.url, attempts=1, timeout_s=60)
         try:
-            corpus = Corpus.build(12, size=64)
+            corpus = Corpus.build(size=64, n=12, seed=7)
             reference = await reference_rewards(client, corpus)
             return await soak(
                 stack, client, corpus, reference, rate_per_s=RATE_PER_S, duration_s=SECONDS,
