@@ -79,10 +79,13 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
 USER 10001:10001
 # The shipped model (+ its learned head): the CPU flavour, checked against PyTorch (exit 1 past
 # tolerance), and the GPU flavour, ONNX + configs only (engines are built on the GPU node by
-# `reward-service build-engines`, for that GPU and TensorRT version).
+# `reward-service build-engines`, for that GPU and TensorRT version). Also the two-model
+# ensemble (CPU flavour): the shipped model + the shipped second member, shapes-clip-b.
 RUN reward-service export --out /models/shapes-clip \
  && reward-service verify /models/shapes-clip \
- && reward-service export --out /models/shapes-clip-gpu --target gpu --precision fp16
+ && reward-service export --out /models/shapes-clip-gpu --target gpu --precision fp16 \
+ && reward-service export --out /models/shapes-clip-ensemble \
+      --member "$(python -c 'import models; print(models.SHIPPED_MEMBER_DIR)')"
 ENTRYPOINT ["tini", "--", "reward-service"]
 CMD ["--help"]
 
@@ -125,6 +128,7 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
 # that the Triton it talks to serves (CPU flavour by default, or /models/shapes-clip-gpu).
 COPY --from=export --chown=0:0 /models/shapes-clip/provenance.json /models/shapes-clip/tokenizer.json /models/shapes-clip/
 COPY --from=export --chown=0:0 /models/shapes-clip-gpu/provenance.json /models/shapes-clip-gpu/tokenizer.json /models/shapes-clip-gpu/
+COPY --from=export --chown=0:0 /models/shapes-clip-ensemble/provenance.json /models/shapes-clip-ensemble/tokenizer.json /models/shapes-clip-ensemble/
 ENV REWARD_HOST=0.0.0.0 \
     REWARD_PORT=8000 \
     REWARD_REPOSITORY=/models/shapes-clip

@@ -35,11 +35,14 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The README's AUROC tables (a few minutes on 2 cores): choose c and λ on the validation seed,
-# then the held-out benchmark with the model's default c and with the calibrated c.
+# then the held-out benchmark with the model's default c and with the calibrated c; then the
+# two-model ensemble (shapes-clip + shapes-clip-b) over four benchmark seeds, λ chosen on the
+# validation seed (evaluation/results/ensemble-two-models.{json,md}).
 auroc-table: $(STAMP)
 	nice -n 10 $(BIN)/reward-service calibrate --out evaluation/calibration-shapes-clip.json
 	nice -n 10 $(BIN)/reward-service eval --markdown
 	nice -n 10 $(BIN)/reward-service eval --markdown --calibration evaluation/calibration-shapes-clip.json
+	nice -n 10 $(BIN)/reward-service eval-ensemble --out evaluation/results
 .PHONY: auroc-table
 
 # A bounded Locust run (about 2 minutes, at most 3) against a stack it starts and stops: REST and

@@ -1,7 +1,9 @@
 """The evaluation commands (torch side), mounted by the one CLI (`service/cli.py`).
 
-`eval` (mean per-prompt AUROC of every reward on the held-out benchmark) and `train-head` (trains
-the learned head, then reports its AUROC). Torch is imported inside the commands.
+`eval` (mean per-prompt AUROC of every reward on the held-out benchmark), `calibrate` (c and λ
+on the validation seed), `eval-ensemble` (a two-model TextNorm ensemble over several benchmark
+seeds) and `train-head` (trains the learned head, then reports its AUROC). Torch is imported
+inside the commands.
 """
 
 from __future__ import annotations
@@ -325,3 +327,115 @@ def _grid(text: str, name: str, above: float | None = None) -> tuple[float, ...]
     if not values or any(v < 0 or (above is not None and v <= above) for v in values):
         raise ValueError(f"--{name}: expected positive numbers, got {text!r}")
     return values
+
+
+def _seeds(text: str | None, held_out: int) -> tuple[int, ...]:
+    if text is None:
+        return (held_out, 1, 2, 3)
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+
+
+def _model_identity(source: str, bundle) -> dict:
+    from export.clip_model import checkpoint_hash, local_checkpoint_dir
+
+    return {
+        "name": Path(source).name,
+        "source": source,
+        "checkpoint_sha256": checkpoint_hash(local_checkpoint_dir(source)),
+        "image_size": bundle.model.config.vision_config.image_size,
+    }
+
+
+@app.command("eval-ensemble")
+@user_errors
+def eval_ensemble_cmd(
+    model: Annotated[str | None, typer.Option(help="member A [default: shipped]")] = None,
+    member: Annotated[
+        str | None,
+        typer.Option(help="member B, same tokenizer [default: models/shapes-clip-b]"),
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="benchmark seeds, comma-separated [default: the held-out seed, then 1,2,3]"
+        ),
+    ] = None,
+    prompts_per_category: Annotated[int, typer.Option(min=1)] = 10,
+    images_per_prompt: Annotated[int, typer.Option(min=2)] = 50,
+    textnorm_scale: Annotated[
+        float | None, typer.Option(help="TextNorm c [default: settings]")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="directory for ensemble-two-models.{json,md}")] = Path(
+        "evaluation/results"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON document")] = False,
+) -> None:
+    """Mean per-prompt AUROC of two different CLIPs' TextNorm rewards and their mean and
+    uncertainty-regularised ensembles (λ chosen on the validation seed), spread over seeds."""
+    from evaluation.ensemble import EnsembleSettings, check_shared_tokenizer, evaluate_ensemble
+    from evaluation.ensemble_report import markdown_report
+    from evaluation.evaluate import category_contrastive
+    from evaluation.served import served_contrastive
+    from export.clip_model import load_clip, local_checkpoint_dir
+    from models import SHIPPED_MEMBER_DIR
+
+    settings = get_settings()
+    source = model or settings.model
+    member_source = member or str(SHIPPED_MEMBER_DIR)
+    config = EnsembleSettings(
+        seeds=_seeds(seeds, settings.benchmark_seed),
+        validation_seed=settings.calibration_seed,
+        prompts_per_category=prompts_per_category,
+        images_per_prompt=images_per_prompt,
+        textnorm_scale=settings.textnorm_scale if textnorm_scale is None else textnorm_scale,
+    )
+    if config.validation_seed == settings.benchmark_seed:
+        raise ValueError(
+            f"validation seed {config.validation_seed} is the held-out benchmark seed: "
+            "λ must be chosen on another seed"
+        )
+    model_dir, member_dir = local_checkpoint_dir(source), local_checkpoint_dir(member_source)
+    if member is None and not (member_dir / "training.json").is_file():
+        raise ValueError(
+            f"{member_dir} is not trained (yet): reward-service train-clip --member "
+            f"shapes-clip-b --out {member_dir}"
+        )
+    check_shared_tokenizer(model_dir, member_dir)
+    bundles = (load_clip(source), load_clip(member_source))
+    identities = [
+        _model_identity(s, b) for s, b in zip((source, member_source), bundles, strict=True)
+    ]
+    if identities[0]["checkpoint_sha256"] == identities[1]["checkpoint_sha256"]:
+        raise ValueError(f"{member_source} is the same checkpoint as {source}: nothing to ensemble")
+    rules = {
+        "category": category_contrastive,
+        "served": served_contrastive(
+            _served_tokenizer(source), _served_max_contrastive(), vocabulary=_served_vocabulary()
+        ),
+    }
+    document = {
+        "models": dict(zip("ab", identities, strict=True)),
+        "textnorm_scale": config.textnorm_scale,
+        "lambda_grid": list(config.lambda_grid),
+        "benchmark": {
+            "seeds": list(config.seeds),
+            "held_out_seed": settings.benchmark_seed,
+            "validation_seed": config.validation_seed,
+            "prompts_per_category": prompts_per_category,
+            "images_per_prompt": images_per_prompt,
+        },
+        "criterion": "λ: max mean AUROC of models_uw over categories on the validation seed",
+        "contrastive": evaluate_ensemble(bundles, rules, config),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2) + "\n"
+    (out / "ensemble-two-models.json").write_text(text, encoding="utf-8")
+    (out / "ensemble-two-models.md").write_text(markdown_report(document), encoding="utf-8")
+    if as_json:
+        print(text, end="")
+    else:
+        print(markdown_report(document), end="")
+        print(f"wrote {out / 'ensemble-two-models.json'} and {out / 'ensemble-two-models.md'}")

@@ -37,8 +37,16 @@ class ClipBundle:
     source: str
 
 
-def tiny_clip_config(vocab_size: int, bos_id: int, eos_id: int, image_size: int = 64) -> CLIPConfig:
-    """The shapes-world model: CLIP's architecture at a size that trains on two CPU cores."""
+def tiny_clip_config(
+    vocab_size: int,
+    bos_id: int,
+    eos_id: int,
+    image_size: int = 64,
+    patch_size: int = 8,
+    vision_layers: int = 4,
+) -> CLIPConfig:
+    """The shapes-world model: CLIP's architecture at a size that trains on two CPU cores
+    (the second ensemble member changes the image tower: resolution, patch size, depth)."""
     text = dict(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -52,10 +60,10 @@ def tiny_clip_config(vocab_size: int, bos_id: int, eos_id: int, image_size: int 
     )
     vision = dict(
         image_size=image_size,
-        patch_size=8,
+        patch_size=patch_size,
         hidden_size=128,
         intermediate_size=512,
-        num_hidden_layers=4,
+        num_hidden_layers=vision_layers,
         num_attention_heads=4,
     )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)

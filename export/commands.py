@@ -24,16 +24,25 @@ bench_app = typer.Typer()
 @user_errors
 def train_clip_cmd(
     out: Annotated[Path, typer.Option(help="directory to save_pretrained the model into")],
-    seed: Annotated[int, typer.Option()] = 0,
+    member: Annotated[
+        str,
+        typer.Option(help="which shipped model's recipe: shapes-clip | shapes-clip-b"),
+    ] = "shapes-clip",
+    seed: Annotated[int | None, typer.Option(help="[default: the member's]")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="[default: 2000]")] = None,
     images: Annotated[int | None, typer.Option(min=256, help="[default: 24000]")] = None,
     batch_size: Annotated[int | None, typer.Option(min=8, help="[default: 192]")] = None,
 ) -> None:
-    """Train the shapes-world CLIP from a seed (the shipped model: seed 0, the defaults)."""
-    from export.train_clip import TrainConfig, train_clip
+    """Train a shapes-world CLIP from its recipe (`--member`): the shipped models are the
+    recipes' defaults (shapes-clip: seed 0; shapes-clip-b, the second ensemble member: seed 1)."""
+    import dataclasses
 
-    given = {"steps": steps, "images": images, "batch_size": batch_size}
-    cfg = TrainConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
+    from export.train_clip import MEMBERS, train_clip
+
+    if member not in MEMBERS:
+        raise ValueError(f"unknown member {member!r}; expected one of: {', '.join(MEMBERS)}")
+    given = {"seed": seed, "steps": steps, "images": images, "batch_size": batch_size}
+    cfg = dataclasses.replace(MEMBERS[member], **{k: v for k, v in given.items() if v is not None})
     stats = train_clip(cfg, out)
     print(f"saved to {out}: loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}")
 
@@ -50,6 +59,13 @@ def export_cmd(
         typer.Option(help="learned head dir [default: shipped head with the shipped model]"),
     ] = None,
     no_head: Annotated[bool, typer.Option("--no-head", help="export CLIP rewards only")] = False,
+    member: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a further CLIP checkpoint served beside the model as a multi-model ensemble "
+            "(repeatable; same tokenizer) [default: settings' members]"
+        ),
+    ] = None,
     target: Annotated[str, typer.Option(help="cpu | gpu")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 | fp16 (gpu)")] = "fp32",
     max_batch: Annotated[int, typer.Option(help="max batch (TensorRT profile max)")] = 64,
@@ -82,7 +98,11 @@ def export_cmd(
         ensemble_lambda=settings.ensemble_lambda,
     )
     prov, changed = export_repository(
-        model or settings.model, out, Path(head_dir) if head_dir else None, options
+        model or settings.model,
+        out,
+        Path(head_dir) if head_dir else None,
+        options,
+        members=settings.members if member is None else member,
     )
     state = "exported" if changed else "up to date (cache key unchanged)"
     print(f"{out}: {state}; {len(prov['artifacts'])} artifacts, cache key {prov['cache_key'][:16]}")

@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -140,11 +141,17 @@ def _code_hashes() -> dict[str, str]:
     return {f.name: sha256_file(f) for f in files}
 
 
-def cache_key(checkpoint_sha: str, head_sha: str | None, options: ExportOptions) -> str:
+def cache_key(
+    checkpoint_sha: str,
+    head_sha: str | None,
+    options: ExportOptions,
+    member_shas: Sequence[str] = (),
+) -> str:
     versions = {k: v for k, v in _versions().items() if k != "python"}
     payload = {
         "checkpoint": checkpoint_sha,
         "head": head_sha,
+        "members": list(member_shas),
         "options": asdict(options),
         "versions": versions,
         "code": _code_hashes(),
@@ -258,6 +265,7 @@ def _write_gpu_image_encoder(
     batching: Batching,
     options: ExportOptions,
     engines: list[dict],
+    member: int = 0,
 ) -> Configs:
     """Preprocessing on ONNX Runtime's CUDA provider (TensorRT takes no antialiased dynamic
     Resize), the vision tower on TensorRT, joined by an ensemble under the contract's name."""
@@ -266,9 +274,13 @@ def _write_gpu_image_encoder(
     dim = bundle.model.config.projection_dim
     size = bundle.model.config.vision_config.image_size
     pixels = contract.Tensor("PIXEL_VALUES", "float32", (3, size, size))
-    embeds = contract.image_encoder(dim)
-    pre = contract.ModelSpec("image_preprocess", embeds.inputs, (pixels,))
-    tower = contract.ModelSpec("image_tower", (pixels,), embeds.outputs)
+    embeds = contract.for_member(contract.image_encoder(dim), member)
+    pre = contract.ModelSpec(
+        contract.member_model("image_preprocess", member), embeds.inputs, (pixels,)
+    )
+    tower = contract.ModelSpec(
+        contract.member_model("image_tower", member), (pixels,), embeds.outputs
+    )
     configs = _write_gpu_onnx_model(root, pre, build_preprocess_model(bundle.processor), batching)
     tower_onnx = onnx_export.export_image_tower(bundle)
     configs |= _write_gpu_model(root, tower, tower_onnx, batching, options, engines)
@@ -342,14 +354,90 @@ def _seal(root: Path, configs: Configs) -> tuple[str, int]:
     return export_sha, version
 
 
+def _write_member(
+    root: Path,
+    bundle: ClipBundle,
+    head: RewardHead | None,
+    member: int,
+    batching: Batching,
+    options: ExportOptions,
+    engines: list[dict],
+    progress: Progress,
+) -> Configs:
+    """One model's image encoder, text encoder and reward head, under member `member`'s names
+    (`contract.member_model`; 0: the first model, with the learned head if any)."""
+    dim = bundle.model.config.projection_dim
+    what = "" if member == 0 else f" (member {member})"
+    task = progress.add_task(f"exporting image encoder{what}", total=3)
+    configs: Configs = {}
+    image_spec = contract.for_member(contract.image_encoder(dim), member)
+    if options.target == "cpu":
+        image_onnx = onnx_export.export_image_encoder(bundle)
+        configs |= _write_cpu_model(root, image_spec, image_onnx, batching)
+    else:
+        configs |= _write_gpu_image_encoder(root, bundle, batching, options, engines, member)
+    progress.update(task, advance=1, description=f"exporting text encoder{what}")
+    text_spec = contract.for_member(contract.text_encoder(dim), member)
+    text_onnx = onnx_export.export_text_encoder(bundle)
+    if options.target == "cpu":
+        configs |= _write_cpu_model(root, text_spec, text_onnx, batching)
+    else:
+        configs |= _write_gpu_model(root, text_spec, text_onnx, batching, options, engines)
+    progress.update(task, advance=1, description=f"exporting reward head{what}")
+    head_spec = contract.for_member(contract.reward_head(dim, head is not None), member)
+    head_onnx = onnx_export.export_reward_head(dim, head)
+    if options.target == "cpu":
+        configs |= _write_cpu_model(root, head_spec, head_onnx, batching)
+    else:  # always exact fp32: never a TensorRT fp16 engine, nor TF32 on the GPU
+        configs |= _write_cpu_onnx_model(root, head_spec, head_onnx, batching)
+    progress.update(task, advance=1)
+    return configs
+
+
+def _load_member(member: str, first: ClipBundle, first_source: str) -> ClipBundle:
+    """A further ensemble member's checkpoint; it must tokenise exactly as the first model."""
+    bundle = load_clip(member)
+    if bundle.tokenizer.backend_tokenizer.to_str() != first.tokenizer.backend_tokenizer.to_str():
+        raise ValueError(
+            f"member {member} has another tokenizer than {first_source}: ensemble members must "
+            "share the first model's tokenizer (one tokenisation feeds every text encoder)"
+        )
+    return bundle
+
+
+def _member_provenance(
+    members: Sequence[str], shas: Sequence[str], bundles: Sequence[ClipBundle]
+) -> list[dict]:
+    """provenance.json's `members`: each further model's identity and its Triton model names."""
+    return [
+        {
+            "index": index,
+            "name": _public_name(source),
+            "source": source,
+            "checkpoint_sha256": sha,
+            "embed_dim": bundle.model.config.projection_dim,
+            "image_size": bundle.model.config.vision_config.image_size,
+            "logit_scale": float(bundle.model.logit_scale.detach().exp()),
+            "models": {role: contract.member_model(role, index) for role in contract.MEMBER_ROLES},
+        }
+        for index, (source, sha, bundle) in enumerate(
+            zip(members, shas, bundles, strict=True), start=1
+        )
+    ]
+
+
 def export_repository(
     source: str,
     out: Path,
     head_dir: Path | None = None,
     options: ExportOptions | None = None,
     progress: Progress | None = None,
+    members: Sequence[str] = (),
 ) -> tuple[dict, bool]:
     """Export and return (provenance, changed). `changed` is False for a cache hit.
+
+    `members`: further CLIP checkpoints exported beside `source` as the other models of a
+    multi-model ensemble (`contract.member_model` names; no learned head; same tokenizer).
 
     `--target gpu` writes ONNX files, configs and `engines.json`; TensorRT engines are built
     where they run, by `build_engines` (`reward-service build-engines`) on the GPU node."""
@@ -366,10 +454,15 @@ def export_repository(
         if head_config.get("clip_sha256") not in (None, checkpoint_sha):
             raise ValueError(f"head {head_dir} was trained on a different CLIP than {source}")
         head_sha = head_hash(Path(head_dir))
-    key = cache_key(checkpoint_sha, head_sha, options)
+    members = list(members)
+    for member in members:
+        check_clip_source(member)
+    member_shas = [checkpoint_hash(local_checkpoint_dir(m)) for m in members]
+    key = cache_key(checkpoint_sha, head_sha, options, member_shas)
     if is_up_to_date(out, key):
         return read_provenance(out), False
     bundle = bundle or load_clip(source)  # local weights are loaded only on a cache miss
+    member_bundles = [_load_member(m, bundle, source) for m in members]
 
     dim = bundle.model.config.projection_dim
     batching = Batching(
@@ -386,29 +479,12 @@ def export_repository(
         root = tmp / "repo"
         root.mkdir()
         with progress:
-            task = progress.add_task("exporting image encoder", total=3)
-            if options.target == "cpu":
-                image_onnx = onnx_export.export_image_encoder(bundle)
-                configs |= _write_cpu_model(root, contract.image_encoder(dim), image_onnx, batching)
-            else:
-                configs |= _write_gpu_image_encoder(root, bundle, batching, options, engines)
-            progress.update(task, advance=1, description="exporting text encoder")
-            text_spec, text_onnx = (
-                contract.text_encoder(dim),
-                onnx_export.export_text_encoder(bundle),
-            )
-            if options.target == "cpu":
-                configs |= _write_cpu_model(root, text_spec, text_onnx, batching)
-            else:
-                configs |= _write_gpu_model(root, text_spec, text_onnx, batching, options, engines)
-            progress.update(task, advance=1, description="exporting reward head")
-            head_spec = contract.reward_head(dim, head is not None)
-            head_onnx = onnx_export.export_reward_head(dim, head)
-            if options.target == "cpu":
-                configs |= _write_cpu_model(root, head_spec, head_onnx, batching)
-            else:  # always exact fp32: never a TensorRT fp16 engine, nor TF32 on the GPU
-                configs |= _write_cpu_onnx_model(root, head_spec, head_onnx, batching)
-            progress.update(task, advance=1)
+            for index, (member, member_head) in enumerate(
+                [(bundle, head), *((b, None) for b in member_bundles)]
+            ):
+                configs |= _write_member(
+                    root, member, member_head, index, batching, options, engines, progress
+                )
         score_spec = contract.score(dim, head is not None)
         configs |= _write_score_model(root, score_spec, batching, bundle.tokenizer.eos_token_id)
         if engines:
@@ -422,6 +498,7 @@ def export_repository(
             root, source, checkpoint_sha, head_dir, head_sha, key, options, bundle
         )
         provenance |= {
+            "members": _member_provenance(members, member_shas, member_bundles),
             "export_sha256": export_sha,
             "model_version": version,
             "models": models,

@@ -32,6 +32,8 @@ from shapes_world.vocab import ATTRIBUTES
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The shipped model is the defaults; `MEMBERS` names every shipped ensemble member."""
+
     seed: int = 0
     images: int = 24_000
     steps: int = 2_000
@@ -43,10 +45,48 @@ class TrainConfig:
     warmup: int = 100
     composition_fraction: float = 0.3
     image_size: int = 64
+    patch_size: int = 8
+    vision_layers: int = 4
+    # A checkpoint directory whose BPE (vocab.json + merges.txt) to reuse instead of training
+    # one: ensemble members share the token ids, so one tokenisation serves every member.
+    tokenizer_from: str | None = None
+
+
+# The shipped CLIPs, by directory name under models/. The second member differs from the first
+# where an ensemble needs it to: its image tower (48 px input, 6 px patches, 5 layers — the
+# same 64 patch tokens at a coarser resolution, one layer deeper), its training data (another
+# seed: other scenes and renders) and its caption noise (10 % miscounted instead of 25 %). It
+# shares the first member's tokenizer.
+MEMBERS: dict[str, TrainConfig] = {
+    "shapes-clip": TrainConfig(),
+    "shapes-clip-b": TrainConfig(
+        seed=1,
+        image_size=48,
+        patch_size=6,
+        vision_layers=5,
+        miscount_rate=0.1,
+        tokenizer_from="shapes-clip",
+    ),
+}
 
 
 def _tokenizer_corpus(rng: np.random.Generator, n: int = 4000) -> list[str]:
     return [describe(training_caption(random_scene(rng, 1 + (i % 3 == 0)), rng)) for i in range(n)]
+
+
+def _checkpoint_dir(name_or_path: str) -> Path:
+    """A shipped model's directory by name (`models/<name>`), or any directory."""
+    from models import SHIPPED_MODEL_DIR
+
+    shipped = SHIPPED_MODEL_DIR.parent / name_or_path
+    return shipped if shipped.is_dir() else Path(name_or_path)
+
+
+def _read_bpe(checkpoint: Path) -> tuple[dict[str, int], list[str]]:
+    """(vocab, merges) of a checkpoint's CLIP tokenizer files, as `train_bpe` returns them."""
+    vocab = json.loads((checkpoint / "vocab.json").read_text())
+    lines = (checkpoint / "merges.txt").read_text().splitlines()
+    return vocab, [line for line in lines if line and not line.startswith("#version")]
 
 
 def _hard_negative(scene, rng: np.random.Generator) -> Caption:
@@ -70,7 +110,10 @@ def train_clip(cfg: TrainConfig, out_dir: Path, progress: Progress | None = None
     rng = np.random.default_rng(cfg.seed)
     progress = progress or Progress(transient=True)
     with progress:
-        vocab, merges = train_bpe(_tokenizer_corpus(rng))
+        if cfg.tokenizer_from is None:
+            vocab, merges = train_bpe(_tokenizer_corpus(rng))
+        else:
+            vocab, merges = _read_bpe(_checkpoint_dir(cfg.tokenizer_from))
         tok_dir = out_dir / "_tokenizer"
         tok_dir.mkdir(parents=True, exist_ok=True)
         save_clip_tokenizer(vocab, merges, tok_dir)
@@ -94,7 +137,14 @@ def train_clip(cfg: TrainConfig, out_dir: Path, progress: Progress | None = None
         pixels_all = torch.cat(pixels)
         scene_codes = np.stack([encode(s) for s in scenes])
 
-        config = tiny_clip_config(len(vocab), vocab[BOS], vocab[EOS], cfg.image_size)
+        config = tiny_clip_config(
+            len(vocab),
+            vocab[BOS],
+            vocab[EOS],
+            cfg.image_size,
+            patch_size=cfg.patch_size,
+            vision_layers=cfg.vision_layers,
+        )
         model = CLIPModel(config)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(

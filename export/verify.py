@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from export.clip_model import (
+    ClipBundle,
     checkpoint_hash,
     image_embeddings,
     load_clip,
@@ -61,6 +62,24 @@ class VerifyReport:
     def update(self, name: str, diff: float) -> None:
         self.max_diff[name] = max(self.max_diff.get(name, 0.0), float(diff))
 
+    def scoped(self, prefix: str) -> _ScopedReport:
+        return _ScopedReport(self, prefix)
+
+
+@dataclass
+class _ScopedReport:
+    """One model's view of the report: its names under `prefix` (cases counted once)."""
+
+    report: VerifyReport
+    prefix: str
+
+    def update(self, name: str, diff: float) -> None:
+        self.report.update(self.prefix + name, diff)
+
+    def count_case(self) -> None:
+        if not self.prefix:
+            self.report.cases += 1
+
 
 def _session(repo: Path, model: str) -> ort.InferenceSession:
     return ort.InferenceSession(
@@ -95,53 +114,87 @@ def verify_repository(
             "verify runs the ONNX files of a --target cpu repository; GPU engines "
             "are checked by the `gpu` tests (tests/test_export.py)"
         )
-    source = prov["model"]["source"]
-    if checkpoint_hash(local_checkpoint_dir(source)) != prov["model"]["checkpoint_sha256"]:
-        raise ValueError(f"{source} changed since this repository was exported: re-export it")
-    bundle = load_clip(source)
-    head = None
-    if prov["head"]:
-        if head_hash(Path(prov["head"]["source"])) != prov["head"]["sha256"]:
-            raise ValueError(f"head {prov['head']['source']} changed since export: re-export")
-        head = load_head(Path(prov["head"]["source"]))[0]
-    image_s, text_s, head_s = (
-        _session(repo, m) for m in ("image_encoder", "text_encoder", "reward_head")
-    )
-    outputs = [o.name for o in head_s.get_outputs()]
     scale = prov["textnorm_defaults"]["scale"]
     lam = prov["textnorm_defaults"]["ensemble_lambda"]
-    report = VerifyReport(tolerances=dict(TOLERANCES))
-    if head is None:
-        report.tolerances.pop("head")
+    report = VerifyReport()
+    members = [(m["index"], m, None) for m in prov.get("members") or []]
+    for member, model, head_entry in [(0, prov["model"], prov["head"]), *members]:
+        bundle = _load_source(model)
+        head = None
+        if head_entry:
+            if head_hash(Path(head_entry["source"])) != head_entry["sha256"]:
+                raise ValueError(f"head {head_entry['source']} changed since export: re-export")
+            head = load_head(Path(head_entry["source"]))[0]
+        # member k's differences under "member{k}.<name>"; the first model's as they were
+        prefix = "" if member == 0 else f"member{member}."
+        report.tolerances |= {
+            prefix + name: tol for name, tol in TOLERANCES.items() if head or name != "head"
+        }
+        sessions = _Sessions(
+            *(_session(repo, contract.member_model(m, member)) for m in contract.MEMBER_ROLES)
+        )
+        _verify_model(sessions, bundle, head, scale, lam, n_prompts, seed, report.scoped(prefix))
+        if max_batch_check:
+            _check_max_batch(prov, sessions, bundle, report.scoped(prefix))
+    return report
+
+
+def _load_source(model: dict) -> ClipBundle:
+    """The checkpoint an export's model (or member) came from, unchanged since."""
+    source = model["source"]
+    if checkpoint_hash(local_checkpoint_dir(source)) != model["checkpoint_sha256"]:
+        raise ValueError(f"{source} changed since this repository was exported: re-export it")
+    return load_clip(source)
+
+
+@dataclass(frozen=True)
+class _Sessions:
+    """One model's three ONNX sessions, in `contract.MEMBER_ROLES` order."""
+
+    image: ort.InferenceSession
+    text: ort.InferenceSession
+    head: ort.InferenceSession
+
+
+def _verify_model(
+    sessions: _Sessions,
+    bundle: ClipBundle,
+    head,
+    scale: float,
+    lam: float,
+    n_prompts: int,
+    seed: int,
+    report: _ScopedReport,
+) -> None:
+    """One model's ONNX files against its PyTorch reference on held-out cases."""
+    outputs = [o.name for o in sessions.head.get_outputs()]
     for images, texts in _held_out(n_prompts, seed):
         ids = tokenize(bundle.tokenizer, texts)
         txt_ref = text_embeddings(bundle.model, ids).numpy()
-        txt_onnx = text_s.run(None, {"INPUT_IDS": ids.numpy()})[0]
+        txt_onnx = sessions.text.run(None, {"INPUT_IDS": ids.numpy()})[0]
         report.update("text_embeds", np.abs(txt_onnx - txt_ref).max())
         for image in images:  # one size per batch: each image is its own batch
             px = bundle.processor(images=[image], return_tensors="pt")["pixel_values"]
             img_ref = image_embeddings(bundle.model, px).numpy()
-            img_onnx = image_s.run(None, {"IMAGE": np.asarray(image)[None]})[0]
+            img_onnx = sessions.image.run(None, {"IMAGE": np.asarray(image)[None]})[0]
             report.update("image_embeds", np.abs(img_onnx - img_ref).max())
             ref = _reference_rewards(img_ref[0], txt_ref, head, scale, lam)
-            got = _run_head(head_s, img_onnx[0], txt_onnx, scale, lam, outputs)
-            graph = _run_head(head_s, img_ref[0], txt_ref, scale, lam, outputs)
+            got = _run_head(sessions.head, img_onnx[0], txt_onnx, scale, lam, outputs)
+            graph = _run_head(sessions.head, img_ref[0], txt_ref, scale, lam, outputs)
             report.update("raw", abs(got["RAW"] - ref["RAW"]))
             report.update("textnorm_end_to_end", abs(got["TEXTNORM"] - ref["TEXTNORM"]))
             if head is not None:
                 report.update("head", abs(got["HEAD"] - ref["HEAD"]))
             report.update("head_graph", max(abs(graph[k] - ref[k]) for k in ref))
-            report.cases += 1
-    if max_batch_check:
-        _check_max_batch(repo, prov, image_s, text_s, bundle, report)
-    return report
+            report.count_case()
 
 
-def _check_max_batch(repo, prov, image_s, text_s, bundle, report) -> None:
+def _check_max_batch(prov, sessions: _Sessions, bundle, report: _ScopedReport) -> None:
     """A full `--max-batch` batch gives the same embeddings as one item at a time."""
     n = prov["options"]["max_batch"]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 96, 80, 3), dtype=np.uint8)
+    image_s, text_s = sessions.image, sessions.text
     batched = image_s.run(None, {"IMAGE": images})[0]
     singles = np.concatenate([image_s.run(None, {"IMAGE": images[i : i + 1]})[0] for i in range(n)])
     report.update("image_embeds", np.abs(batched - singles).max())

@@ -81,7 +81,13 @@ def _config(**given):
 
 
 Algorithm = Annotated[str, typer.Option(help="ddpo | rwl")]
-Reward = Annotated[str, typer.Option(help="raw | textnorm | head | textnorm_head | ensemble_uw")]
+Reward = Annotated[
+    str,
+    typer.Option(
+        help="raw | textnorm | head | textnorm_head | ensemble_uw | ensemble_models_uw (a "
+        "service with a second model: REWARD_MEMBERS)"
+    ),
+]
 Url = Annotated[str, typer.Option(help="the reward service (gateway) URL")]
 ApiKey = Annotated[
     str | None, typer.Option(envvar="REWARD_SERVICE_API_KEY", help="bearer token, if required")

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from textnorm_reward_client import RewardClient
 
-REWARD_FIELDS = ("raw", "textnorm", "head", "textnorm_head", "ensemble_uw")
+# ensemble_models_uw: the two-model ensemble, from a service with REWARD_MEMBERS set
+REWARD_FIELDS = ("raw", "textnorm", "head", "textnorm_head", "ensemble_uw", "ensemble_models_uw")
 
 
 @dataclass
@@ -49,7 +50,10 @@ class ServiceReward:
         latency = time.perf_counter() - began
         rewards, provenance = out.rewards(self.field), out.provenance  # NaN where null
         if np.isnan(rewards).any():
-            raise ValueError(f"the service returned no {self.field!r} reward (is a head served?)")
+            raise ValueError(
+                f"the service returned no {self.field!r} reward (is a head, or a second "
+                "model, served?)"
+            )
         return RewardBatch(rewards, provenance, latency)
 
     def submit(self, images: np.ndarray, prompts: list[str]) -> Future[RewardBatch]:

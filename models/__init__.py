@@ -2,10 +2,14 @@
 
 - `shapes-clip/`: the shapes-world CLIP (HF `CLIPModel` + `CLIPTokenizer` + processor config),
   reproduced by `reward-service train-clip --out models/shapes-clip`;
-- `shapes-clip-head/`: its learned reward head (Lee et al.), `reward-service train-head`.
+- `shapes-clip-head/`: its learned reward head (Lee et al.), `reward-service train-head`;
+- `shapes-clip-b/`: a second, different CLIP (another image tower, training seed and caption
+  noise; the same tokenizer), the other member of the two-model ensemble,
+  reproduced by `reward-service train-clip --member shapes-clip-b --out models/shapes-clip-b`.
 """
 
 from pathlib import Path
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "shapes-clip"
 SHIPPED_HEAD_DIR = Path(__file__).resolve().parent / "shapes-clip-head"
+SHIPPED_MEMBER_DIR = Path(__file__).resolve().parent / "shapes-clip-b"

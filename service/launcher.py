@@ -43,6 +43,7 @@ def repository_dir(settings: Settings) -> Path:
         [
             settings.model,
             settings.head,
+            *settings.members,
             settings.max_batch,
             settings.textnorm_scale,
             settings.ensemble_lambda,
@@ -99,6 +100,8 @@ def ensure_repository(settings: Settings) -> Path:
         str(settings.triton_instances),
     ]
     cmd += ["--head", settings.head] if settings.head else ["--no-head"]
+    for member in settings.members:
+        cmd += ["--member", member]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise ValueError((result.stderr.strip().splitlines() or ["export failed"])[-1])
@@ -254,22 +257,39 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str, *, required: b
     from service.gateway.backend import BackendError, BackendUnavailable
     from service.gateway.provenance import load_provenance
     from service.gateway.triton_backend import RewardBackend
+    from service.model_contract import MEMBER_ROLES
 
     provenance = load_provenance(repo)
     if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
         settings = settings.model_copy(update={"tokenizer_file": str(repo / "tokenizer.json")})
-    backend = RewardBackend(
-        triton_url,
-        timeout=settings.backend_timeout_s,
-        model_version=provenance.get("model_version"),
-    )
+    backends = [
+        RewardBackend(
+            triton_url,
+            timeout=settings.backend_timeout_s,
+            model_version=provenance.get("model_version"),
+            image_model=names["image_encoder"],
+            text_model=names["text_encoder"],
+            reward_model=names["reward_head"],
+        )
+        for names in [
+            {role: role for role in MEMBER_ROLES},
+            *(m["models"] for m in provenance.get("members") or []),
+        ]
+    ]
     try:
-        asyncio.run(_discover(backend))
+        for backend in backends:
+            asyncio.run(_discover(backend))
     except (BackendUnavailable, BackendError) as exc:
         if required:
             raise
         log.warning("Triton at %s cannot serve yet (%s): /readyz stays 503", triton_url, exc)
-    return create_app(settings, backend, provenance, close_backend_on_shutdown=True)
+    return create_app(
+        settings,
+        backends[0],
+        provenance,
+        members=backends[1:],
+        close_backend_on_shutdown=True,
+    )
 
 
 def _run_uvicorn(app, settings: Settings) -> None:

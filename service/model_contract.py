@@ -63,6 +63,22 @@ class ModelSpec:
     outputs: tuple[Tensor, ...]
 
 
+# A multi-model ensemble (settings.members) is one export: the first model keeps the names
+# below, member k ≥ 1 serves the same three models under `member{k}_<name>`. Members share the
+# first model's tokenizer (one tokenisation feeds every text encoder).
+MEMBER_ROLES = ("image_encoder", "text_encoder", "reward_head")
+
+
+def member_model(name: str, member: int) -> str:
+    """The repository name of model `name` of ensemble member `member` (0: the first model)."""
+    return name if member == 0 else f"member{member}_{name}"
+
+
+def for_member(spec: ModelSpec, member: int) -> ModelSpec:
+    """`spec` under member `member`'s model name (same tensors)."""
+    return ModelSpec(member_model(spec.name, member), spec.inputs, spec.outputs)
+
+
 def image_encoder(embed_dim: int) -> ModelSpec:
     """uint8 RGB images (one height/width per batch), CLIP preprocessing in the graph."""
     return ModelSpec(

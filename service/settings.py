@@ -28,6 +28,14 @@ class Settings(BaseSettings):
         default=str(SHIPPED_HEAD_DIR),
         description="learned reward head directory trained on `model` (None: no head)",
     )
+    members: list[str] = Field(
+        default_factory=list,
+        description="further CLIP checkpoints served beside `model` as a multi-model ensemble "
+        "(each its own Triton models; they must share `model`'s tokenizer). Responses then add "
+        "each member's rewards and the mean and uncertainty-regularised ensembles of the "
+        "models' TextNorm probabilities (shipped second member: models/shapes-clip-b). "
+        "Environment: a JSON list",
+    )
     textnorm_scale: float = Field(default=5.0, gt=0, description="TextNorm scale c")
     ensemble_lambda: float = Field(default=1.0, ge=0, description="λ of the uncertainty ensemble")
     benchmark_seed: int = Field(default=20_240_611, description="seed of the held-out benchmark")

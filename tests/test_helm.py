@@ -568,6 +568,16 @@ def test_export_job_writes_the_repository_the_pods_wait_for(gpu: bool) -> None:
     )
 
 
+def test_export_job_passes_each_ensemble_member() -> None:
+    members = ["/app/models/shapes-clip-b", "org/another-clip"]
+    docs = manifests(with_key(PROFILES["full"], {"model": {"exportJob": {"members": members}}}))
+    args = find(docs, "Job")["spec"]["template"]["spec"]["containers"][0]["args"]
+    flagged = [args[i + 1] for i, a in enumerate(args) if a == "--member"]
+    assert flagged == members
+    with pytest.raises(Exception, match="members"):  # the schema: a list of non-empty names
+        manifests(with_key(PROFILES["full"], {"model": {"exportJob": {"members": [""]}}}))
+
+
 def test_long_names_fit_kubernetes_limits() -> None:
     docs = manifests(with_key(FULL, {"fullnameOverride": "x" * 70}))
     for doc in docs:

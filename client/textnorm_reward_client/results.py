@@ -18,7 +18,16 @@ from textnorm_reward_client.errors import client_error
 if TYPE_CHECKING:
     import numpy as np
 
-REWARD_FIELDS = ("raw", "textnorm", "head", "textnorm_head", "ensemble_mean", "ensemble_uw")
+REWARD_FIELDS = (
+    "raw",
+    "textnorm",
+    "head",
+    "textnorm_head",
+    "ensemble_mean",
+    "ensemble_uw",
+    "ensemble_models_mean",  # a multi-model export: the models' TextNorm ensembles
+    "ensemble_models_uw",
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,9 @@ class ItemResult:
     textnorm_head: float | None = None
     ensemble_mean: float | None = None
     ensemble_uw: float | None = None
+    ensemble_models_mean: float | None = None
+    ensemble_models_uw: float | None = None
+    members: list[dict[str, Any]] | None = None  # each model's {name, raw, textnorm}
     contrastive_count: int = 0
     contrastive_source: str | None = None
     prompt_set: str | None = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,7 +64,7 @@ from service.gateway.prompt_sets import (
     PromptSetRegistry,
     RegistryFull,
 )
-from service.gateway.provenance import ProvenanceInfo
+from service.gateway.provenance import MODEL_ENSEMBLE_REWARDS, ProvenanceInfo
 from service.gateway.raw_images import RAW_DTYPES
 from service.gateway.request_body import OffloadedJsonRoute
 from service.gateway.request_ids import (
@@ -91,7 +91,7 @@ from service.gateway.schemas import (
     ScoreResponse,
     ServiceLimits,
 )
-from service.gateway.scoring import PlannedItem, Scorer
+from service.gateway.scoring import PlannedItem, Scorer, ScoringModel
 from service.settings import Settings
 
 log = logging.getLogger("service.gateway")
@@ -164,11 +164,14 @@ def create_app(
     backend: RewardBackendProtocol,
     provenance: dict[str, Any],
     *,
+    members: Sequence[RewardBackendProtocol] = (),
     close_backend_on_shutdown: bool = False,
 ) -> FastAPI:
-    """The gateway app for one exported model (`provenance`: its provenance.json, parsed).
+    """The gateway app for one exported model (`provenance`: its provenance.json, parsed);
+    `members`: a multi-model export's further models, one backend each, in provenance order.
 
-    Raises ValueError (one line) when the tokenizer cannot be found or loaded.
+    Raises ValueError (one line) when the tokenizer cannot be found or loaded, or `members`
+    does not match the export's.
     """
     path = tokenizer_path(settings, provenance)
     if not path.is_file():
@@ -195,6 +198,24 @@ def create_app(
         metrics=metrics,
         max_calls=settings.max_backend_calls,
     )
+    if len(members) != len(info.members):
+        raise ValueError(
+            f"the export has {len(info.members)} further ensemble member(s), the gateway was "
+            f"given {len(members)} backend(s) for them"
+        )
+    scoring_members = [
+        ScoringModel(
+            model.name,
+            model.checkpoint_sha256,
+            model.embed_dim,
+            guarded.for_member(
+                member,
+                IdentityCheck(guarded.identity.expected, tuple(names.values())),
+                model.embed_dim,
+            ),
+        )
+        for member, (model, names) in zip(members, info.members, strict=True)
+    ]
     cache = EmbeddingCache(settings.embedding_cache_entries)
     registry = PromptSetRegistry(settings.max_prompt_sets)
     limits = ImageLimits(
@@ -217,6 +238,7 @@ def create_app(
         vocabulary=_vocabulary(settings),
         token_bucket=settings.text_token_bucket,
         calibration=gateway_calibration(settings.textnorm_calibration_file, info.checkpoint_sha256),
+        members=scoring_members,
     )
     state = GatewayState(
         settings, guarded, info, tokenizer, cache, registry, metrics, scorer, limits
@@ -230,7 +252,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        ready, reason = await guarded.readiness()  # at start: is it the export we name?
+        ready, reason = await _readiness(state)  # at start: is it the export we name?
         if ready:
             log.info("backend ready, serving export %s", guarded.identity.expected)
             await _pre_encode(state, configured)
@@ -240,7 +262,8 @@ def create_app(
         pool, state.pool = state.pool, None
         pool.shutdown(wait=False, cancel_futures=True)
         if close_backend_on_shutdown:
-            await backend.close()
+            for each in (backend, *members):
+                await each.close()
 
     app = FastAPI(
         title="TextNorm reward gateway",
@@ -453,7 +476,21 @@ def _score_routes(router: APIRouter, state: GatewayState) -> None:
         return response
 
 
+async def _readiness(state: GatewayState) -> tuple[bool, str | None]:
+    """Every model of the export ready and the one provenance names (checked concurrently)."""
+    answers = await asyncio.gather(*(m.backend.readiness() for m in state.scorer.models))
+    return next(((False, why) for ready, why in answers if not ready), (True, None))
+
+
 def _check_advantage_field(state: GatewayState, field: str, has_contrastive: bool) -> None:
+    if field in MODEL_ENSEMBLE_REWARDS and not state.provenance.members:
+        raise ApiError(
+            422,
+            "advantage_unavailable",
+            f"advantage_of: {field!r} needs a multi-model export (REWARD_MEMBERS), and this "
+            "one has a single model",
+            field="advantage_of",
+        )
     if field in ("head", "textnorm_head", "ensemble_mean", "ensemble_uw") and (
         not state.provenance.has_head
     ):
@@ -723,7 +760,7 @@ def _ops_routes(app: FastAPI, state: GatewayState) -> None:
     async def readyz(request: Request):
         """200 when the backend is ready to score and serves the export this gateway's
         provenance names (checked anew), else 503 with Retry-After and the reason."""
-        ready, reason = await state.backend.readiness()
+        ready, reason = await _readiness(state)
         body = Readiness(ready=ready, reason=reason, request_id=current_request_id(request))
         if ready:
             return body

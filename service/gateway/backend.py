@@ -98,6 +98,14 @@ class RewardBackendProtocol(Protocol):
     async def close(self) -> None: ...
 
 
+class _CallSlots:
+    """The overall bound on inference calls in flight, shared by every member's guard."""
+
+    def __init__(self, limit: int) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+        self.in_flight = 0
+
+
 class GuardedBackend:
     """Identity checks, timeouts, batch splitting, output checks and timing around a backend."""
 
@@ -126,10 +134,28 @@ class GuardedBackend:
         self._mismatch: str | None = None  # the last answer's problem
         self._identity_lock = asyncio.Lock()
         self.max_calls = max_calls
-        self._slots = asyncio.Semaphore(max_calls)  # inference calls in flight, all requests
-        self._calls_in_flight = 0
+        self._calls = _CallSlots(max_calls)  # inference calls in flight, all requests
         metrics.admission_limit.labels("backend_calls").set(max_calls)
         metrics.admission_in_use.labels("backend_calls").set(0)
+
+    def for_member(
+        self, backend: RewardBackendProtocol, identity: IdentityCheck, embed_dim: int
+    ) -> GuardedBackend:
+        """The same guard rails around a further ensemble member's models (its own identity
+        check and embedding size); inference calls share this guard's overall bound."""
+        member = GuardedBackend(
+            backend,
+            identity=identity,
+            timeout_s=self.timeout_s,
+            max_batch=self.max_batch,
+            embed_dim=embed_dim,
+            metrics=self.metrics,
+            identity_interval_s=self.identity_interval_s,
+            max_call_bytes=self.max_call_bytes,
+            max_calls=self.max_calls,
+        )
+        member._calls = self._calls
+        return member
 
     async def verify_identity(self, force: bool = False) -> None:
         """Raise ModelMismatch unless the backend serves the provenance's export.
@@ -161,14 +187,15 @@ class GuardedBackend:
     async def _slot(self) -> AsyncIterator[None]:
         """One backend-call slot of the current request (if it has a bound), then one of all."""
         request_slots = _REQUEST_SLOTS.get()
-        async with request_slots or contextlib.nullcontext(), self._slots:
-            self._calls_in_flight += 1
-            self.metrics.admission_in_use.labels("backend_calls").set(self._calls_in_flight)
+        calls = self._calls
+        async with request_slots or contextlib.nullcontext(), calls.semaphore:
+            calls.in_flight += 1
+            self.metrics.admission_in_use.labels("backend_calls").set(calls.in_flight)
             try:
                 yield
             finally:
-                self._calls_in_flight -= 1
-                self.metrics.admission_in_use.labels("backend_calls").set(self._calls_in_flight)
+                calls.in_flight -= 1
+                self.metrics.admission_in_use.labels("backend_calls").set(calls.in_flight)
 
     async def _inference(self, call: str, coro_fn, *args):
         """An inference call within the slots; the timeout covers the wait for a slot too (a

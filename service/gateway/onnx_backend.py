@@ -28,9 +28,12 @@ _HEAD_INPUTS = tuple(t.name for t in contract.reward_head(0, has_head=False).inp
 
 
 class OnnxBackend:
-    """The three models of an exported repository under ONNX Runtime (CPU)."""
+    """The three models of an exported repository under ONNX Runtime (CPU); `member`: those of
+    a further ensemble member (`contract.member_model`), 0 the first model."""
 
-    def __init__(self, repository: str | Path, *, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, repository: str | Path, *, intra_op_threads: int = 0, member: int = 0
+    ) -> None:
         import onnxruntime as ort
 
         self.repository = Path(repository)
@@ -39,7 +42,8 @@ class OnnxBackend:
         options.inter_op_num_threads = 1
         self._sessions = {}
         for spec in (_IMAGE, _TEXT, contract.reward_head(0, has_head=False)):
-            path = contract.version_dir(self.repository, spec.name) / "model.onnx"
+            model = contract.member_model(spec.name, member)
+            path = contract.version_dir(self.repository, model) / "model.onnx"
             if not path.is_file():
                 raise ValueError(f"not an exported repository (missing {path})")
             self._sessions[spec.name] = ort.InferenceSession(

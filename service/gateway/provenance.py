@@ -50,6 +50,18 @@ def check_provenance(data: object, where: str = "provenance") -> None:
     for key in ("source", "checkpoint_sha256", "embed_dim"):
         if key not in model:
             raise ValueError(f"{where}: model.{key} is missing")
+    members = data.get("members") or []
+    if not isinstance(members, list):
+        raise ValueError(f"{where}: members must be a list")
+    for k, member in enumerate(members, start=1):
+        needed = ("source", "checkpoint_sha256", "embed_dim", "models")
+        if not isinstance(member, dict) or any(key not in member for key in needed):
+            raise ValueError(f"{where}: members[{k - 1}] needs {', '.join(needed)}")
+        if not isinstance(member["models"], dict) or set(member["models"]) != set(
+            contract.MEMBER_ROLES
+        ):
+            roles = ", ".join(contract.MEMBER_ROLES)
+            raise ValueError(f"{where}: members[{k - 1}].models must name {roles}")
     if not isinstance(data.get("cache_key"), str):
         raise ValueError(f"{where}: cache_key is missing")
 
@@ -72,9 +84,22 @@ def public_name(source: object) -> str | None:
     return text
 
 
-def reward_names(has_head: bool) -> list[str]:
+MODEL_ENSEMBLE_REWARDS = ("ensemble_models_mean", "ensemble_models_uw")
+
+
+def reward_names(has_head: bool, multi_model: bool = False) -> list[str]:
     names = contract.CLIP_REWARDS + (contract.HEAD_REWARDS if has_head else ())
-    return [n.lower() for n in names]
+    return [n.lower() for n in names] + list(MODEL_ENSEMBLE_REWARDS if multi_model else ())
+
+
+def _model_info(entry: dict[str, Any]) -> ModelInfo:
+    return ModelInfo(
+        name=str(entry.get("name") or model_name(str(entry["source"]))),
+        source=str(public_name(entry["source"])),
+        checkpoint_sha256=str(entry["checkpoint_sha256"]),
+        embed_dim=int(entry["embed_dim"]),
+        image_size=entry.get("image_size"),
+    )
 
 
 class ProvenanceInfo:
@@ -85,14 +110,12 @@ class ProvenanceInfo:
     ) -> None:
         check_provenance(data)
         self.data = data
-        m = data["model"]
-        self.model = ModelInfo(
-            name=str(m.get("name") or model_name(str(m["source"]))),
-            source=str(public_name(m["source"])),
-            checkpoint_sha256=str(m["checkpoint_sha256"]),
-            embed_dim=int(m["embed_dim"]),
-            image_size=m.get("image_size"),
-        )
+        self.model = _model_info(data["model"])
+        # further models of a multi-model export: (info, their Triton model names by role)
+        self.members = [
+            (_model_info(m), {str(k): str(v) for k, v in m["models"].items()})
+            for m in data.get("members") or []
+        ]
         head = data.get("head")
         self.head = (
             HeadInfo(source=public_name(head.get("source")), sha256=head.get("sha256"))
@@ -159,8 +182,14 @@ class ProvenanceInfo:
             cache_key=self.cache_key,
             export_sha256=self.data.get("export_sha256"),
             model_version=self.data.get("model_version"),
+            members=self.all_models,
             gateway={"version": GATEWAY_VERSION},
         )
+
+    @property
+    def all_models(self) -> list[ModelInfo] | None:
+        """Every model of a multi-model export, the first included (None: one model)."""
+        return [self.model, *(info for info, _ in self.members)] if self.members else None
 
     def model_card(self) -> ModelCard:
         return ModelCard(
@@ -170,7 +199,7 @@ class ProvenanceInfo:
             head=self.head,
             embed_dim=self.model.embed_dim,
             image_size=self.model.image_size,
-            rewards=reward_names(self.has_head),
+            rewards=reward_names(self.has_head, bool(self.members)),
             textnorm_defaults={
                 "scale": self.default_scale,
                 "ensemble_lambda": self.default_lambda,
@@ -178,4 +207,5 @@ class ProvenanceInfo:
             },
             max_batch=self.max_batch,
             cache_key=self.cache_key,
+            members=self.all_models,
         )

@@ -27,7 +27,16 @@ PromptSetId = Annotated[
     Field(description="id of a registered prompt set: ps_ + 32 hex digits of its content hash"),
 ]
 Rule = Literal["auto", "counting", "binding", "composition", "attributes"]
-RewardField = Literal["raw", "textnorm", "head", "textnorm_head", "ensemble_mean", "ensemble_uw"]
+RewardField = Literal[
+    "raw",
+    "textnorm",
+    "head",
+    "textnorm_head",
+    "ensemble_mean",
+    "ensemble_uw",
+    "ensemble_models_mean",
+    "ensemble_models_uw",
+]
 _BASE64_IMAGE_SCHEMA = {
     "type": "string",
     "description": "base64 PNG, JPEG or WebP (format detected from the content); an optional "
@@ -189,7 +198,20 @@ class Provenance(BaseModel):
         "its model version, model_version, so no other export can answer)",
     )
     model_version: int | None = None
+    members: list[ModelInfo] | None = Field(
+        default=None,
+        description="every model of a multi-model export, the first (`model`) included, in "
+        "the order of each item's `members` (null: one model)",
+    )
     gateway: dict[str, str]
+
+
+class MemberReward(BaseModel):
+    """One model's rewards for an item, in a multi-model export."""
+
+    name: str = Field(description="the model (provenance.members[k].name)")
+    raw: float
+    textnorm: float | None
 
 
 class ItemResult(BaseModel):
@@ -199,6 +221,19 @@ class ItemResult(BaseModel):
     textnorm_head: float | None = None
     ensemble_mean: float | None = None
     ensemble_uw: float | None = None
+    members: list[MemberReward] | None = Field(
+        default=None,
+        description="multi-model export: each model's raw and TextNorm reward, in "
+        "provenance.members order (null: one model)",
+    )
+    ensemble_models_mean: float | None = Field(
+        default=None, description="mean of the models' TextNorm probabilities (multi-model)"
+    )
+    ensemble_models_uw: float | None = Field(
+        default=None,
+        description="uncertainty-regularised ensemble of the models' TextNorm probabilities: "
+        "mean − λ · their variance (multi-model)",
+    )
     contrastive_count: int
     contrastive_source: Literal["explicit", "prompt_set", "rule", "none"]
     prompt_set: str | None = Field(default=None, description="id of the prompt set used")
@@ -299,6 +334,7 @@ class ModelCard(BaseModel):
     textnorm_defaults: dict[str, Any]
     max_batch: int | None
     cache_key: str
+    members: list[ModelInfo] | None = None
 
 
 class ServiceLimits(BaseModel):

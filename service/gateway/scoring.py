@@ -12,6 +12,11 @@ normalisation) is looked up in the embedding cache and only the misses are encod
 batch; images are grouped by size (one size per encode call); all items' rewards come from one
 `rewards` call with the prompt sets padded to MAX_PROMPTS and masked. (`GuardedBackend` splits
 any call over the exported model's maximum batch into concurrent calls.)
+
+A multi-model export (settings.members) scores every item with each model concurrently — its
+own text and image embeddings (cached under its own checkpoint hash) and reward head, the same
+tokens, contrastive set, c and λ — and adds each model's raw and TextNorm rewards and the mean
+and uncertainty-regularised ensembles of the models' TextNorm probabilities (DESIGN.md 2.3).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from service.gateway.errors import ApiError
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.prompt_sets import PromptSet, PromptSetRegistry, contrastive_set_sha256
 from service.gateway.provenance import ProvenanceInfo
-from service.gateway.schemas import ItemResult, TextNormOptions
+from service.gateway.schemas import ItemResult, MemberReward, TextNormOptions
+from service.textnorm import ensemble_mean, ensemble_uncertainty
 
 _OUTPUTS = {
     "HEAD": "head",
@@ -80,6 +86,16 @@ class TextPlan:
     tokenized: Tokenized | None = None
 
 
+@dataclass(frozen=True)
+class ScoringModel:
+    """One model of the (possibly multi-model) export, as the scorer calls it."""
+
+    name: str
+    checkpoint_sha256: str  # its embeddings are cached under this
+    embed_dim: int
+    backend: GuardedBackend
+
+
 class Scorer:
     def __init__(
         self,
@@ -96,6 +112,7 @@ class Scorer:
         vocabulary: Vocabulary | None = None,
         token_bucket: int = 16,
         calibration: Calibration | None = None,
+        members: Sequence[ScoringModel] = (),
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -109,6 +126,10 @@ class Scorer:
         self.vocabulary = vocabulary  # of the attribute-swap rules (None: the shapes world's)
         self.token_bucket = token_bucket  # text batches are padded to a multiple of this
         self.calibration = calibration  # calibrated c/λ (service/gateway/calibration.py)
+        first = ScoringModel(
+            provenance.model.name, provenance.checkpoint_sha256, provenance.embed_dim, backend
+        )
+        self.models = (first, *members)  # every model scores every item; [0] the first
 
     # -- checks --------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field_name: str) -> str:
@@ -291,15 +312,19 @@ class Scorer:
         return plan
 
     # -- backend work --------------------------------------------------------------------------
-    def cache_key(self, normalised: str) -> CacheKey:
-        return (self.provenance.checkpoint_sha256, normalised)
+    def cache_key(self, normalised: str, model: ScoringModel | None = None) -> CacheKey:
+        return ((model or self.models[0]).checkpoint_sha256, normalised)
 
-    async def text_embeddings(self, plan: TextPlan) -> dict[str, np.ndarray]:
-        """normalised prompt → embedding, from the cache or one encode of the misses."""
+    async def text_embeddings(
+        self, plan: TextPlan, model: ScoringModel | None = None
+    ) -> dict[str, np.ndarray]:
+        """normalised prompt → embedding of `model` (None: the first), from the cache or one
+        encode of the misses."""
+        model = model or self.models[0]
         found: dict[str, np.ndarray] = {}
         misses: list[str] = []
         for key in plan.texts:
-            value = self.cache.get(self.cache_key(key))
+            value = self.cache.get(self.cache_key(key, model))
             if value is None:
                 misses.append(key)
             else:
@@ -313,15 +338,18 @@ class Scorer:
                 ids = plan.tokenized.rows(rows, self.token_bucket)
             else:  # an export whose text encoder takes the full context only
                 ids = plan.tokenized.ids[rows]
-            embeds = await self.backend.encode_texts(ids)
+            embeds = await model.backend.encode_texts(ids)
             for key, emb in zip(misses, embeds, strict=True):
-                self.cache.put(self.cache_key(key), emb)
+                self.cache.put(self.cache_key(key, model), emb)
                 found[key] = emb
             self.metrics.cache_entries.set(len(self.cache))
         return found
 
-    async def image_embeddings(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """[N, D] in item order; one encode call per image size."""
+    async def image_embeddings(
+        self, images: Sequence[np.ndarray], model: ScoringModel | None = None
+    ) -> np.ndarray:
+        """[N, D] of `model` (None: the first) in item order; one encode call per image size."""
+        model = model or self.models[0]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(image.shape, []).append(i)
@@ -329,10 +357,10 @@ class Scorer:
         async def encode(idx: list[int]) -> np.ndarray:
             # the batch copy (tens of MB for a large request) runs off the event loop
             batch = await asyncio.to_thread(np.stack, [images[i] for i in idx])
-            return await self.backend.encode_images(batch)
+            return await model.backend.encode_images(batch)
 
         parts = await asyncio.gather(*(encode(idx) for idx in groups.values()))
-        out = np.empty((len(images), self.provenance.embed_dim), np.float32)
+        out = np.empty((len(images), model.embed_dim), np.float32)
         for idx, emb in zip(groups.values(), parts, strict=True):
             out[idx] = emb
         return out
@@ -365,23 +393,16 @@ class Scorer:
             )
             for it, sha in zip(items, shas, strict=True)
         ]
-        texts, image_embeds = await asyncio.gather(
-            self.text_embeddings(text_plan), self.image_embeddings(images)
+        n = len(items)
+        scales = np.array([c.scale for c in choices], np.float32).reshape(n, 1)
+        lambdas = np.array([c.ensemble_lambda for c in choices], np.float32).reshape(n, 1)
+        outs = await asyncio.gather(
+            *(
+                self._model_rewards(model, items, text_plan, images, scales, lambdas)
+                for model in self.models
+            )
         )
-        n, p, d = len(items), contract.MAX_PROMPTS, self.provenance.embed_dim
-        prompt_embeds = np.zeros((n, p, d), np.float32)
-        mask = np.zeros((n, p), bool)
-        for i, item in enumerate(items):
-            for j, key in enumerate(item.keys):
-                prompt_embeds[i, j] = texts[key]
-            mask[i, : len(item.keys)] = True
-        out = await self.backend.rewards(
-            image_embeds,
-            prompt_embeds,
-            mask,
-            np.array([[c.scale] for c in choices], np.float32).reshape(n, 1),
-            np.array([[c.ensemble_lambda] for c in choices], np.float32).reshape(n, 1),
-        )
+        out = outs[0]
         results = []
         for i, item in enumerate(items):
             has_set = bool(item.plan.prompts)
@@ -392,6 +413,8 @@ class Scorer:
             for name, key in _OUTPUTS.items():
                 if name in out and (has_set or name not in _NEED_CONTRASTIVE):
                     values[key] = float(out[name][i])
+            if len(self.models) > 1:
+                values |= self._model_ensemble(outs, i, has_set, choices[i].ensemble_lambda)
             results.append(
                 ItemResult(
                     **values,
@@ -413,16 +436,61 @@ class Scorer:
                 self.metrics.prompts_truncated.inc()
         return results
 
+    async def _model_rewards(
+        self,
+        model: ScoringModel,
+        items: Sequence[PlannedItem],
+        text_plan: TextPlan,
+        images: Sequence[np.ndarray],
+        scales: np.ndarray,
+        lambdas: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """Every item's reward-head outputs of one model."""
+        texts, image_embeds = await asyncio.gather(
+            self.text_embeddings(text_plan, model), self.image_embeddings(images, model)
+        )
+        n, p = len(items), contract.MAX_PROMPTS
+        prompt_embeds = np.zeros((n, p, model.embed_dim), np.float32)
+        mask = np.zeros((n, p), bool)
+        for i, item in enumerate(items):
+            for j, key in enumerate(item.keys):
+                prompt_embeds[i, j] = texts[key]
+            mask[i, : len(item.keys)] = True
+        return await model.backend.rewards(image_embeds, prompt_embeds, mask, scales, lambdas)
+
+    def _model_ensemble(
+        self, outs: Sequence[dict[str, np.ndarray]], i: int, has_set: bool, lam: float
+    ) -> dict:
+        """Item `i`'s per-model rewards and the ensembles of the models' TextNorm (DESIGN 2.3)."""
+        members = [
+            MemberReward(
+                name=model.name,
+                raw=float(out["RAW"][i]),
+                textnorm=float(out["TEXTNORM"][i]) if has_set else None,
+            )
+            for model, out in zip(self.models, outs, strict=True)
+        ]
+        if not has_set:
+            return {"members": members}
+        probs = np.array([[out["TEXTNORM"][i]] for out in outs], np.float64)
+        return {
+            "members": members,
+            "ensemble_models_mean": float(ensemble_mean(probs)[0]),
+            "ensemble_models_uw": float(ensemble_uncertainty(probs, lam=lam)[0]),
+        }
+
     async def pre_encode(self, texts: Sequence[str]) -> None:
-        """Encode and cache `texts` (a registered set) now; backend errors propagate."""
+        """Encode and cache `texts` (a registered set) now, with every model; backend errors
+        propagate."""
         keys: dict[str, str] = {}
         for text in texts:
             keys.setdefault(self.tokenizer.normalise(text), text)
         plan = TextPlan(texts=keys)
         plan.tokenized = self.tokenizer.encode(list(keys.values()))
         plan.tokens = {k: i for i, k in enumerate(keys)}
-        await self.text_embeddings(plan)
+        await asyncio.gather(*(self.text_embeddings(plan, model) for model in self.models))
 
     def set_cache_keys(self, prompt_set: PromptSet) -> list[CacheKey]:
         texts = (prompt_set.prompt, *prompt_set.contrastive)
-        return list(dict.fromkeys(self.cache_key(self.tokenizer.normalise(t)) for t in texts))
+        keys = [self.tokenizer.normalise(t) for t in texts]
+        return list(dict.fromkeys(self.cache_key(k, m) for m in self.models for k in keys))
