@@ -84,8 +84,8 @@ USER 10001:10001
 RUN reward-service export --out /models/shapes-clip \
  && reward-service verify /models/shapes-clip \
  && reward-service export --out /models/shapes-clip-gpu --target gpu --precision fp16 \
- && reward-service export --out /models/shapes-clip-ensemble \
-      --member "$(python -c 'import models; print(models.SHIPPED_MEMBER_DIR)')"
+ && reward-service export --out /models/shapes-clip-ensemble --member shapes-clip-b \
+ && reward-service verify /models/shapes-clip-ensemble
 ENTRYPOINT ["tini", "--", "reward-service"]
 CMD ["--help"]
 

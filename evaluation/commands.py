@@ -375,11 +375,11 @@ def eval_ensemble_cmd(
 ) -> None:
     """Mean per-prompt AUROC of two different CLIPs' TextNorm rewards and their mean and
     uncertainty-regularised ensembles (λ chosen on the validation seed), spread over seeds."""
-    from evaluation.ensemble import EnsembleSettings, check_shared_tokenizer, evaluate_ensemble
+    from evaluation.ensemble import EnsembleSettings, evaluate_ensemble
     from evaluation.ensemble_report import markdown_report
     from evaluation.evaluate import category_contrastive
     from evaluation.served import served_contrastive
-    from export.clip_model import load_clip, local_checkpoint_dir
+    from export.clip_model import check_member, load_clip, local_checkpoint_dir
     from models import SHIPPED_MEMBER_DIR
 
     settings = get_settings()
@@ -397,14 +397,14 @@ def eval_ensemble_cmd(
             f"validation seed {config.validation_seed} is the held-out benchmark seed: "
             "λ must be chosen on another seed"
         )
-    model_dir, member_dir = local_checkpoint_dir(source), local_checkpoint_dir(member_source)
+    member_dir = local_checkpoint_dir(member_source)
     if member is None and not (member_dir / "training.json").is_file():
         raise ValueError(
             f"{member_dir} is not trained (yet): reward-service train-clip --member "
             f"shapes-clip-b --out {member_dir}"
         )
-    check_shared_tokenizer(model_dir, member_dir)
     bundles = (load_clip(source), load_clip(member_source))
+    check_member(*bundles)
     identities = [
         _model_identity(s, b) for s, b in zip((source, member_source), bundles, strict=True)
     ]

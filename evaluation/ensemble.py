@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,25 +41,9 @@ from shapes_world.benchmark import BenchmarkPrompt, build_benchmark
 MEMBER_ROWS: tuple[str, ...] = ("raw_a", "raw_b", "textnorm_a", "textnorm_b")
 ENSEMBLE_ROWS: tuple[str, ...] = ("models_mean", "models_uw")
 ROWS: tuple[str, ...] = MEMBER_ROWS + ENSEMBLE_ROWS
-TOKENIZER_FILES: tuple[str, ...] = ("vocab.json", "merges.txt")
 
 Pair = tuple[ScoredPrompt, ScoredPrompt]  # one benchmark prompt scored by member A and by B
 Rows = dict[str, dict[str, float]]  # row → category → mean per-prompt AUROC
-
-
-def check_shared_tokenizer(model_dir: str | Path, member_dir: str | Path) -> None:
-    """Raise ValueError unless both checkpoints hold byte-identical vocab.json and merges.txt
-    (the service serves members only with the first model's tokenizer)."""
-    for name in TOKENIZER_FILES:
-        files = [Path(model_dir) / name, Path(member_dir) / name]
-        for file in files:
-            if not file.is_file():
-                raise ValueError(f"cannot compare tokenizers: {file} does not exist")
-        if files[0].read_bytes() != files[1].read_bytes():
-            raise ValueError(
-                f"member {member_dir} has another tokenizer than {model_dir} ({name} differs): "
-                "ensemble members must share the model's tokenizer"
-            )
 
 
 def score_pairs(

@@ -126,6 +126,25 @@ def load_clip(source: str | Path) -> ClipBundle:
     return ClipBundle(model=model, tokenizer=tokenizer, processor=processor, source=source)
 
 
+def check_member(first: ClipBundle, member: ClipBundle) -> None:
+    """ValueError unless `member` can serve beside `first` in one multi-model ensemble: the
+    same tokenizer (one tokenisation feeds every text encoder), text context and end token."""
+    first_tok = first.tokenizer.backend_tokenizer.to_str()
+    if member.tokenizer.backend_tokenizer.to_str() != first_tok:
+        raise ValueError(
+            f"member {member.source} has another tokenizer than {first.source}: ensemble "
+            "members must share the first model's tokenizer (one tokenisation feeds every "
+            "text encoder)"
+        )
+    ours, theirs = first.model.config.text_config, member.model.config.text_config
+    for key in ("max_position_embeddings", "eos_token_id"):
+        if getattr(ours, key) != getattr(theirs, key):
+            raise ValueError(
+                f"member {member.source}: text_config.{key} is {getattr(theirs, key)}, "
+                f"{first.source}'s is {getattr(ours, key)} (members share one tokenisation)"
+            )
+
+
 def checkpoint_hash(path: str | Path) -> str:
     """sha256 over a local checkpoint's files (names and bytes), in sorted order."""
     digest = hashlib.sha256()

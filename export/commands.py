@@ -62,8 +62,9 @@ def export_cmd(
     member: Annotated[
         list[str] | None,
         typer.Option(
-            help="a further CLIP checkpoint served beside the model as a multi-model ensemble "
-            "(repeatable; same tokenizer) [default: settings' members]"
+            help="a further CLIP checkpoint served beside the model as a multi-model ensemble: "
+            "a directory, a hub id or a shipped model's name, e.g. shapes-clip-b (repeatable; "
+            "same tokenizer) [default: settings' members]"
         ),
     ] = None,
     target: Annotated[str, typer.Option(help="cpu | gpu")] = "cpu",
@@ -84,6 +85,7 @@ def export_cmd(
 ) -> None:
     """Export a CLIP checkpoint (+ head) to ONNX/TensorRT as a Triton model repository."""
     from export.repository import ExportOptions, export_repository
+    from models import resolve_shipped
 
     settings = get_settings()
     head_dir = None if no_head else head or (settings.head if model is None else None)
@@ -102,7 +104,7 @@ def export_cmd(
         out,
         Path(head_dir) if head_dir else None,
         options,
-        members=settings.members if member is None else member,
+        members=[resolve_shipped(m) for m in (settings.members if member is None else member)],
     )
     state = "exported" if changed else "up to date (cache key unchanged)"
     print(f"{out}: {state}; {len(prov['artifacts'])} artifacts, cache key {prov['cache_key'][:16]}")

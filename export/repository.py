@@ -43,6 +43,7 @@ from export import onnx_export
 from export.clip_model import (
     ClipBundle,
     check_clip_source,
+    check_member,
     checkpoint_hash,
     load_clip,
     local_checkpoint_dir,
@@ -305,7 +306,7 @@ def _write_score_model(
     params = {
         "text_max_batch": str(batching.max_batch_size),
         "eos_token_id": str(eos_token_id),
-        "token_bucket": "16",
+        "token_bucket": "4",  # as the gateway's default (settings.text_token_bucket)
         "text_cache_entries": "50000",
     }
     return {f"{spec.name}/config.pbtxt": model_config(spec, "python", batching, "KIND_CPU", params)}
@@ -394,25 +395,25 @@ def _write_member(
     return configs
 
 
-def _load_member(member: str, first: ClipBundle, first_source: str) -> ClipBundle:
-    """A further ensemble member's checkpoint; it must tokenise exactly as the first model."""
-    bundle = load_clip(member)
-    if bundle.tokenizer.backend_tokenizer.to_str() != first.tokenizer.backend_tokenizer.to_str():
-        raise ValueError(
-            f"member {member} has another tokenizer than {first_source}: ensemble members must "
-            "share the first model's tokenizer (one tokenisation feeds every text encoder)"
-        )
-    return bundle
+def _hashed_source(source: str) -> tuple[ClipBundle | None, str]:
+    """(bundle, checkpoint sha256) of a model to export: a hub id is downloaded whole first, so
+    its hash covers its weights; a local directory is hashed without loading it (None)."""
+    check_clip_source(source)
+    bundle = None if Path(source).expanduser().is_dir() else load_clip(source)
+    return bundle, checkpoint_hash(local_checkpoint_dir(source))
 
 
 def _member_provenance(
     members: Sequence[str], shas: Sequence[str], bundles: Sequence[ClipBundle]
 ) -> list[dict]:
     """provenance.json's `members`: each further model's identity and its Triton model names."""
+    names = [_public_name(source) for source in members]
+    # unique names: two members from directories of the same name are told apart by index
+    names = [n if names.count(n) == 1 else f"{n}-{k}" for k, n in enumerate(names, start=1)]
     return [
         {
             "index": index,
-            "name": _public_name(source),
+            "name": name,
             "source": source,
             "checkpoint_sha256": sha,
             "embed_dim": bundle.model.config.projection_dim,
@@ -420,8 +421,8 @@ def _member_provenance(
             "logit_scale": float(bundle.model.logit_scale.detach().exp()),
             "models": {role: contract.member_model(role, index) for role in contract.MEMBER_ROLES},
         }
-        for index, (source, sha, bundle) in enumerate(
-            zip(members, shas, bundles, strict=True), start=1
+        for index, (name, source, sha, bundle) in enumerate(
+            zip(names, members, shas, bundles, strict=True), start=1
         )
     ]
 
@@ -444,9 +445,7 @@ def export_repository(
     options = options or ExportOptions()
     out = Path(out)
     _check_writable(out)
-    check_clip_source(source)  # one-line errors for bad input, before any work
-    bundle = None if Path(source).expanduser().is_dir() else load_clip(source)  # hub: download all
-    checkpoint_sha = checkpoint_hash(local_checkpoint_dir(source))
+    bundle, checkpoint_sha = _hashed_source(source)  # one-line errors before any work
     head: RewardHead | None = None
     head_sha = None
     if head_dir is not None:
@@ -455,14 +454,21 @@ def export_repository(
             raise ValueError(f"head {head_dir} was trained on a different CLIP than {source}")
         head_sha = head_hash(Path(head_dir))
     members = list(members)
-    for member in members:
-        check_clip_source(member)
-    member_shas = [checkpoint_hash(local_checkpoint_dir(m)) for m in members]
+    hashed_members = [_hashed_source(m) for m in members]
+    member_shas = [sha for _, sha in hashed_members]
+    for member, sha in zip(members, member_shas, strict=True):
+        if sha == checkpoint_sha or member_shas.count(sha) > 1:
+            raise ValueError(
+                f"member {member} is the same checkpoint as the model or another member: an "
+                "ensemble needs different models"
+            )
     key = cache_key(checkpoint_sha, head_sha, options, member_shas)
     if is_up_to_date(out, key):
         return read_provenance(out), False
     bundle = bundle or load_clip(source)  # local weights are loaded only on a cache miss
-    member_bundles = [_load_member(m, bundle, source) for m in members]
+    member_bundles = [b or load_clip(m) for (b, _), m in zip(hashed_members, members, strict=True)]
+    for member_bundle in member_bundles:
+        check_member(bundle, member_bundle)
 
     dim = bundle.model.config.projection_dim
     batching = Batching(

@@ -21,6 +21,7 @@ from transformers import CLIPModel
 
 from export.clip_model import ClipBundle, image_processor, save_clip, tiny_clip_config, tokenize
 from export.tokenizer_build import BOS, EOS, save_clip_tokenizer, train_bpe
+from models import resolve_shipped
 from shapes_world.features import encode, truth_matrix
 from shapes_world.grammar import describe
 from shapes_world.perturb import perturb, perturb_composition
@@ -74,14 +75,6 @@ def _tokenizer_corpus(rng: np.random.Generator, n: int = 4000) -> list[str]:
     return [describe(training_caption(random_scene(rng, 1 + (i % 3 == 0)), rng)) for i in range(n)]
 
 
-def _checkpoint_dir(name_or_path: str) -> Path:
-    """A shipped model's directory by name (`models/<name>`), or any directory."""
-    from models import SHIPPED_MODEL_DIR
-
-    shipped = SHIPPED_MODEL_DIR.parent / name_or_path
-    return shipped if shipped.is_dir() else Path(name_or_path)
-
-
 def _read_bpe(checkpoint: Path) -> tuple[dict[str, int], list[str]]:
     """(vocab, merges) of a checkpoint's CLIP tokenizer files, as `train_bpe` returns them."""
     vocab = json.loads((checkpoint / "vocab.json").read_text())
@@ -113,7 +106,7 @@ def train_clip(cfg: TrainConfig, out_dir: Path, progress: Progress | None = None
         if cfg.tokenizer_from is None:
             vocab, merges = train_bpe(_tokenizer_corpus(rng))
         else:
-            vocab, merges = _read_bpe(_checkpoint_dir(cfg.tokenizer_from))
+            vocab, merges = _read_bpe(Path(resolve_shipped(cfg.tokenizer_from)))
         tok_dir = out_dir / "_tokenizer"
         tok_dir.mkdir(parents=True, exist_ok=True)
         save_clip_tokenizer(vocab, merges, tok_dir)

@@ -13,3 +13,13 @@ from pathlib import Path
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "shapes-clip"
 SHIPPED_HEAD_DIR = Path(__file__).resolve().parent / "shapes-clip-head"
 SHIPPED_MEMBER_DIR = Path(__file__).resolve().parent / "shapes-clip-b"
+
+
+def resolve_shipped(name_or_path: str) -> str:
+    """A shipped model's directory for its bare name (`shapes-clip-b`), else the argument as
+    given (a path or a hub id): images and charts can name the shipped models without knowing
+    where the package is installed."""
+    shipped = SHIPPED_MODEL_DIR.parent / name_or_path
+    if "/" not in name_or_path and (shipped / "config.json").is_file():
+        return str(shipped)
+    return name_or_path

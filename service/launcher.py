@@ -72,6 +72,12 @@ def ensure_repository(settings: Settings) -> Path:
                 f"{repo} is a GPU-flavour export: serve it with the NGC tritonserver on a GPU "
                 "node after `reward-service build-engines` (the bundled server runs CPU exports)"
             )
+        if settings.members:
+            log.warning(
+                "REWARD_MEMBERS is ignored with a repository: %s serves the members it was "
+                "exported with (provenance.json)",
+                repo,
+            )
         return repo
     if importlib.util.find_spec("torch") is None:
         raise ValueError(
@@ -257,7 +263,7 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str, *, required: b
     from service.gateway.backend import BackendError, BackendUnavailable
     from service.gateway.provenance import load_provenance
     from service.gateway.triton_backend import RewardBackend
-    from service.model_contract import MEMBER_ROLES
+    from service.model_contract import MEMBER_ROLES, member_model
 
     provenance = load_provenance(repo)
     if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
@@ -272,7 +278,7 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str, *, required: b
             reward_model=names["reward_head"],
         )
         for names in [
-            {role: role for role in MEMBER_ROLES},
+            {role: member_model(role, 0) for role in MEMBER_ROLES},
             *(m["models"] for m in provenance.get("members") or []),
         ]
     ]

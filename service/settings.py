@@ -155,12 +155,14 @@ class Settings(BaseSettings):
         default=32, ge=1, le=32, description="contrastive prompts per prompt (model contract: 32)"
     )
     text_token_bucket: int = Field(
-        default=16,
+        default=4,
         ge=1,
         le=77,
         description="text batches go to the encoder with as many tokens as their longest "
-        "prompt needs, rounded up to a multiple of this (shapes-world prompts: ~12 of CLIP's "
-        "77; one bucket keeps Triton's batcher merging calls)",
+        "prompt needs, rounded up to a multiple of this (exact: padding never changes an "
+        "embedding). Measured on the ViT-B/32-sized model, cold prompts (README): 4 is as fast "
+        "as exact lengths (+7–9 % img/s over 16 at one client, equal at 8) while calls of "
+        "nearby lengths still share a shape for Triton's batcher to merge",
     )
     truncate_long_prompts: bool = Field(
         default=False,

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from textnorm_reward_client import MemberReward, ScoreResult
 
 from export.clip_model import checkpoint_hash, image_embeddings, load_clip, text_embeddings
 from export.clip_model import tokenize as torch_tokenize
@@ -145,6 +146,14 @@ def test_verify_checks_every_member_against_pytorch(ensemble_repo, tmp_path):
     assert report.max_diff["text_embeds"] <= report.tolerances["text_embeds"]
 
 
+def test_a_member_that_is_the_model_is_refused(tmp_path):
+    out = tmp_path / "repo"
+    args = ["export", "--no-head", "--member", str(SHIPPED_MODEL_DIR), "--out", str(out)]
+    result = run_cli(*args, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "same checkpoint" in result.stderr and not out.exists()
+
+
 def test_member_with_another_tokenizer_is_refused(tmp_path, member_dir):
     other = tmp_path / "other-tokenizer"
     shutil.copytree(member_dir, other)
@@ -222,10 +231,24 @@ def test_single_model_export_refuses_a_model_ensemble_advantage(triton_repo):
     assert single["provenance"]["members"] is None
 
 
-def test_gateway_needs_a_backend_for_each_member(ensemble_repo, provenance):
+def test_gateway_needs_the_right_backend_for_each_member(ensemble_repo, provenance):
     settings = Settings(tokenizer_file=str(ensemble_repo / "tokenizer.json"), head=None)
+    first = OnnxBackend(ensemble_repo, intra_op_threads=1)
     with pytest.raises(ValueError, match="1 further ensemble member"):
-        create_app(settings, OnnxBackend(ensemble_repo, intra_op_threads=1), provenance)
+        create_app(settings, first, provenance)
+    # the first model's backend given for the member: its rewards would be labelled as B's
+    with pytest.raises(ValueError, match="another model"):
+        create_app(settings, first, provenance, members=[first])
+
+
+def test_the_client_reads_each_models_rewards(in_process):
+    result = ScoreResult.from_json(in_process)
+    item = result.results[0]
+    assert [m.name for m in item.members] == ["shapes-clip", "shapes-clip-b"]
+    assert isinstance(item.members[1], MemberReward)
+    assert item.members[1].raw == in_process["results"][0]["members"][1]["raw"]
+    expected = [r["ensemble_models_uw"] for r in in_process["results"]]
+    np.testing.assert_array_equal(result.rewards("ensemble_models_uw"), expected)
 
 
 class OtherExport:

@@ -18,13 +18,20 @@ from textnorm_reward_client.async_client import AsyncRewardClient
 from textnorm_reward_client.client import RewardClient
 from textnorm_reward_client.core import RetryPolicy
 from textnorm_reward_client.errors import RewardServiceError
-from textnorm_reward_client.results import GroupResult, ItemResult, ScoreResult, ServiceLimits
+from textnorm_reward_client.results import (
+    GroupResult,
+    ItemResult,
+    MemberReward,
+    ScoreResult,
+    ServiceLimits,
+)
 
 __all__ = [
     "AsyncRewardClient",
     "GroupResult",
     "GrpcRewardClient",
     "ItemResult",
+    "MemberReward",
     "RetryPolicy",
     "RewardClient",
     "RewardServiceError",

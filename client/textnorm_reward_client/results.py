@@ -31,6 +31,19 @@ REWARD_FIELDS = (
 
 
 @dataclass(frozen=True)
+class MemberReward:
+    """One model's rewards for an item, from a multi-model export (`ItemResult.members`)."""
+
+    name: str
+    raw: float
+    textnorm: float | None = None
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any]) -> MemberReward:
+        return cls(name=item["name"], raw=item["raw"], textnorm=item.get("textnorm"))
+
+
+@dataclass(frozen=True)
 class ItemResult:
     """One item's rewards (None where the model or the request has no such reward)."""
 
@@ -40,24 +53,25 @@ class ItemResult:
     textnorm_head: float | None = None
     ensemble_mean: float | None = None
     ensemble_uw: float | None = None
-    ensemble_models_mean: float | None = None
-    ensemble_models_uw: float | None = None
-    members: list[dict[str, Any]] | None = None  # each model's {name, raw, textnorm}
     contrastive_count: int = 0
     contrastive_source: str | None = None
     prompt_set: str | None = None
     contrastive_sha256: str | None = None
     prompt_truncated: bool = False
     contrastive_truncated: int = 0
+    # a multi-model export: each model's rewards, and the ensembles of their TextNorm
+    members: list[MemberReward] | None = None
+    ensemble_models_mean: float | None = None
+    ensemble_models_uw: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields this client does not know
 
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> ItemResult:
         known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(
-            **{k: v for k, v in item.items() if k in known},
-            extra={k: v for k, v in item.items() if k not in known},
-        )
+        values = {k: v for k, v in item.items() if k in known}
+        if values.get("members") is not None:
+            values["members"] = [MemberReward.from_json(m) for m in values["members"]]
+        return cls(**values, extra={k: v for k, v in item.items() if k not in known})
 
     def reward(self, name: str) -> float | None:
         if name not in REWARD_FIELDS:

@@ -30,6 +30,7 @@ from fastapi.security import HTTPBearer
 from starlette.responses import JSONResponse
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
+from service import model_contract as contract
 from service.contrastive import (
     NoContrastivePrompts,
     PromptSetFormatError,
@@ -203,6 +204,17 @@ def create_app(
             f"the export has {len(info.members)} further ensemble member(s), the gateway was "
             f"given {len(members)} backend(s) for them"
         )
+    expected = [
+        contract.MEMBER_ROLES,
+        *(tuple(n[r] for r in contract.MEMBER_ROLES) for _, n in info.members),
+    ]
+    for k, (each, names) in enumerate(zip((backend, *members), expected, strict=True)):
+        called = getattr(each, "models", None)  # backends that say which models they call
+        if called is not None and tuple(called) != names:
+            raise ValueError(
+                f"the backend of model {k} calls {', '.join(called)}, the export names "
+                f"{', '.join(names)} for it: a reward would be computed by another model"
+            )
     scoring_members = [
         ScoringModel(
             model.name,

@@ -121,7 +121,10 @@ class GuardedBackend:
         identity_interval_s: float = 10.0,
         max_call_bytes: int = MAX_CALL_BYTES,
         max_calls: int = 1024,
+        shared_calls: _CallSlots | None = None,
     ) -> None:
+        """`shared_calls`: another guard's overall bound on calls in flight (a further
+        ensemble member's guard shares the first's; see `for_member`)."""
         self.backend = backend
         self.identity = identity
         self.identity_interval_s = identity_interval_s
@@ -134,16 +137,18 @@ class GuardedBackend:
         self._mismatch: str | None = None  # the last answer's problem
         self._identity_lock = asyncio.Lock()
         self.max_calls = max_calls
-        self._calls = _CallSlots(max_calls)  # inference calls in flight, all requests
-        metrics.admission_limit.labels("backend_calls").set(max_calls)
-        metrics.admission_in_use.labels("backend_calls").set(0)
+        self._member = shared_calls is not None
+        self._calls = shared_calls or _CallSlots(max_calls)  # calls in flight, all requests
+        if not self._member:
+            metrics.admission_limit.labels("backend_calls").set(max_calls)
+            metrics.admission_in_use.labels("backend_calls").set(0)
 
     def for_member(
         self, backend: RewardBackendProtocol, identity: IdentityCheck, embed_dim: int
     ) -> GuardedBackend:
         """The same guard rails around a further ensemble member's models (its own identity
         check and embedding size); inference calls share this guard's overall bound."""
-        member = GuardedBackend(
+        return GuardedBackend(
             backend,
             identity=identity,
             timeout_s=self.timeout_s,
@@ -153,9 +158,8 @@ class GuardedBackend:
             identity_interval_s=self.identity_interval_s,
             max_call_bytes=self.max_call_bytes,
             max_calls=self.max_calls,
+            shared_calls=self._calls,
         )
-        member._calls = self._calls
-        return member
 
     async def verify_identity(self, force: bool = False) -> None:
         """Raise ModelMismatch unless the backend serves the provenance's export.
@@ -173,7 +177,8 @@ class GuardedBackend:
                     )
                     self._mismatch = self.identity.problem(found)
                     self._checked_at = time.monotonic()
-                    self.metrics.model_mismatch.set(1 if self._mismatch else 0)
+                    if not self._member:  # the first guard checks every model of the export
+                        self.metrics.model_mismatch.set(1 if self._mismatch else 0)
         if self._mismatch is not None:
             raise ModelMismatch(self._mismatch)
 

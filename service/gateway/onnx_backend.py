@@ -41,6 +41,8 @@ class OnnxBackend:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         self._sessions = {}
+        # the models this backend calls (image, text, reward head), by repository name
+        self.models = tuple(contract.member_model(role, member) for role in contract.MEMBER_ROLES)
         for spec in (_IMAGE, _TEXT, contract.reward_head(0, has_head=False)):
             model = contract.member_model(spec.name, member)
             path = contract.version_dir(self.repository, model) / "model.onnx"

@@ -53,15 +53,15 @@ def check_provenance(data: object, where: str = "provenance") -> None:
     members = data.get("members") or []
     if not isinstance(members, list):
         raise ValueError(f"{where}: members must be a list")
-    for k, member in enumerate(members, start=1):
-        needed = ("source", "checkpoint_sha256", "embed_dim", "models")
+    needed = ("source", "checkpoint_sha256", "embed_dim", "models")
+    for k, member in enumerate(members):
         if not isinstance(member, dict) or any(key not in member for key in needed):
-            raise ValueError(f"{where}: members[{k - 1}] needs {', '.join(needed)}")
-        if not isinstance(member["models"], dict) or set(member["models"]) != set(
-            contract.MEMBER_ROLES
-        ):
-            roles = ", ".join(contract.MEMBER_ROLES)
-            raise ValueError(f"{where}: members[{k - 1}].models must name {roles}")
+            raise ValueError(f"{where}: members[{k}] needs {', '.join(needed)}")
+        names = member["models"]
+        if not isinstance(names, dict) or set(names) != set(contract.MEMBER_ROLES):
+            raise ValueError(f"{where}: members[{k}].models must name {contract.MEMBER_ROLES}")
+        if not set(names.values()) <= set(data.get("models") or ()):
+            raise ValueError(f"{where}: members[{k}]'s models are not among the export's models")
     if not isinstance(data.get("cache_key"), str):
         raise ValueError(f"{where}: cache_key is missing")
 

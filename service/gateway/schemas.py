@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from textnorm_reward_client.results import REWARD_FIELDS
 
 from service.gateway.prompt_sets import PROMPT_SET_ID_PATTERN
 from service.gateway.raw_images import RAW_IMAGE_SCHEMA
@@ -27,16 +28,8 @@ PromptSetId = Annotated[
     Field(description="id of a registered prompt set: ps_ + 32 hex digits of its content hash"),
 ]
 Rule = Literal["auto", "counting", "binding", "composition", "attributes"]
-RewardField = Literal[
-    "raw",
-    "textnorm",
-    "head",
-    "textnorm_head",
-    "ensemble_mean",
-    "ensemble_uw",
-    "ensemble_models_mean",
-    "ensemble_models_uw",
-]
+# Every reward field of a result, as the client lists them (one list for both sides).
+RewardField = Literal[REWARD_FIELDS]
 _BASE64_IMAGE_SCHEMA = {
     "type": "string",
     "description": "base64 PNG, JPEG or WebP (format detected from the content); an optional "

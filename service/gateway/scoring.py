@@ -86,6 +86,9 @@ class TextPlan:
     tokenized: Tokenized | None = None
 
 
+ImageBatch = tuple[list[int], np.ndarray]  # item indices, their images stacked [B, H, W, 3]
+
+
 @dataclass(frozen=True)
 class ScoringModel:
     """One model of the (possibly multi-model) export, as the scorer calls it."""
@@ -110,7 +113,7 @@ class Scorer:
         max_contrastive: int,
         truncate_long_prompts: bool,
         vocabulary: Vocabulary | None = None,
-        token_bucket: int = 16,
+        token_bucket: int = 4,
         calibration: Calibration | None = None,
         members: Sequence[ScoringModel] = (),
     ) -> None:
@@ -345,23 +348,27 @@ class Scorer:
             self.metrics.cache_entries.set(len(self.cache))
         return found
 
-    async def image_embeddings(
-        self, images: Sequence[np.ndarray], model: ScoringModel | None = None
-    ) -> np.ndarray:
-        """[N, D] of `model` (None: the first) in item order; one encode call per image size."""
-        model = model or self.models[0]
+    @staticmethod
+    async def image_batches(images: Sequence[np.ndarray]) -> list[ImageBatch]:
+        """The images grouped by size (one encode call each), stacked once for every model."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(image.shape, []).append(i)
 
-        async def encode(idx: list[int]) -> np.ndarray:
+        async def stack(idx: list[int]) -> ImageBatch:
             # the batch copy (tens of MB for a large request) runs off the event loop
-            batch = await asyncio.to_thread(np.stack, [images[i] for i in idx])
-            return await model.backend.encode_images(batch)
+            return idx, await asyncio.to_thread(np.stack, [images[i] for i in idx])
 
-        parts = await asyncio.gather(*(encode(idx) for idx in groups.values()))
-        out = np.empty((len(images), model.embed_dim), np.float32)
-        for idx, emb in zip(groups.values(), parts, strict=True):
+        return list(await asyncio.gather(*(stack(idx) for idx in groups.values())))
+
+    async def image_embeddings(
+        self, batches: Sequence[ImageBatch], n: int, model: ScoringModel | None = None
+    ) -> np.ndarray:
+        """[n, D] of `model` (None: the first) in item order, from :meth:`image_batches`."""
+        model = model or self.models[0]
+        parts = await asyncio.gather(*(model.backend.encode_images(b) for _, b in batches))
+        out = np.empty((n, model.embed_dim), np.float32)
+        for (idx, _), emb in zip(batches, parts, strict=True):
             out[idx] = emb
         return out
 
@@ -396,9 +403,10 @@ class Scorer:
         n = len(items)
         scales = np.array([c.scale for c in choices], np.float32).reshape(n, 1)
         lambdas = np.array([c.ensemble_lambda for c in choices], np.float32).reshape(n, 1)
+        batches = await self.image_batches(images)
         outs = await asyncio.gather(
             *(
-                self._model_rewards(model, items, text_plan, images, scales, lambdas)
+                self._model_rewards(model, items, text_plan, batches, scales, lambdas)
                 for model in self.models
             )
         )
@@ -441,15 +449,15 @@ class Scorer:
         model: ScoringModel,
         items: Sequence[PlannedItem],
         text_plan: TextPlan,
-        images: Sequence[np.ndarray],
+        batches: Sequence[ImageBatch],
         scales: np.ndarray,
         lambdas: np.ndarray,
     ) -> dict[str, np.ndarray]:
         """Every item's reward-head outputs of one model."""
-        texts, image_embeds = await asyncio.gather(
-            self.text_embeddings(text_plan, model), self.image_embeddings(images, model)
-        )
         n, p = len(items), contract.MAX_PROMPTS
+        texts, image_embeds = await asyncio.gather(
+            self.text_embeddings(text_plan, model), self.image_embeddings(batches, n, model)
+        )
         prompt_embeds = np.zeros((n, p, model.embed_dim), np.float32)
         mask = np.zeros((n, p), bool)
         for i, item in enumerate(items):
@@ -460,7 +468,7 @@ class Scorer:
 
     def _model_ensemble(
         self, outs: Sequence[dict[str, np.ndarray]], i: int, has_set: bool, lam: float
-    ) -> dict:
+    ) -> dict[str, object]:
         """Item `i`'s per-model rewards and the ensembles of the models' TextNorm (DESIGN 2.3)."""
         members = [
             MemberReward(

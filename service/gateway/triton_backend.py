@@ -158,6 +158,11 @@ class RewardBackend:
         self.reward_outputs: tuple[str, ...] | None = None  # from reward_head's metadata
         self.embed_dim: int | None = None
 
+    @property
+    def models(self) -> tuple[str, str, str]:
+        """The models this backend calls (image, text, reward head), by repository name."""
+        return (self.image_model, self.text_model, self.reward_model)
+
     # -- connection ----------------------------------------------------------------------------
     def _grpc(self) -> InferenceServerClient:
         if self._client is None:  # created inside the running loop
