@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+from textnorm_reward_client.results import REWARD_FIELDS
 
 from evaluation.auroc import mean_per_prompt_auroc
 from evaluation.evaluate import ContrastiveFn, ScoredPrompt
@@ -26,18 +27,12 @@ from service.contrastive import Vocabulary, contrastive_prompts
 from service.contrastive.dedupe import normalise
 from service.gateway.calibration import Calibration, ScaleChoice
 from service.gateway.prompt_sets import contrastive_set_sha256
+from service.gateway.provenance import MODEL_ENSEMBLE_REWARDS
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
 from shapes_world.benchmark import BenchmarkPrompt
 
-# The reward fields of a /v1/score result, in response order.
-SERVED_FIELDS: tuple[str, ...] = (
-    "raw",
-    "textnorm",
-    "head",
-    "textnorm_head",
-    "ensemble_mean",
-    "ensemble_uw",
-)
+# The reward fields of a single-model /v1/score result, in response order.
+SERVED_FIELDS: tuple[str, ...] = tuple(f for f in REWARD_FIELDS if f not in MODEL_ENSEMBLE_REWARDS)
 ScoreTable = list[dict[str, np.ndarray]]  # per benchmark prompt: field → [N images]
 
 
