@@ -22,7 +22,7 @@ and uncertainty-regularised ensembles of the models' TextNorm probabilities (DES
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -403,7 +403,8 @@ class Scorer:
         n = len(items)
         scales = np.array([c.scale for c in choices], np.float32).reshape(n, 1)
         lambdas = np.array([c.ensemble_lambda for c in choices], np.float32).reshape(n, 1)
-        batches = await self.image_batches(images)
+        # stacked once for every model, off the loop, while the text embeddings are looked up
+        batches = asyncio.ensure_future(self.image_batches(images))
         outs = await asyncio.gather(
             *(
                 self._model_rewards(model, items, text_plan, batches, scales, lambdas)
@@ -449,14 +450,19 @@ class Scorer:
         model: ScoringModel,
         items: Sequence[PlannedItem],
         text_plan: TextPlan,
-        batches: Sequence[ImageBatch],
+        batches: Awaitable[list[ImageBatch]],
         scales: np.ndarray,
         lambdas: np.ndarray,
     ) -> dict[str, np.ndarray]:
-        """Every item's reward-head outputs of one model."""
+        """Every item's reward-head outputs of one model (`batches`: the shared image_batches
+        task, awaited by every model)."""
         n, p = len(items), contract.MAX_PROMPTS
+
+        async def image_embeds_of() -> np.ndarray:
+            return await self.image_embeddings(await batches, n, model)
+
         texts, image_embeds = await asyncio.gather(
-            self.text_embeddings(text_plan, model), self.image_embeddings(batches, n, model)
+            self.text_embeddings(text_plan, model), image_embeds_of()
         )
         prompt_embeds = np.zeros((n, p, model.embed_dim), np.float32)
         mask = np.zeros((n, p), bool)
