@@ -105,6 +105,9 @@ def test_hung_then_killed_triton_is_restarted(stack):
         assert after.status_code == 200, after.text
         for name in ("raw", "textnorm"):
             assert abs(after.json()["results"][0][name] - reference[name]) <= 1e-6
+        # the watchdog logs and counts the restart once its own readiness poll sees the new
+        # server, which may be after the gateway's /readyz did: wait for the count
+        wait_until(lambda: _restarts(client, "hung") == 1, 30, "the hung restart counted")
         output = stack.output(20000)
         assert "is hung" in output and "cause: hung" in output, output
         assert _restarts(client, "hung") == 1 and _restarts(client, "exited") == 0
