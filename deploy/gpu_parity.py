@@ -3,6 +3,7 @@
     python deploy/gpu_parity.py parity REPO [--report-only NAME,...]
     python deploy/gpu_parity.py bench-tower REPO [--batches 1,8,32,64] [--peak-tflops T]
     python deploy/gpu_parity.py bench-triton --url HOST:PORT --image-size S [--concurrency 8,32]
+    python deploy/gpu_parity.py bench-torch [--towers vit-b32,vit-l14] [--batches 1,8,32,64,256]
 
 `parity` feeds shapes-world images and their prompt sets (true prompt + rule-made contrastive
 prompts) to a GPU-flavour repository whose engines `reward-service build-engines` built. The
@@ -402,6 +403,51 @@ def bench_tower(repo: Path, batches: Sequence[int], runs: int, peak: float | Non
         print(f"  batch {b:3d}: {rate:10,.0f} images/s = {achieved:6.1f} TFLOP/s{share}{ceiling}")
 
 
+# OpenAI's CLIP image towers (transformers' CLIPVisionConfig fields): the sizes `bench-torch`
+# measures with random weights (speed does not depend on the values).
+VIT_TOWERS: dict[str, dict[str, int]] = {
+    "vit-b32": dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+                    num_hidden_layers=12, num_attention_heads=12, projection_dim=512),
+    "vit-l14": dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                    num_hidden_layers=24, num_attention_heads=16, projection_dim=768),
+}  # fmt: skip
+
+
+def bench_torch(
+    towers: Sequence[str], batches: Sequence[int], runs: int, peak: float | None
+) -> None:
+    """Images/s of CLIP image towers in PyTorch on the GPU (fp16, SDPA attention, no TensorRT):
+    the rate a TensorRT engine of the same tower should beat, against the GPU's bound."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    name = torch.cuda.get_device_name(0)
+    peak = peak or peak_tflops(name)
+    bound = f"{peak:.0f} TFLOP/s dense fp16" if peak else "unknown peak (pass --peak-tflops)"
+    print(f"image towers in PyTorch {torch.__version__} fp16 on {name} ({bound})")
+    for tower in towers:
+        config = CLIPVisionConfig(**VIT_TOWERS[tower], attn_implementation="sdpa")
+        model = CLIPVisionModelWithProjection(config).half().cuda().eval()
+        macs = vit_macs(VIT_TOWERS[tower], VIT_TOWERS[tower]["projection_dim"])
+        print(f"{tower}: {macs / 1e9:.2f} G multiply-adds per {config.image_size}-px image")
+        for b in batches:
+            pixels = torch.randn(b, 3, config.image_size, config.image_size, device="cuda").half()
+
+            @torch.inference_mode()
+            def step(pixels=pixels, model=model) -> None:
+                model(pixel_values=pixels)
+
+            rate = _median_rate(step, torch.cuda.synchronize, b, runs, 0.3)
+            achieved = rate * 2 * macs / 1e12
+            share = f", {100 * achieved / peak:.1f}% of peak" if peak else ""
+            ceiling = f" (bound {peak * 1e12 / (2 * macs):,.0f} img/s)" if peak else ""
+            print(
+                f"  batch {b:4d}: {rate:10,.0f} images/s = {achieved:6.1f} TFLOP/s{share}{ceiling}"
+            )
+        del model
+        torch.cuda.empty_cache()
+
+
 async def _triton_rates(
     url: str, model: str, image_size: int, levels: Sequence[int], seconds: float, runs: int
 ) -> dict[int, float]:
@@ -467,6 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--batches", type=_ints, default=[1, 8, 32, 64])
     b.add_argument("--runs", type=int, default=7)
     b.add_argument("--peak-tflops", type=float, default=None)
+    g = sub.add_parser("bench-torch", help="images/s of CLIP image towers in PyTorch fp16")
+    g.add_argument("--towers", default="vit-b32,vit-l14", help=f"of {', '.join(VIT_TOWERS)}")
+    g.add_argument("--batches", type=_ints, default=[1, 8, 32, 64, 256])
+    g.add_argument("--runs", type=int, default=5)
+    g.add_argument("--peak-tflops", type=float, default=None)
     t = sub.add_parser("bench-triton", help="images/s through Triton gRPC")
     t.add_argument("--url", required=True)
     t.add_argument("--image-size", type=int, default=224)
@@ -480,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if ok else 1
     if args.command == "bench-tower":
         bench_tower(args.repo, args.batches, args.runs, args.peak_tflops)
+    elif args.command == "bench-torch":
+        bench_torch(args.towers.split(","), args.batches, args.runs, args.peak_tflops)
     else:
         bench_triton(args.url, args.image_size, args.concurrency, args.seconds, args.runs)
     return 0

@@ -142,8 +142,10 @@ def evaluate_cmd(
     generator: Annotated[str | None, Opt(help="generator dir [default: shipped]")] = None,
     prompts: Annotated[int, Opt(min=1)] = 60,
     per_prompt: Annotated[int, Opt(min=1)] = 4,
-    seed: Annotated[int, Opt()] = 0,
+    prompt_seed: Annotated[int, Opt(help="which fixed prompt set")] = 0,
+    seed: Annotated[int, Opt(help="sampling seed")] = 0,
     ddim_steps: Annotated[int, Opt(min=1)] = 20,
+    device: Device = "cpu",
     grid: Annotated[Path | None, Opt(help="also save an image grid here")] = None,
     as_json: Annotated[bool, Opt("--json")] = False,
     threads: Threads = 1,
@@ -158,10 +160,12 @@ def evaluate_cmd(
     from finetune.world_data import SHIPPED_GENERATOR_DIR, SHIPPED_JUDGE_DIR
 
     torch.set_num_threads(threads)
-    unet, _ = load_generator(generator or SHIPPED_GENERATOR_DIR)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    unet, _ = load_generator(generator or SHIPPED_GENERATOR_DIR, device)
     result, images, _ = judge_generator(
-        unet, TextConditioner(), load_judge(SHIPPED_JUDGE_DIR), prompts, per_prompt,
-        seed=seed, ddim_steps=ddim_steps,
+        unet, TextConditioner(device=device), load_judge(SHIPPED_JUDGE_DIR, device), prompts,
+        per_prompt, prompt_seed=prompt_seed, seed=seed, ddim_steps=ddim_steps,
     )  # fmt: skip
     if grid is not None:
         save_grid(images[: 8 * per_prompt], grid, columns=per_prompt * 2)
@@ -179,22 +183,45 @@ def compare_cmd(
     api_key: ApiKey = None,
     steps: Annotated[int, Opt(min=1)] = 20,
     device: Device = "cpu",
+    prompts: Annotated[
+        int | None, Opt(min=1, help="training prompt-set size [default: 12]")
+    ] = None,
     sample_batch_size: Annotated[int | None, Opt(min=1, help="[default: 8]")] = None,
     batches_per_step: Annotated[int | None, Opt(min=1, help="[default: 2]")] = None,
     ddim_steps: Annotated[int | None, Opt(min=1, help="[default: 10]")] = None,
+    train_batch_size: Annotated[int | None, Opt(min=1, help="[default: 8]")] = None,
     lr: Annotated[float | None, Opt(help="[default: 3e-5]")] = None,
+    checkpoint_every: Annotated[int | None, Opt(min=1, help="[default: 1]")] = None,
+    jobs: Annotated[int, Opt(min=1, help="runs trained in parallel processes")] = 1,
+    judge_prompts: Annotated[int, Opt(min=1, help="prompts per fixed judging set")] = 48,
+    judge_per_prompt: Annotated[int, Opt(min=1, help="samples per prompt there")] = 4,
+    judge_prompt_seeds: Annotated[
+        str, Opt(help="comma-separated fixed sets (0: the training prompts' seed)")
+    ] = "0",
     threads: Threads = 1,
 ) -> None:
-    """Same seeds and step budget under each reward: CSV per run, summary.csv, compare.png."""
+    """Same seeds and step budget under each reward: CSV per run, summary.csv, compare.png, and
+    the generators judged on fixed prompt sets at equal steps (fixed_set.csv / .md)."""
     import torch
 
-    from finetune.compare import compare
+    from finetune.compare import FixedSet, compare
 
     torch.set_num_threads(threads)
     cfg = _config(
-        algorithm=algorithm, service_url=url, steps=steps, device=device,
+        algorithm=algorithm, service_url=url, steps=steps, device=device, prompts=prompts,
         sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
-        ddim_steps=ddim_steps, lr=lr,
+        ddim_steps=ddim_steps, train_batch_size=train_batch_size, lr=lr,
+        checkpoint_every=checkpoint_every,
     )  # fmt: skip
-    summary = compare(cfg, rewards.split(","), [int(s) for s in seeds.split(",")], out, api_key)
+    fixed = FixedSet(
+        prompts=judge_prompts,
+        per_prompt=judge_per_prompt,
+        prompt_seeds=tuple(int(s) for s in judge_prompt_seeds.split(",")),
+        ddim_steps=cfg.ddim_steps,
+        batch_size=512 if device == "cuda" else 32,
+    )
+    summary = compare(
+        cfg, rewards.split(","), [int(s) for s in seeds.split(",")], out, api_key, jobs, fixed
+    )
     print(summary.read_text())
+    print((out / "fixed_set.md").read_text())

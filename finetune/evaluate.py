@@ -48,11 +48,14 @@ def judge_generator(
     seed: int = 0,
     ddim_steps: int = 20,
     guidance: float = GUIDANCE_SCALE,
+    batch_size: int = 32,
 ) -> tuple[dict[str, float], np.ndarray, list[str]]:
     """Alignment per attribute on `prompts` fixed prompts x `per_prompt` samples each."""
     scenes = [s for s in prompt_set(prompts, prompt_seed) for _ in range(per_prompt)]
     texts = [prompt_of(s) for s in scenes]
-    images = generate(unet, text, texts, ddim_steps, guidance=guidance, seed=seed)
+    images = generate(
+        unet, text, texts, ddim_steps, guidance=guidance, seed=seed, batch_size=batch_size
+    )
     labels = np.stack([labels_of(s) for s in scenes])
     return alignment(judge, images, labels), images, texts
 

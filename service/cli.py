@@ -209,6 +209,14 @@ def gateway_cmd(
         str | None, typer.Option(help="gateway bind address [default: 127.0.0.1]")
     ] = None,
     port: Annotated[int | None, typer.Option(help="gateway port [default: 8000]")] = None,
+    onnx: Annotated[
+        bool,
+        typer.Option(
+            "--onnx",
+            help="no Triton: run the repository's ONNX files under ONNX Runtime in this process "
+            "(development, or a node without tritonserver; no dynamic batching)",
+        ),
+    ] = False,
 ) -> None:
     """Serve the REST API against a running Triton (torch-free; Triton is not started here)."""
     from service.launcher import run_gateway
@@ -220,7 +228,7 @@ def gateway_cmd(
         port=port,
     )
     _logging()
-    run_gateway(settings)
+    run_gateway(settings, onnx=onnx)
 
 
 @app.command("score")

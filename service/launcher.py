@@ -3,7 +3,8 @@
 `run_gateway(settings)`: the gateway against a Triton it did not start (`triton_url`), for the
 export in `repository` (its provenance.json and tokenizer.json). Triton may come up later: the
 gateway starts anyway and `/readyz` stays 503, with the reason, until Triton serves exactly the
-export the provenance names.
+export the provenance names. `run_gateway(settings, onnx=True)`: the same gateway over the
+export's ONNX files under ONNX Runtime in process (`OnnxBackend`), where no tritonserver runs.
 
 `serve(settings)`, the one-host default (`make serve`):
 1. With `repository` set, use it as is (the exporter never runs). Otherwise export the
@@ -254,20 +255,37 @@ async def _discover(backend) -> None:
         await backend.close()
 
 
-def _gateway_app(settings: Settings, repo: Path, triton_url: str, *, required: bool):
-    """The gateway app for `repo`'s export, backed by Triton at `triton_url`.
+def _gateway_app(settings: Settings, repo: Path, triton_url: str | None, *, required: bool):
+    """The gateway app for `repo`'s export, backed by Triton at `triton_url`, or, with
+    `triton_url` None, by the export's ONNX files under ONNX Runtime in this process.
 
     `required`: Triton must answer now (one host: we just started it); otherwise a Triton that
     is not up yet only delays readiness."""
     from service.gateway.app import create_app
-    from service.gateway.backend import BackendError, BackendUnavailable
     from service.gateway.provenance import load_provenance
-    from service.gateway.triton_backend import RewardBackend
-    from service.model_contract import MEMBER_ROLES, member_model
 
     provenance = load_provenance(repo)
     if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
         settings = settings.model_copy(update={"tokenizer_file": str(repo / "tokenizer.json")})
+    if triton_url is None:
+        backends = _onnx_backends(settings, repo, provenance)
+    else:
+        backends = _triton_backends(settings, provenance, triton_url, required=required)
+    return create_app(
+        settings,
+        backends[0],
+        provenance,
+        members=backends[1:],
+        close_backend_on_shutdown=True,
+    )
+
+
+def _triton_backends(settings: Settings, provenance: dict, triton_url: str, *, required: bool):
+    """One Triton gRPC backend per model of the export (the first model, then each member)."""
+    from service.gateway.backend import BackendError, BackendUnavailable
+    from service.gateway.triton_backend import RewardBackend
+    from service.model_contract import MEMBER_ROLES, member_model
+
     backends = [
         RewardBackend(
             triton_url,
@@ -289,13 +307,16 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str, *, required: b
         if required:
             raise
         log.warning("Triton at %s cannot serve yet (%s): /readyz stays 503", triton_url, exc)
-    return create_app(
-        settings,
-        backends[0],
-        provenance,
-        members=backends[1:],
-        close_backend_on_shutdown=True,
-    )
+    return backends
+
+
+def _onnx_backends(settings: Settings, repo: Path, provenance: dict):
+    """One in-process ONNX Runtime backend per model of the export (CPU; no Triton)."""
+    from service.gateway.onnx_backend import OnnxBackend
+
+    members = len(provenance.get("members") or [])
+    threads = settings.onnx_backend_threads
+    return [OnnxBackend(repo, intra_op_threads=threads, member=k) for k in range(members + 1)]
 
 
 def _run_uvicorn(app, settings: Settings) -> None:
@@ -313,20 +334,30 @@ def _run_uvicorn(app, settings: Settings) -> None:
     )
 
 
-def run_gateway(settings: Settings) -> None:
-    """`reward-service gateway`: the REST API against a running Triton."""
+def run_gateway(settings: Settings, *, onnx: bool = False) -> None:
+    """`reward-service gateway`: the REST API against a running Triton, or (`onnx`) against the
+    export's ONNX files under ONNX Runtime in this process (no Triton: development, or a node
+    without tritonserver; no dynamic batching across requests)."""
     from service.gateway.auth import check_bind
 
     check_bind(settings.host, settings)
-    if not settings.triton_url:
-        raise ValueError("no Triton to talk to: --triton-url HOST:PORT (or REWARD_TRITON_URL)")
+    if onnx and settings.triton_url:
+        raise ValueError("give --triton-url (a running Triton) or --onnx (no Triton), not both")
+    if not onnx and not settings.triton_url:
+        raise ValueError(
+            "no Triton to talk to: --triton-url HOST:PORT (or REWARD_TRITON_URL), or --onnx to "
+            "run the export's ONNX files in this process"
+        )
     if not settings.repository:
         raise ValueError(
             "no export to serve: --repository DIR (or REWARD_REPOSITORY), the repository Triton "
-            "serves (its provenance.json and tokenizer.json are enough)"
+            "serves (its provenance.json and tokenizer.json are enough; --onnx also reads its "
+            "model.onnx files)"
         )
-    app = _gateway_app(settings, Path(settings.repository), settings.triton_url, required=False)
-    print(f"gateway: http://{settings.host}:{settings.port} → Triton {settings.triton_url}")
+    repo = Path(settings.repository)
+    backend = "ONNX Runtime in process" if onnx else f"Triton {settings.triton_url}"
+    app = _gateway_app(settings, repo, None if onnx else settings.triton_url, required=False)
+    print(f"gateway: http://{settings.host}:{settings.port} → {backend}")
     print(f"serving the export in {settings.repository}", flush=True)
     _run_uvicorn(app, settings)
 

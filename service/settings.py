@@ -115,6 +115,14 @@ class Settings(BaseSettings):
         description="dynamic batching max queue delay in µs (chosen by `bench serving`; README)",
     )
 
+    onnx_backend_threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="ONNX Runtime intra-op threads of each model in `gateway --onnx` (the "
+        "in-process backend, no Triton; 0: all cores)",
+    )
+
     # -- gateway (service/gateway): security, request limits, caches, backend calls ------------
     api_keys: list[SecretStr] = Field(
         default_factory=list,

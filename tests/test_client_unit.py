@@ -700,3 +700,25 @@ def test_requests_in_flight_never_exceed_max_concurrency(kind):
 
         assert len(asyncio.run(run())) == 4
     assert peak == 3, peak  # concurrent, and bounded
+
+
+def test_a_service_error_crosses_process_boundaries_as_itself():
+    """Trainers run reward calls in worker processes (finetune compare --jobs): the error that
+    comes back must be the same error, not a broken pool."""
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    body = {"error": {"code": "too_many_items", "message": "65 items", "field": "items"}}
+    error = RewardServiceError(422, body, request_id="r-1", attempts=3)
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is RewardServiceError and str(again) == str(error)
+    assert (again.status, again.body, again.request_id, again.attempts, again.code) == (
+        422, body, "r-1", 3, "too_many_items",
+    )  # fmt: skip
+    with ProcessPoolExecutor(1) as pool:
+        raised = pool.submit(_raise_service_error, body).exception()
+    assert isinstance(raised, RewardServiceError) and raised.code == "too_many_items"
+
+
+def _raise_service_error(body: dict) -> None:
+    raise RewardServiceError(422, body, request_id="r-2")

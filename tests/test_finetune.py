@@ -4,9 +4,11 @@ started once for this module), with rescoring of the logged images and resuming.
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import replace
 
+import httpx
 import numpy as np
 import pytest
 
@@ -221,6 +223,77 @@ def test_reward_weighted_likelihood_two_steps_against_the_service(stack, tmp_pat
     changed = [not torch.equal(a, b) for a, b in zip(_params(trainer.unet), initial, strict=True)]
     assert sum(changed) > len(changed) // 2, "RWL left most parameters unchanged"
     _assert_rescored(tmp_path / "rwl", cfg)
+
+
+def test_compare_trains_runs_in_parallel_and_judges_them_at_equal_steps(stack, tmp_path) -> None:  # noqa: F811
+    from finetune.compare import FixedSet, compare, judged_steps
+    from finetune.evaluate import judge_generator
+    from finetune.text_encoder import TextConditioner
+
+    cfg = _tiny("ddpo", "raw", stack.url, steps=2)
+    fixed = FixedSet(prompts=2, per_prompt=2, prompt_seeds=(0, 1), ddim_steps=2)
+    out = tmp_path / "compare"
+    compare(cfg, ["raw", "textnorm"], [5], out, API_KEY, jobs=2, fixed=fixed)
+    assert judged_steps(cfg) == (1, 2)
+    # Two processes train what one process trains (same seed, same service).
+    straight = run_finetune(cfg, tmp_path / "straight", api_key=API_KEY)
+    parallel = load_generator(rd.checkpoint_dir(out / "raw_seed5", 2) / "unet")[0]
+    for a, b in zip(_params(parallel), _params(straight.unet), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # training moved them ~1e-3
+
+    with (out / "fixed_set.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    keys = [(r["generator"], r["seed"], r["step"], r["prompt_seed"]) for r in rows]
+    assert keys == [("start", "-", "0", "0"), ("start", "-", "0", "1")] + [
+        (reward, "5", step, ps) for reward in ("raw", "textnorm") for step in "12" for ps in "01"
+    ]
+    # A row is the judge's alignment of that checkpoint on that fixed set, recomputed here.
+    row = rows[-1]  # textnorm, step 2, prompt set 1
+    unet = load_generator(rd.checkpoint_dir(out / "textnorm_seed5", 2) / "unet")[0]
+    again, _, _ = judge_generator(
+        unet, TextConditioner(), load_judge(SHIPPED_JUDGE_DIR), 2, 2, prompt_seed=1, seed=0,
+        ddim_steps=2,
+    )  # fmt: skip
+    assert {a: float(row[a]) for a in again} == pytest.approx(again, abs=1e-4)
+    table = (out / "fixed_set.md").read_text()
+    assert "| start | 0 |" in table and "| textnorm | 2 |" in table
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary[1:]] == ["raw", "textnorm"]
+    assert (out / "compare.png").is_file() and (out / "grids" / "raw_seed5_step_0002.png").is_file()
+
+
+def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step(tmp_path) -> None:
+    """finetune/gpu-compare.sh end to end on CPU: its own `gateway --onnx`, parallel runs
+    stopped at the time budget, every run reported at the last step all of them checkpointed."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    out = tmp_path / "gpu"
+    env = {
+        **os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "SEEDS": "0", "STEPS": "60",
+        "BUDGET_S": "25", "CHECKPOINT_EVERY": "1", "PROMPTS": "2", "SAMPLE_BATCH": "2",
+        "BATCHES": "1", "TRAIN_BATCH": "2", "JUDGE_PROMPTS": "2", "JUDGE_PER_PROMPT": "1",
+    }  # fmt: skip
+    res = subprocess.run(
+        ["bash", str(REPO_ROOT / "finetune" / "gpu-compare.sh"), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "budget reached: stopping the runs" in res.stdout
+    done = int((out / "steps.txt").read_text())
+    assert 2 <= done < 60
+    with (out / "fixed_set.csv").open() as f:
+        steps = {(r["generator"], int(r["step"])) for r in csv.DictReader(f)}
+    half = done // 2
+    assert steps == {("start", 0)} | {(r, s) for r in ("raw", "textnorm") for s in (half, done)}
+    with (out / "summary.csv").open() as f:
+        assert [int(r["last_step"]) for r in csv.DictReader(f)] == [done, done]
+    url = next(w for w in res.stdout.split() if w.startswith("http://127.0.0.1:"))
+    with pytest.raises(httpx.TransportError):  # the script stopped the gateway it started
+        httpx.get(f"{url}/healthz", timeout=2)
 
 
 def test_a_run_directory_refuses_other_settings(tmp_path) -> None:

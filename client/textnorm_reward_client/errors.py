@@ -37,6 +37,21 @@ class RewardServiceError(RuntimeError):
     def code(self) -> str | None:
         return self.error.get("code")
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from the constructor's arguments, so the error crosses process boundaries
+        # (multiprocessing, concurrent.futures) as itself instead of breaking the pool.
+        return (_rebuild, (type(self), self.status, self.body, self.request_id, self.attempts))
+
+
+def _rebuild(
+    cls: type[RewardServiceError],
+    status: int | None,
+    body: dict[str, Any],
+    request_id: str | None,
+    attempts: int,
+) -> RewardServiceError:
+    return cls(status, body, request_id=request_id, attempts=attempts)
+
 
 def client_error(code: str, message: str, **kwargs: Any) -> RewardServiceError:
     """A failure found on the client's side (no HTTP answer to report)."""

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Raw vs TextNorm DDPO at GPU scale (issue 12), one command on a node with an NVIDIA GPU:
+#
+#   finetune/gpu-compare.sh OUT_DIR
+#
+# 1. A reward service: $REWARD_URL if set, else `reward-service gateway --onnx` on loopback over
+#    the export in $REPO (default: the shipped model, exported into OUT_DIR/repo). --onnx runs
+#    the export's ONNX files in the gateway process (the rewards Triton serves; see
+#    tests/test_deployment.py), for nodes without tritonserver.
+# 2. `reward-service finetune compare --device cuda --jobs N` over $REWARDS x $SEEDS, stopped
+#    after $BUDGET_S seconds if $STEPS is not reached: then every run is reported at the last
+#    step all of them checkpointed (STEPS_DONE in OUT_DIR/steps.txt), by the same command with
+#    --steps STEPS_DONE (it resumes the runs, judges those checkpoints, writes the summary).
+#    The starting generator and every run at half and all of the steps are judged on the
+#    training prompts (prompt set 0) and on held-out prompts (prompt set 1).
+#
+# Environment (defaults): PYTHON (python3), DEVICE (cuda), REWARDS (raw,textnorm), SEEDS
+# (0,1,2), STEPS (400), BUDGET_S (300), CHECKPOINT_EVERY (10), PROMPTS (48), SAMPLE_BATCH (64),
+# BATCHES (4), TRAIN_BATCH (64), JUDGE_PROMPTS (48), JUDGE_PER_PROMPT (16), REWARD_URL, REPO.
+set -euo pipefail
+set -m # each background job its own process group: stopping one stops all its processes
+
+OUT_DIR=${1:?usage: gpu-compare.sh OUT_DIR}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+REWARDS=${REWARDS:-raw,textnorm}
+SEEDS=${SEEDS:-0,1,2}
+STEPS=${STEPS:-400}
+BUDGET_S=${BUDGET_S:-300}
+EVERY=${CHECKPOINT_EVERY:-10}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+T0=$SECONDS
+GATEWAY_PID=""
+RUNS_PID=""
+
+cleanup() {
+  for pid in $RUNS_PID $GATEWAY_PID; do
+    kill -TERM -- "-$pid" 2> /dev/null || true
+  done
+  wait 2> /dev/null || true
+}
+trap cleanup EXIT
+say() { echo "== [$((SECONDS - T0))s] $*"; }
+
+# -- 1. the reward service -------------------------------------------------------------------
+URL=${REWARD_URL:-}
+if [[ -z $URL ]]; then
+  REPO=${REPO:-$OUT_DIR/repo}
+  if [[ ! -f $REPO/provenance.json ]]; then
+    say "exporting the shipped model into $REPO"
+    "$PY" -m service.cli export --out "$REPO"
+  fi
+  PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  URL=http://127.0.0.1:$PORT
+  say "gateway --onnx on $URL (log $OUT_DIR/gateway.log)"
+  "$PY" -m service.cli gateway --onnx --repository "$REPO" --port "$PORT" \
+    > "$OUT_DIR/gateway.log" 2>&1 &
+  GATEWAY_PID=$!
+  ready=""
+  for _ in $(seq 1 120); do
+    kill -0 "$GATEWAY_PID" 2> /dev/null || break
+    if "$PY" -c "import sys, urllib.request
+sys.exit(urllib.request.urlopen(sys.argv[1], timeout=2).status != 200)" "$URL/readyz" \
+      2> /dev/null; then
+      ready=yes
+      break
+    fi
+    sleep 0.5
+  done
+  if [[ -z $ready ]]; then
+    echo "the gateway did not become ready; the end of its log:"
+    tail -n 30 "$OUT_DIR/gateway.log"
+    exit 1
+  fi
+fi
+
+# -- 2. the runs, bounded ----------------------------------------------------------------------
+# every run at once: rewards x seeds
+JOBS=$((($(tr -cd , <<< "$REWARDS" | wc -c) + 1) * ($(tr -cd , <<< "$SEEDS" | wc -c) + 1)))
+compare() {
+  "$PY" -m service.cli finetune compare --out "$OUT_DIR" --url "$URL" --device "$DEVICE" \
+    --rewards "$REWARDS" --seeds "$SEEDS" --prompts "${PROMPTS:-48}" \
+    --sample-batch-size "${SAMPLE_BATCH:-64}" --batches-per-step "${BATCHES:-4}" \
+    --train-batch-size "${TRAIN_BATCH:-64}" --checkpoint-every "$EVERY" \
+    --jobs "$JOBS" --judge-prompts "${JUDGE_PROMPTS:-48}" \
+    --judge-per-prompt "${JUDGE_PER_PROMPT:-16}" --judge-prompt-seeds 0,1 "$@"
+}
+say "finetune compare: rewards $REWARDS, seeds $SEEDS ($JOBS runs in parallel), up to $STEPS steps or ${BUDGET_S}s"
+compare --steps "$STEPS" > "$OUT_DIR/compare.log" 2>&1 &
+RUNS_PID=$!
+deadline=$((SECONDS + BUDGET_S))
+while kill -0 "$RUNS_PID" 2> /dev/null && ((SECONDS < deadline)); do sleep 2; done
+if kill -0 "$RUNS_PID" 2> /dev/null; then
+  say "budget reached: stopping the runs"
+  kill -TERM -- "-$RUNS_PID" 2> /dev/null || true
+  wait "$RUNS_PID" 2> /dev/null || true
+  RUNS_PID=""
+  # The last step every run checkpointed.
+  DONE=$("$PY" -c "import sys
+from pathlib import Path
+from finetune import run_dir as rd
+from finetune.compare import run_name
+runs = [Path(sys.argv[1]) / run_name(r, int(s)) for r in sys.argv[2].split(',') for s in sys.argv[3].split(',')]
+print(min((rd.latest_checkpoint(r) or (0,))[0] for r in runs))" "$OUT_DIR" "$REWARDS" "$SEEDS")
+  ((DONE >= 2)) || { tail -n 40 "$OUT_DIR/compare.log"; echo "no common checkpoint"; exit 1; }
+  say "reporting every run at step $DONE"
+  compare --steps "$DONE" >> "$OUT_DIR/compare.log" 2>&1
+else
+  wait "$RUNS_PID" || { tail -n 40 "$OUT_DIR/compare.log"; exit 1; }
+  RUNS_PID=""
+  DONE=$STEPS
+fi
+echo "$DONE" > "$OUT_DIR/steps.txt"
+say "done: $DONE steps per run"
+cat "$OUT_DIR/summary.csv" "$OUT_DIR/fixed_set.md"
