@@ -126,9 +126,13 @@ def eval_cmd(
         typer.Option(
             help="calibration JSON (`calibrate`): per-category c/λ for the category rows, and "
             "the c/λ the gateway would pick for the served rows [default: settings' "
-            "textnorm_calibration_file]"
+            "textnorm_calibration_file, else the one the export bundles: the shipped one with "
+            "the shipped model]"
         ),
     ] = None,
+    no_calibration: Annotated[
+        bool, typer.Option("--no-calibration", help="the model's c everywhere (no calibration)")
+    ] = False,
     via: Annotated[
         str | None,
         typer.Option(help="also score the benchmark through a running service at this URL"),
@@ -153,8 +157,10 @@ def eval_cmd(
         images_per_prompt=images_per_prompt,
     )
     scale = settings.textnorm_scale if textnorm_scale is None else textnorm_scale
-    calibration_file = calibration or settings.textnorm_calibration_file
-    calib = _read_calibration(calibration_file, checkpoint_hash(source))
+    # What a served export uses: the gateway's setting, else the calibration `export` bundles.
+    bundled = settings.calibration if model is None else None
+    calibration_file = calibration or settings.textnorm_calibration_file or bundled
+    calib = None if no_calibration else _read_calibration(calibration_file, checkpoint_hash(source))
     images = encode_benchmark_images(bundle, bench)
     scored = score_benchmark(bundle, bench, reward_head, images=images)
     report = category_rows(scored, scale, settings.ensemble_lambda, calib)

@@ -59,6 +59,16 @@ def export_cmd(
         typer.Option(help="learned head dir [default: shipped head with the shipped model]"),
     ] = None,
     no_head: Annotated[bool, typer.Option("--no-head", help="export CLIP rewards only")] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="TextNorm calibration JSON (`calibrate`) bundled as the served default c/λ "
+            "[default: the shipped one with the shipped model]"
+        ),
+    ] = None,
+    no_calibration: Annotated[
+        bool, typer.Option("--no-calibration", help="serve the model's c (no calibration)")
+    ] = False,
     member: Annotated[
         list[str] | None,
         typer.Option(
@@ -89,6 +99,8 @@ def export_cmd(
 
     settings = get_settings()
     head_dir = None if no_head else head or (settings.head if model is None else None)
+    if calibration is None and not no_calibration and model is None and settings.calibration:
+        calibration = Path(settings.calibration)
     options = ExportOptions(
         target=target,
         precision=precision,
@@ -105,6 +117,7 @@ def export_cmd(
         Path(head_dir) if head_dir else None,
         options,
         members=[resolve_shipped(m) for m in (settings.members if member is None else member)],
+        calibration=None if no_calibration else calibration,
     )
     state = "exported" if changed else "up to date (cache key unchanged)"
     print(f"{out}: {state}; {len(prov['artifacts'])} artifacts, cache key {prov['cache_key'][:16]}")

@@ -147,12 +147,14 @@ def cache_key(
     head_sha: str | None,
     options: ExportOptions,
     member_shas: Sequence[str] = (),
+    calibration_sha: str | None = None,
 ) -> str:
     versions = {k: v for k, v in _versions().items() if k != "python"}
     payload = {
         "checkpoint": checkpoint_sha,
         "head": head_sha,
         "members": list(member_shas),
+        "calibration": calibration_sha,
         "options": asdict(options),
         "versions": versions,
         "code": _code_hashes(),
@@ -434,11 +436,15 @@ def export_repository(
     options: ExportOptions | None = None,
     progress: Progress | None = None,
     members: Sequence[str] = (),
+    calibration: Path | None = None,
 ) -> tuple[dict, bool]:
     """Export and return (provenance, changed). `changed` is False for a cache hit.
 
     `members`: further CLIP checkpoints exported beside `source` as the other models of a
     multi-model ensemble (`contract.member_model` names; no learned head; same tokenizer).
+    `calibration`: a TextNorm calibration JSON (`reward-service calibrate`, for this
+    checkpoint) copied into the repository as `calibration.json`, inside the export hash: the
+    gateway serving the repository uses it as its default c/λ per prompt kind.
 
     `--target gpu` writes ONNX files, configs and `engines.json`; TensorRT engines are built
     where they run, by `build_engines` (`reward-service build-engines`) on the GPU node."""
@@ -462,7 +468,12 @@ def export_repository(
                 f"member {member} is the same checkpoint as the model or another member: an "
                 "ensemble needs different models"
             )
-    key = cache_key(checkpoint_sha, head_sha, options, member_shas)
+    calibration_sha = None
+    if calibration is not None:
+        from service.gateway.calibration import load_calibration
+
+        calibration_sha = load_calibration(calibration, checkpoint_sha).sha256  # one-line errors
+    key = cache_key(checkpoint_sha, head_sha, options, member_shas, calibration_sha)
     if is_up_to_date(out, key):
         return read_provenance(out), False
     bundle = bundle or load_clip(source)  # local weights are loaded only on a cache miss
@@ -491,6 +502,8 @@ def export_repository(
                 configs |= _write_member(
                     root, member, member_head, index, batching, options, engines, progress
                 )
+        if calibration is not None:
+            shutil.copyfile(calibration, root / contract.CALIBRATION_FILE)
         score_spec = contract.score(dim, head is not None)
         configs |= _write_score_model(root, score_spec, batching, bundle.tokenizer.eos_token_id)
         if engines:
@@ -505,6 +518,9 @@ def export_repository(
         )
         provenance |= {
             "members": _member_provenance(members, member_shas, member_bundles),
+            "textnorm_calibration": None
+            if calibration is None
+            else {"file": contract.CALIBRATION_FILE, "sha256": calibration_sha},
             "export_sha256": export_sha,
             "model_version": version,
             "models": models,

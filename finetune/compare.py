@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -75,9 +75,14 @@ def compare(
         threads = torch.get_num_threads()
         spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
-            futures = [pool.submit(_train, cfg, run, api_key, threads) for cfg, run in runs]
-            for (_, run), future in zip(runs, futures, strict=True):
-                print(f"{run.name}: step {future.result()}", flush=True)
+            futures = {
+                pool.submit(_train, cfg, run, api_key, threads): run.name for cfg, run in runs
+            }
+            for future in as_completed(futures):
+                if future.exception() is not None:  # stop the rest: no silent partial result
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise RuntimeError(f"run {futures[future]} failed") from future.exception()
+                print(f"{futures[future]}: step {future.result()}", flush=True)
     else:
         for cfg, run in runs:
             run_finetune(cfg, run, api_key)

@@ -25,7 +25,8 @@ def generate(
     seed: int = 0,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """uint8 [N, H, W, 3] samples for `prompts` (deterministic in `seed`)."""
+    """uint8 [N, H, W, 3] samples for `prompts`, deterministic in `seed` and `batch_size` (one
+    random stream drawn batch by batch: another batch size gives other samples)."""
     device = next(unet.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     acp = noise_scheduler().alphas_cumprod.to(device)

@@ -15,8 +15,9 @@
 #    training prompts (prompt set 0) and on held-out prompts (prompt set 1).
 #
 # Environment (defaults): PYTHON (python3), DEVICE (cuda), REWARDS (raw,textnorm), SEEDS
-# (0,1,2), STEPS (400), BUDGET_S (300), CHECKPOINT_EVERY (10), PROMPTS (48), SAMPLE_BATCH (64),
-# BATCHES (4), TRAIN_BATCH (64), JUDGE_PROMPTS (48), JUDGE_PER_PROMPT (16), REWARD_URL, REPO.
+# (0,1,2), STEPS (400), BUDGET_S (300), REPORT_BUDGET_S (240), CHECKPOINT_EVERY (10), PROMPTS
+# (48), SAMPLE_BATCH (64), BATCHES (4), TRAIN_BATCH (64), JUDGE_PROMPTS (48), JUDGE_PER_PROMPT
+# (16), REWARD_URL, REPO. Run it from the repository root (or with the project installed).
 set -euo pipefail
 set -m # each background job its own process group: stopping one stops all its processes
 
@@ -86,16 +87,37 @@ compare() {
     --jobs "$JOBS" --judge-prompts "${JUDGE_PROMPTS:-48}" \
     --judge-per-prompt "${JUDGE_PER_PROMPT:-16}" --judge-prompt-seeds 0,1 "$@"
 }
-say "finetune compare: rewards $REWARDS, seeds $SEEDS ($JOBS runs in parallel), up to $STEPS steps or ${BUDGET_S}s"
-compare --steps "$STEPS" > "$OUT_DIR/compare.log" 2>&1 &
-RUNS_PID=$!
-deadline=$((SECONDS + BUDGET_S))
-while kill -0 "$RUNS_PID" 2> /dev/null && ((SECONDS < deadline)); do sleep 2; done
-if kill -0 "$RUNS_PID" 2> /dev/null; then
-  say "budget reached: stopping the runs"
-  kill -TERM -- "-$RUNS_PID" 2> /dev/null || true
-  wait "$RUNS_PID" 2> /dev/null || true
+# `bounded SECONDS ARGS...`: compare ARGS in the background (its own process group), stopped
+# with all its processes after SECONDS; status 124 then, else compare's own.
+bounded() {
+  local budget=$1 deadline
+  shift
+  compare "$@" >> "$OUT_DIR/compare.log" 2>&1 &
+  RUNS_PID=$!
+  deadline=$((SECONDS + budget))
+  while kill -0 "$RUNS_PID" 2> /dev/null && ((SECONDS < deadline)); do sleep 2; done
+  if kill -0 "$RUNS_PID" 2> /dev/null; then
+    kill -TERM -- "-$RUNS_PID" 2> /dev/null || true
+    wait "$RUNS_PID" 2> /dev/null || true
+    RUNS_PID=""
+    return 124
+  fi
+  local status=0
+  wait "$RUNS_PID" || status=$?
   RUNS_PID=""
+  return "$status"
+}
+failed() {
+  tail -n 40 "$OUT_DIR/compare.log"
+  echo "gpu-compare: $*"
+  exit 1
+}
+
+say "finetune compare: rewards $REWARDS, seeds $SEEDS ($JOBS runs in parallel), up to $STEPS steps or ${BUDGET_S}s"
+status=0
+bounded "$BUDGET_S" --steps "$STEPS" || status=$?
+if ((status == 124)); then
+  say "budget reached: stopped the runs"
   # The last step every run checkpointed.
   DONE=$("$PY" -c "import sys
 from pathlib import Path
@@ -103,12 +125,14 @@ from finetune import run_dir as rd
 from finetune.compare import run_name
 runs = [Path(sys.argv[1]) / run_name(r, int(s)) for r in sys.argv[2].split(',') for s in sys.argv[3].split(',')]
 print(min((rd.latest_checkpoint(r) or (0,))[0] for r in runs))" "$OUT_DIR" "$REWARDS" "$SEEDS")
-  ((DONE >= 2)) || { tail -n 40 "$OUT_DIR/compare.log"; echo "no common checkpoint"; exit 1; }
-  say "reporting every run at step $DONE"
-  compare --steps "$DONE" >> "$OUT_DIR/compare.log" 2>&1
+  ((DONE >= 2)) || failed "no step that every run checkpointed (a run did not reach step $EVERY)"
+  say "reporting every run at step $DONE (at most ${REPORT_BUDGET_S:-240}s)"
+  status=0
+  bounded "${REPORT_BUDGET_S:-240}" --steps "$DONE" || status=$?
+  ((status == 0)) || failed "the report at step $DONE failed or ran out of time (status $status)"
+elif ((status != 0)); then
+  failed "compare failed (status $status)"
 else
-  wait "$RUNS_PID" || { tail -n 40 "$OUT_DIR/compare.log"; exit 1; }
-  RUNS_PID=""
   DONE=$STEPS
 fi
 echo "$DONE" > "$OUT_DIR/steps.txt"

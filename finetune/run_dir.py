@@ -33,17 +33,21 @@ def checkpoint_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step_{step:04d}"
 
 
-def latest_checkpoint(run: Path) -> tuple[int, Path] | None:
+def _complete_checkpoints(run: Path) -> list[Path]:
+    """Checkpoint directories in step order; a `.tmp` one (a save cut short) is not one."""
     found = sorted((run / "checkpoints").glob("step_*")) if (run / "checkpoints").is_dir() else []
-    done = [p for p in found if (p / "trainer_state.json").is_file()]
+    return [p for p in found if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()]
+
+
+def latest_checkpoint(run: Path) -> tuple[int, Path] | None:
+    done = _complete_checkpoints(run)
     return (int(done[-1].name.split("_")[1]), done[-1]) if done else None
 
 
 def prune_checkpoints(run: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints (a resume needs only the latest);
     returns what was removed."""
-    found = sorted((run / "checkpoints").glob("step_*")) if (run / "checkpoints").is_dir() else []
-    done = [p for p in found if (p / "trainer_state.json").is_file()]
+    done = _complete_checkpoints(run)
     removed = done[: max(0, len(done) - max(1, keep))]
     for path in removed:
         shutil.rmtree(path)

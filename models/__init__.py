@@ -5,7 +5,10 @@
 - `shapes-clip-head/`: its learned reward head (Lee et al.), `reward-service train-head`;
 - `shapes-clip-b/`: a second, different CLIP (another image tower, training seed and caption
   noise; the same tokenizer), the other member of the two-model ensemble,
-  reproduced by `reward-service train-clip --member shapes-clip-b --out models/shapes-clip-b`.
+  reproduced by `reward-service train-clip --member shapes-clip-b --out models/shapes-clip-b`;
+- `shapes-clip-calibration.json`: TextNorm's c and λ for shapes-clip per prompt kind and benchmark
+  category, chosen on the validation seed (`reward-service calibrate --out ...`); the export
+  bundles it, so it is the served default.
 """
 
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "shapes-clip"
 SHIPPED_HEAD_DIR = Path(__file__).resolve().parent / "shapes-clip-head"
 SHIPPED_MEMBER_DIR = Path(__file__).resolve().parent / "shapes-clip-b"
+SHIPPED_CALIBRATION_FILE = Path(__file__).resolve().parent / "shapes-clip-calibration.json"
 
 
 def resolve_shipped(name_or_path: str) -> str:

@@ -182,8 +182,8 @@ def serve_cmd(
     settings = _settings(
         model=model, repository=str(repository) if repository else None, host=host, port=port
     )
-    if model:  # the shipped head belongs to the shipped model only
-        settings = settings.model_copy(update={"head": None})
+    if model:  # the shipped head and calibration belong to the shipped model only
+        settings = settings.model_copy(update={"head": None, "calibration": None})
     _logging()
     serve(settings)
 
@@ -218,7 +218,8 @@ def gateway_cmd(
         ),
     ] = False,
 ) -> None:
-    """Serve the REST API against a running Triton (torch-free; Triton is not started here)."""
+    """Serve the REST API against a running Triton (torch-free; Triton is not started here), or
+    with --onnx over the export's ONNX files in this process."""
     from service.launcher import run_gateway
 
     settings = _settings(

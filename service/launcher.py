@@ -44,6 +44,7 @@ def repository_dir(settings: Settings) -> Path:
         [
             settings.model,
             settings.head,
+            settings.calibration,
             *settings.members,
             settings.max_batch,
             settings.textnorm_scale,
@@ -107,6 +108,7 @@ def ensure_repository(settings: Settings) -> Path:
         str(settings.triton_instances),
     ]
     cmd += ["--head", settings.head] if settings.head else ["--no-head"]
+    cmd += ["--calibration", settings.calibration] if settings.calibration else ["--no-calibration"]
     for member in settings.members:
         cmd += ["--member", member]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -263,10 +265,16 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str | None, *, requ
     is not up yet only delays readiness."""
     from service.gateway.app import create_app
     from service.gateway.provenance import load_provenance
+    from service.model_contract import CALIBRATION_FILE
 
     provenance = load_provenance(repo)
     if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
         settings = settings.model_copy(update={"tokenizer_file": str(repo / "tokenizer.json")})
+    if not settings.textnorm_calibration_file and (repo / CALIBRATION_FILE).is_file():
+        # the export's bundled calibration is the default; the setting overrides it
+        settings = settings.model_copy(
+            update={"textnorm_calibration_file": str(repo / CALIBRATION_FILE)}
+        )
     if triton_url is None:
         backends = _onnx_backends(settings, repo, provenance)
     else:
@@ -314,6 +322,8 @@ def _onnx_backends(settings: Settings, repo: Path, provenance: dict):
     """One in-process ONNX Runtime backend per model of the export (CPU; no Triton)."""
     from service.gateway.onnx_backend import OnnxBackend
 
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ValueError("--onnx runs the models in this process: pip install onnxruntime")
     members = len(provenance.get("members") or [])
     threads = settings.onnx_backend_threads
     return [OnnxBackend(repo, intra_op_threads=threads, member=k) for k in range(members + 1)]

@@ -19,6 +19,9 @@ EXPORT_HASH_PARAMETER = "export_sha256"
 # ... and every model of an export has one version, a number derived from that hash, so a
 # request for (model, version) reaches only that export: a Triton pod serving another one
 # answers "unknown version" instead of a reward (the gateway asks for the version every call).
+# The TextNorm calibration an export may bundle (`export --calibration`): the c/λ the gateway
+# serving the repository uses by default, inside the export hash.
+CALIBRATION_FILE = "calibration.json"
 BUILD_VERSION = "1"  # the version folder while an export is written, before its hash exists
 
 

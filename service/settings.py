@@ -9,12 +9,19 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models import SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR
+from models import SHIPPED_CALIBRATION_FILE, SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR
 
 # Caches live outside the package (a non-editable install's site-packages is not ours to write).
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "textnorm-reward"
 
-__all__ = ["CACHE_DIR", "SHIPPED_HEAD_DIR", "SHIPPED_MODEL_DIR", "Settings", "get_settings"]
+__all__ = [
+    "CACHE_DIR",
+    "SHIPPED_CALIBRATION_FILE",
+    "SHIPPED_HEAD_DIR",
+    "SHIPPED_MODEL_DIR",
+    "Settings",
+    "get_settings",
+]
 
 
 class Settings(BaseSettings):
@@ -44,11 +51,17 @@ class Settings(BaseSettings):
         description="validation seed of `reward-service calibrate` (never the held-out "
         "benchmark_seed)",
     )
+    calibration: str | None = Field(
+        default=str(SHIPPED_CALIBRATION_FILE),
+        description="calibration JSON (`reward-service calibrate`) the export bundles into the "
+        "repository, in its hash: the served default c (and λ) per prompt kind. Applies with "
+        "the shipped model only unless given with the model; None: the model's c",
+    )
     textnorm_calibration_file: str | None = Field(
         default=None,
         description="calibration JSON written by `reward-service calibrate`: the gateway uses a "
         "prompt set's or a prompt kind's calibrated c (and λ) unless the request sets them "
-        "(None: the model's defaults)",
+        "(None: the one the export bundles, if any, else the model's defaults)",
     )
 
     # -- serving (service/launcher.py): where things listen and what Triton loads ---------------

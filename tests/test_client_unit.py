@@ -710,7 +710,9 @@ def test_a_service_error_crosses_process_boundaries_as_itself():
 
     body = {"error": {"code": "too_many_items", "message": "65 items", "field": "items"}}
     error = RewardServiceError(422, body, request_id="r-1", attempts=3)
+    error.last_error = "HTTP 503: busy"  # set after construction (deadline errors do)
     again = pickle.loads(pickle.dumps(error))
+    assert again.last_error == "HTTP 503: busy"
     assert type(again) is RewardServiceError and str(again) == str(error)
     assert (again.status, again.body, again.request_id, again.attempts, again.code) == (
         422, body, "r-1", 3, "too_many_items",

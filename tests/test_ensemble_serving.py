@@ -281,7 +281,8 @@ def test_serve_with_a_member_answers_as_the_in_process_gateway(
     tmp = tmp_path_factory.mktemp("serve-ensemble")
     members = json.dumps([str(member_dir)])
     with (
-        serve_stack(tmp, tmp / "repositories", head="", members=members) as stack,
+        # no head and no calibration: the export the in-process gateway serves
+        serve_stack(tmp, tmp / "repositories", head="", calibration="", members=members) as stack,
         httpx.Client(base_url=stack.url, headers=AUTH, trust_env=False, timeout=60) as client,
     ):
         assert client.get("/readyz").status_code == 200

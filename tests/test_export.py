@@ -207,6 +207,17 @@ def test_batches_of_max_batch_match_single_items(repo):
         (["--model", "/nonexistent/clip"], "model directory not found"),
         (["--target", "tpu"], "--target must be cpu or gpu"),
         (["--precision", "fp16"], "--precision fp16 needs --target gpu"),
+        # the shipped calibration belongs to the shipped model, not to the second one
+        (
+            [
+                "--model",
+                "models/shapes-clip-b",
+                "--calibration",
+                "models/shapes-clip-calibration.json",
+            ],
+            "calibrated for checkpoint",
+        ),
+        (["--calibration", "/nonexistent/calibration.json"], "cannot read the calibration file"),
     ],
 )
 def test_cli_export_bad_input_is_one_line(tmp_path, args, message):

@@ -282,7 +282,7 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "budget reached: stopping the runs" in res.stdout
+    assert "budget reached: stopped the runs" in res.stdout
     done = int((out / "steps.txt").read_text())
     assert 2 <= done < 60
     with (out / "fixed_set.csv").open() as f:

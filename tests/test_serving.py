@@ -361,6 +361,32 @@ def test_rest_rewards_equal_pytorch_reference(client, defaults):
     assert all(diff <= 1e-4 for diff in worst.values()), worst
 
 
+def test_the_default_export_bundles_the_shipped_calibration(client, stack):
+    """`make serve` serves the calibrated c: the export carries the shipped calibration inside
+    its hash, and the gateway scores a rule-built set at its prompt kind's calibrated c."""
+    import hashlib
+
+    from service.settings import SHIPPED_CALIBRATION_FILE
+
+    shipped = SHIPPED_CALIBRATION_FILE.read_bytes()
+    sha = hashlib.sha256(shipped).hexdigest()
+    assert (stack.repository / "calibration.json").read_bytes() == shipped
+    provenance = json.loads((stack.repository / "provenance.json").read_text())
+    assert provenance["textnorm_calibration"] == {"file": "calibration.json", "sha256": sha}
+    assert provenance["artifacts"]["calibration.json"] == sha
+    calibrated = json.loads(shipped)["prompt_kinds"]["single_object"]
+    scene = Scene((Group(3, "red", "triangle"),), "grass")
+    item = {"image": b64(world_image(scene, 5, 64)), "prompt": describe(Caption.of(scene))}
+    response = client.post("/v1/score", json={"items": [item]})
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["textnorm_scale_source"] == "calibrated"
+    assert (result["textnorm_scale"], result["ensemble_lambda"]) == (
+        calibrated["scale"], calibrated["ensemble_lambda"],
+    )  # fmt: skip
+    assert response.json()["provenance"]["textnorm"]["calibration_sha256"] == sha
+
+
 # -- 2. TextNorm ranks the true prompt first ------------------------------------------------------
 def test_true_prompt_textnorm_beats_one_attribute_off_prompts(client):
     rng = np.random.default_rng(7)

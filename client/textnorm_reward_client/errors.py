@@ -40,7 +40,8 @@ class RewardServiceError(RuntimeError):
     def __reduce__(self) -> tuple:
         # Rebuilt from the constructor's arguments, so the error crosses process boundaries
         # (multiprocessing, concurrent.futures) as itself instead of breaking the pool.
-        return (_rebuild, (type(self), self.status, self.body, self.request_id, self.attempts))
+        args = (type(self), self.status, self.body, self.request_id, self.attempts)
+        return (_rebuild, args, self.__dict__)  # state: attributes set later (last_error)
 
 
 def _rebuild(
