@@ -157,10 +157,17 @@ def eval_cmd(
         images_per_prompt=images_per_prompt,
     )
     scale = settings.textnorm_scale if textnorm_scale is None else textnorm_scale
-    # What a served export uses: the gateway's setting, else the calibration `export` bundles.
-    bundled = settings.calibration if model is None else None
-    calibration_file = calibration or settings.textnorm_calibration_file or bundled
-    calib = None if no_calibration else _read_calibration(calibration_file, checkpoint_hash(source))
+    # What a served export uses: the gateway's setting, else the calibration `export` bundles
+    # (the shipped one fits the shipped model only). --textnorm-scale asks for one c everywhere.
+    if calibration is not None and (no_calibration or textnorm_scale is not None):
+        raise ValueError("--calibration does not combine with --no-calibration or --textnorm-scale")
+    calib = None
+    if not no_calibration and textnorm_scale is None:
+        calib = _bundled_or_given(
+            calibration or settings.textnorm_calibration_file or settings.calibration,
+            checkpoint_hash(source),
+            explicit=bool(calibration or settings.textnorm_calibration_file),
+        )
     images = encode_benchmark_images(bundle, bench)
     scored = score_benchmark(bundle, bench, reward_head, images=images)
     report = category_rows(scored, scale, settings.ensemble_lambda, calib)
@@ -210,6 +217,21 @@ def eval_cmd(
             "served default vs --via, max |difference| over every image: "
             + ", ".join(f"{k} {v:.2e}" for k, v in differences.items())
         )
+
+
+def _bundled_or_given(path: Path | str | None, checkpoint_sha256: str, explicit: bool):
+    """An explicitly given calibration (refused if it does not fit the checkpoint), or the
+    configured default, which the export bundles only where it fits (export/repository.py)."""
+    from export.repository import is_shipped_calibration
+
+    if not path:
+        return None
+    try:
+        return _read_calibration(path, checkpoint_sha256)
+    except ValueError:
+        if explicit or not is_shipped_calibration(path):
+            raise
+        return None
 
 
 def _read_calibration(path: Path | str | None, checkpoint_sha256: str):

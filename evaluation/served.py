@@ -3,11 +3,12 @@
 The per-category rows of `evaluate` give each benchmark category its own contrastive rule; the
 gateway serves one rule, ``auto`` (binding sets for "<NP1> and <NP2>" prompts, counting plus
 attribute swaps otherwise), cut to the gateway's `max_contrastive_prompts`, with prompts the
-tokenizer cannot tell apart dropped, at the model's default scale c — or, when
-`textnorm_calibration_file` is set, at the calibrated c the gateway would use
-(`service.gateway.calibration`). :func:`served_scores` computes exactly those fields offline;
-:func:`score_via` asks a running service over REST (`textnorm_reward_client.RewardClient`) for
-the same images and prompts, so the two paths can be compared value by value.
+tokenizer cannot tell apart dropped, at the calibrated c the gateway uses — the calibration the
+export bundles (the shipped one with the shipped model) or `textnorm_calibration_file` — or at
+the model's c without one (`service.gateway.calibration`). :func:`served_scores` computes
+exactly those fields offline; :func:`score_via` asks a running service over REST
+(`textnorm_reward_client.RewardClient`) for the same images and prompts, so the two paths can be
+compared value by value.
 """
 
 from __future__ import annotations

@@ -94,12 +94,17 @@ def export_cmd(
     ] = None,
 ) -> None:
     """Export a CLIP checkpoint (+ head) to ONNX/TensorRT as a Triton model repository."""
-    from export.repository import ExportOptions, export_repository
+    from export.repository import ExportOptions, export_repository, is_shipped_calibration
     from models import resolve_shipped
 
     settings = get_settings()
     head_dir = None if no_head else head or (settings.head if model is None else None)
-    if calibration is None and not no_calibration and model is None and settings.calibration:
+    if calibration is not None and no_calibration:
+        raise ValueError("give --calibration FILE or --no-calibration, not both")
+    # An explicit file must fit the checkpoint; the shipped default applies only to the
+    # checkpoint it was calibrated for, exported alone (it was chosen for one model's TextNorm).
+    only_if_fitting = calibration is None and is_shipped_calibration(settings.calibration)
+    if calibration is None and not no_calibration and settings.calibration:
         calibration = Path(settings.calibration)
     options = ExportOptions(
         target=target,
@@ -118,6 +123,7 @@ def export_cmd(
         options,
         members=[resolve_shipped(m) for m in (settings.members if member is None else member)],
         calibration=None if no_calibration else calibration,
+        calibration_only_if_fitting=only_if_fitting,
     )
     state = "exported" if changed else "up to date (cache key unchanged)"
     print(f"{out}: {state}; {len(prov['artifacts'])} artifacts, cache key {prov['cache_key'][:16]}")

@@ -437,6 +437,7 @@ def export_repository(
     progress: Progress | None = None,
     members: Sequence[str] = (),
     calibration: Path | None = None,
+    calibration_only_if_fitting: bool = False,
 ) -> tuple[dict, bool]:
     """Export and return (provenance, changed). `changed` is False for a cache hit.
 
@@ -444,7 +445,9 @@ def export_repository(
     multi-model ensemble (`contract.member_model` names; no learned head; same tokenizer).
     `calibration`: a TextNorm calibration JSON (`reward-service calibrate`, for this
     checkpoint) copied into the repository as `calibration.json`, inside the export hash: the
-    gateway serving the repository uses it as its default c/λ per prompt kind.
+    gateway serving the repository uses it as its default c/λ per prompt kind (provenance
+    `textnorm_calibration` carries the document too). `calibration_only_if_fitting`: skip it,
+    instead of refusing, when it was calibrated for another checkpoint or members are given.
 
     `--target gpu` writes ONNX files, configs and `engines.json`; TensorRT engines are built
     where they run, by `build_engines` (`reward-service build-engines`) on the GPU node."""
@@ -468,11 +471,10 @@ def export_repository(
                 f"member {member} is the same checkpoint as the model or another member: an "
                 "ensemble needs different models"
             )
-    calibration_sha = None
-    if calibration is not None:
-        from service.gateway.calibration import load_calibration
-
-        calibration_sha = load_calibration(calibration, checkpoint_sha).sha256  # one-line errors
+    calibration_bytes = _calibration_bytes(
+        calibration, checkpoint_sha, skip_unfitting=calibration_only_if_fitting, members=members
+    )
+    calibration_sha = hashlib.sha256(calibration_bytes).hexdigest() if calibration_bytes else None
     key = cache_key(checkpoint_sha, head_sha, options, member_shas, calibration_sha)
     if is_up_to_date(out, key):
         return read_provenance(out), False
@@ -502,8 +504,8 @@ def export_repository(
                 configs |= _write_member(
                     root, member, member_head, index, batching, options, engines, progress
                 )
-        if calibration is not None:
-            shutil.copyfile(calibration, root / contract.CALIBRATION_FILE)
+        if calibration_bytes:
+            (root / contract.CALIBRATION_FILE).write_bytes(calibration_bytes)  # what was checked
         score_spec = contract.score(dim, head is not None)
         configs |= _write_score_model(root, score_spec, batching, bundle.tokenizer.eos_token_id)
         if engines:
@@ -519,8 +521,12 @@ def export_repository(
         provenance |= {
             "members": _member_provenance(members, member_shas, member_bundles),
             "textnorm_calibration": None
-            if calibration is None
-            else {"file": contract.CALIBRATION_FILE, "sha256": calibration_sha},
+            if calibration_bytes is None
+            else {
+                "file": contract.CALIBRATION_FILE,
+                "sha256": calibration_sha,
+                "document": json.loads(calibration_bytes),
+            },
             "export_sha256": export_sha,
             "model_version": version,
             "models": models,
@@ -531,6 +537,33 @@ def export_repository(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return provenance, True
+
+
+def is_shipped_calibration(path: str | Path | None) -> bool:
+    from models import SHIPPED_CALIBRATION_FILE
+
+    return bool(path) and Path(path).resolve() == SHIPPED_CALIBRATION_FILE.resolve()
+
+
+def _calibration_bytes(
+    path: Path | None, checkpoint_sha: str, *, skip_unfitting: bool, members: Sequence[str]
+) -> bytes | None:
+    """The calibration file's bytes, checked (format, checkpoint) once: what the export
+    writes and hashes. None without one, or when `skip_unfitting` and it does not fit."""
+    if path is None or (skip_unfitting and members):
+        return None
+    from service.gateway.calibration import load_calibration
+
+    data = Path(path).read_bytes() if Path(path).is_file() else None
+    try:
+        calibration = load_calibration(path, checkpoint_sha)  # one-line errors
+    except ValueError:
+        if skip_unfitting:
+            return None
+        raise
+    if data is None or calibration.sha256 != hashlib.sha256(data).hexdigest():
+        raise ValueError(f"{path}: changed while it was being read")
+    return data
 
 
 def _replace(out: Path, new: Path) -> None:

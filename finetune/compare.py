@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,15 +74,21 @@ def compare(
 
         threads = torch.get_num_threads()
         spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
-            futures = {
-                pool.submit(_train, cfg, run, api_key, threads): run.name for cfg, run in runs
+        # A Pool, not a ProcessPoolExecutor: leaving the `with` block terminates the workers,
+        # so the first failed run stops every other at once (no silent partial comparison).
+        with spawn.Pool(jobs) as pool:
+            pending = {
+                pool.apply_async(_train, (cfg, run, api_key, threads)): run.name
+                for cfg, run in runs
             }
-            for future in as_completed(futures):
-                if future.exception() is not None:  # stop the rest: no silent partial result
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise RuntimeError(f"run {futures[future]} failed") from future.exception()
-                print(f"{futures[future]}: step {future.result()}", flush=True)
+            while pending:
+                for result in [r for r in pending if r.ready()]:
+                    name = pending.pop(result)
+                    try:
+                        print(f"{name}: step {result.get()}", flush=True)
+                    except Exception as exc:
+                        raise RuntimeError(f"run {name} failed: {exc}") from exc
+                time.sleep(0.2)
     else:
         for cfg, run in runs:
             run_finetune(cfg, run, api_key)

@@ -17,7 +17,8 @@
 # Environment (defaults): PYTHON (python3), DEVICE (cuda), REWARDS (raw,textnorm), SEEDS
 # (0,1,2), STEPS (400), BUDGET_S (300), REPORT_BUDGET_S (240), CHECKPOINT_EVERY (10), PROMPTS
 # (48), SAMPLE_BATCH (64), BATCHES (4), TRAIN_BATCH (64), JUDGE_PROMPTS (48), JUDGE_PER_PROMPT
-# (16), REWARD_URL, REPO. Run it from the repository root (or with the project installed).
+# (16), REWARD_URL, REPO, EXPORT_ARGS (--no-calibration). Run it from the repository root (or
+# with the project installed).
 set -euo pipefail
 set -m # each background job its own process group: stopping one stops all its processes
 
@@ -50,7 +51,9 @@ if [[ -z $URL ]]; then
   REPO=${REPO:-$OUT_DIR/repo}
   if [[ ! -f $REPO/provenance.json ]]; then
     say "exporting the shipped model into $REPO"
-    "$PY" -m service.cli export --out "$REPO"
+    # the model's c, as the README's H200 runs had (EXPORT_ARGS= to serve the calibrated c)
+    read -ra export_args <<< "${EXPORT_ARGS---no-calibration}"
+    "$PY" -m service.cli export --out "$REPO" "${export_args[@]}"
   fi
   PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
   URL=http://127.0.0.1:$PORT

@@ -182,8 +182,9 @@ def serve_cmd(
     settings = _settings(
         model=model, repository=str(repository) if repository else None, host=host, port=port
     )
-    if model:  # the shipped head and calibration belong to the shipped model only
-        settings = settings.model_copy(update={"head": None, "calibration": None})
+    if model:  # the shipped head belongs to the shipped model only (the shipped calibration
+        # is skipped by the export for any other checkpoint)
+        settings = settings.model_copy(update={"head": None})
     _logging()
     serve(settings)
 

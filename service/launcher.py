@@ -108,7 +108,9 @@ def ensure_repository(settings: Settings) -> Path:
         str(settings.triton_instances),
     ]
     cmd += ["--head", settings.head] if settings.head else ["--no-head"]
-    cmd += ["--calibration", settings.calibration] if settings.calibration else ["--no-calibration"]
+    if not settings.calibration:
+        cmd.append("--no-calibration")  # else export reads the setting (the shipped default
+        # applies to the checkpoint it was calibrated for only)
     for member in settings.members:
         cmd += ["--member", member]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -265,16 +267,10 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str | None, *, requ
     is not up yet only delays readiness."""
     from service.gateway.app import create_app
     from service.gateway.provenance import load_provenance
-    from service.model_contract import CALIBRATION_FILE
 
     provenance = load_provenance(repo)
     if not settings.tokenizer_file and (repo / "tokenizer.json").is_file():
         settings = settings.model_copy(update={"tokenizer_file": str(repo / "tokenizer.json")})
-    if not settings.textnorm_calibration_file and (repo / CALIBRATION_FILE).is_file():
-        # the export's bundled calibration is the default; the setting overrides it
-        settings = settings.model_copy(
-            update={"textnorm_calibration_file": str(repo / CALIBRATION_FILE)}
-        )
     if triton_url is None:
         backends = _onnx_backends(settings, repo, provenance)
     else:

@@ -130,6 +130,30 @@ def test_load_refuses_another_checkpoint_and_bad_json(tmp_path):
         load_calibration(tmp_path / "missing.json")
 
 
+def test_the_gateway_takes_the_calibration_the_export_bundles_unless_a_file_is_set(tmp_path):
+    import hashlib
+
+    from service.gateway.calibration import gateway_calibration
+
+    document = _doc(single_object={"scale": 10.0, "ensemble_lambda": 2.0})
+    raw = json.dumps(document).encode()
+    bundled = {"file": "calibration.json", "sha256": hashlib.sha256(raw).hexdigest()}
+    provenance = {"textnorm_calibration": {**bundled, "document": document}}
+    got = gateway_calibration(None, "abc", provenance)
+    assert got.sha256 == bundled["sha256"] and got.prompt_kinds["single_object"].scale == 10.0
+    assert gateway_calibration(None, "abc", {"textnorm_calibration": None}) is None
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_doc(single_object={"scale": 1.0, "ensemble_lambda": 0.0})))
+    assert (
+        gateway_calibration(str(other), "abc", provenance).prompt_kinds["single_object"].scale
+        == 1.0
+    )  # the setting overrides the bundled one
+    with pytest.raises(ValueError, match="bundled calibration is for another checkpoint"):
+        gateway_calibration(None, "def", provenance)
+    with pytest.raises(ValueError, match="unusable textnorm_calibration"):
+        gateway_calibration(None, "abc", {"textnorm_calibration": {"sha256": "x"}})
+
+
 # -- the command ----------------------------------------------------------------------------------
 SMALL = ["--prompts-per-category", "2", "--images-per-prompt", "16", "--seed", "4242"]
 

@@ -120,6 +120,7 @@ def in_process(ensemble_repo, provenance) -> dict:
 # -- export ----------------------------------------------------------------------------------------
 def test_export_writes_each_member_as_its_own_models(ensemble_repo, provenance, member_dir):
     (member,) = provenance["members"]
+    assert provenance["textnorm_calibration"] is None  # the shipped one is for one model alone
     assert member["checkpoint_sha256"] == checkpoint_hash(member_dir)
     assert member["checkpoint_sha256"] != provenance["model"]["checkpoint_sha256"]
     assert member["image_size"] == 48 and provenance["model"]["image_size"] == 64
@@ -281,8 +282,8 @@ def test_serve_with_a_member_answers_as_the_in_process_gateway(
     tmp = tmp_path_factory.mktemp("serve-ensemble")
     members = json.dumps([str(member_dir)])
     with (
-        # no head and no calibration: the export the in-process gateway serves
-        serve_stack(tmp, tmp / "repositories", head="", calibration="", members=members) as stack,
+        # no head; no calibration either: the shipped one is for the first model alone
+        serve_stack(tmp, tmp / "repositories", head="", members=members) as stack,
         httpx.Client(base_url=stack.url, headers=AUTH, trust_env=False, timeout=60) as client,
     ):
         assert client.get("/readyz").status_code == 200

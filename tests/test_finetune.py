@@ -28,6 +28,7 @@ from finetune.world_data import (  # noqa: E402
     SHIPPED_JUDGE_DIR,
     rendered_set,
 )
+from service.triton_server import free_ports  # noqa: E402
 from tests.test_serving import API_KEY, stack  # noqa: E402,F401  (the real-stack fixture)
 
 ACP = noise_scheduler().alphas_cumprod
@@ -260,6 +261,22 @@ def test_compare_trains_runs_in_parallel_and_judges_them_at_equal_steps(stack, t
     summary = (out / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == ["raw", "textnorm"]
     assert (out / "compare.png").is_file() and (out / "grids" / "raw_seed5_step_0002.png").is_file()
+
+
+def test_compare_names_the_run_that_failed_and_stops(tmp_path) -> None:
+    """A run whose service is unreachable fails in its worker process: compare raises naming it
+    (with the client's error across the process boundary) and writes no summary."""
+    from textnorm_reward_client import RewardServiceError
+
+    from finetune.compare import compare
+
+    port = free_ports(1)[0]  # nothing listens there
+    cfg = _tiny("ddpo", "raw", f"http://127.0.0.1:{port}", steps=2)
+    with pytest.raises(RuntimeError, match=r"run (raw|textnorm)_seed5 failed") as failed:
+        compare(cfg, ["raw", "textnorm"], [5], tmp_path / "out", API_KEY, jobs=2)
+    cause = failed.value.__cause__
+    assert isinstance(cause, RewardServiceError) and cause.code == "unreachable", cause
+    assert not (tmp_path / "out" / "summary.csv").exists()
 
 
 def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step(tmp_path) -> None:

@@ -372,8 +372,12 @@ def test_the_default_export_bundles_the_shipped_calibration(client, stack):
     sha = hashlib.sha256(shipped).hexdigest()
     assert (stack.repository / "calibration.json").read_bytes() == shipped
     provenance = json.loads((stack.repository / "provenance.json").read_text())
-    assert provenance["textnorm_calibration"] == {"file": "calibration.json", "sha256": sha}
+    bundled = provenance["textnorm_calibration"]
+    assert (bundled["file"], bundled["sha256"]) == ("calibration.json", sha)
+    assert bundled["document"] == json.loads(shipped)  # a gateway with provenance.json alone
     assert provenance["artifacts"]["calibration.json"] == sha
+    card = client.get("/v1/models").json()["models"][0]
+    assert card["textnorm_calibration_sha256"] == sha
     calibrated = json.loads(shipped)["prompt_kinds"]["single_object"]
     scene = Scene((Group(3, "red", "triangle"),), "grass")
     item = {"image": b64(world_image(scene, 5, 64)), "prompt": describe(Caption.of(scene))}

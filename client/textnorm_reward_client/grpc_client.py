@@ -2,7 +2,9 @@
 
 For trainers on the same cluster as Triton (the `grpc` extra: tritonclient, numpy, tokenizers).
 Images go as uint8 tensors (no PNG, no base64); prompts are tokenised here with the export's
-`tokenizer.json` (the same `ClipTokenizer` the gateway uses), so the rewards are the gateway's.
+`tokenizer.json` (the same `ClipTokenizer` the gateway uses), so the rewards are the gateway's
+for the same prompt set and c (TextNorm's c here is the model's or the one you pass: the
+gateway's calibrated c per prompt kind is not applied on this path).
 It reads the export's `provenance.json` (the repository folder, or just those two files): every
 call names the export's model version, so a Triton that serves another export refuses instead
 of answering, and TextNorm's defaults are the export's. Unlike the gateway it builds no

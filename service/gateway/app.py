@@ -249,7 +249,9 @@ def create_app(
         truncate_long_prompts=settings.truncate_long_prompts,
         vocabulary=_vocabulary(settings),
         token_bucket=settings.text_token_bucket,
-        calibration=gateway_calibration(settings.textnorm_calibration_file, info.checkpoint_sha256),
+        calibration=gateway_calibration(
+            settings.textnorm_calibration_file, info.checkpoint_sha256, provenance
+        ),
         members=scoring_members,
     )
     state = GatewayState(

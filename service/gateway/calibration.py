@@ -141,9 +141,24 @@ def summarise_sources(sources: Iterable[str | None]) -> str | None:
     return found.pop() if len(found) == 1 else "mixed"
 
 
-def gateway_calibration(path: str | None, checkpoint_sha256: str) -> Calibration | None:
-    """The gateway's calibration (`textnorm_calibration_file`), or None when none is set."""
-    return None if path is None else load_calibration(path, checkpoint_sha256)
+def gateway_calibration(
+    path: str | None, checkpoint_sha256: str, provenance: Mapping[str, Any] | None = None
+) -> Calibration | None:
+    """The gateway's calibration: `textnorm_calibration_file` if set, else the one the export
+    bundles (provenance `textnorm_calibration`: the document and its sha256, so a gateway with
+    only provenance.json and tokenizer.json serves it too), else None."""
+    if path:
+        return load_calibration(path, checkpoint_sha256)
+    bundled = (provenance or {}).get("textnorm_calibration")
+    if not bundled:
+        return None
+    try:
+        calibration = parse_calibration(bundled["document"], bundled["sha256"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"provenance.json: unusable textnorm_calibration ({exc})") from None
+    if calibration.checkpoint_sha256 not in (None, checkpoint_sha256):
+        raise ValueError("provenance.json: the bundled calibration is for another checkpoint")
+    return calibration
 
 
 def with_scale_sources(provenance: Any, results: Iterable[Any], calibration: Calibration | None):

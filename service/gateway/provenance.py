@@ -205,6 +205,7 @@ class ProvenanceInfo:
                 "ensemble_lambda": self.default_lambda,
                 "max_prompts": self.max_prompts,
             },
+            textnorm_calibration_sha256=(self.data.get("textnorm_calibration") or {}).get("sha256"),
             max_batch=self.max_batch,
             cache_key=self.cache_key,
             members=self.all_models,

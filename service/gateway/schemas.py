@@ -325,6 +325,11 @@ class ModelCard(BaseModel):
     image_size: int | None
     rewards: list[str]
     textnorm_defaults: dict[str, Any]
+    textnorm_calibration_sha256: str | None = Field(
+        default=None,
+        description="sha256 of the TextNorm calibration the export bundles (its served default "
+        "c/λ per prompt kind; each response's provenance names the one actually used)",
+    )
     max_batch: int | None
     cache_key: str
     members: list[ModelInfo] | None = None
