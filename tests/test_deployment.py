@@ -498,3 +498,76 @@ def test_grpc_client_gives_the_gateway_rewards_in_item_order(triton_server, trit
     ):
         client.score(images, PROMPT, CONTRASTIVE)
     assert refused.value.status == 503 and refused.value.error["code"] == "model_mismatch"
+
+
+def test_grpc_client_picks_c_and_lambda_as_the_gateway_does(triton_server, triton_repo, tmp_path):
+    """With a calibration bundled in the export that knows one explicit set by hash, that set
+    gets its calibrated c and λ on both paths, another set the export's defaults, and a
+    request's c wins; every item names the same set sha256, c, λ and source on both paths."""
+    import hashlib
+
+    from fastapi.testclient import TestClient
+    from textnorm_reward_client import GrpcRewardClient
+    from textnorm_reward_client.prompt_identity import contrastive_set_sha256
+
+    from service.gateway.app import create_app
+    from service.gateway.calibration import calibration_document
+    from service.gateway.onnx_backend import OnnxBackend
+    from service.settings import Settings
+
+    provenance = load_provenance(triton_repo)
+    document = calibration_document(
+        checkpoint_sha256=provenance["model"]["checkpoint_sha256"],
+        validation_seed=12345,
+        grid={},
+        categories={},
+        prompt_kinds={},
+        prompt_sets={
+            contrastive_set_sha256(PROMPT, CONTRASTIVE): {"scale": 20.0, "ensemble_lambda": 0.25}
+        },
+    )
+    raw = json.dumps(document).encode()
+    bundled = {"file": "calibration.json", "sha256": hashlib.sha256(raw).hexdigest()}
+    provenance = {**provenance, "textnorm_calibration": {**bundled, "document": document}}
+    export = tmp_path / "calibrated-export"  # what a gRPC trainer is given: two files
+    export.mkdir()
+    shutil.copyfile(triton_repo / "tokenizer.json", export / "tokenizer.json")
+    (export / "provenance.json").write_text(json.dumps(provenance))
+
+    rendered = [render(Scene((Group(n, "red", "triangle"),), "grass"), n, 64).image for n in (2, 3)]
+    images = [np.asarray(image.convert("RGB")) for image in rendered]
+    encoded = [base64.b64encode(_encoded(image)).decode() for image in rendered]
+    requests = [  # (contrastive, request's textnorm options beyond the set)
+        (CONTRASTIVE, {}),  # calibrated by hash: c = 20, λ = 0.25
+        (CONTRASTIVE[:1], {}),  # unknown set: the export's defaults
+        (CONTRASTIVE, {"scale": 3.0}),  # the request's c, the set's calibrated λ
+    ]
+    settings = Settings(tokenizer_file=str(triton_repo / "tokenizer.json"))
+    app = create_app(settings, OnnxBackend(triton_repo, intra_op_threads=1), provenance)
+    fields = ("textnorm_scale", "ensemble_lambda", "textnorm_scale_source", "contrastive_sha256")
+    with (
+        TestClient(app) as gateway,
+        GrpcRewardClient(triton_server.grpc_url, export, timeout_s=10) as client,
+    ):
+        textnorms = []
+        for contrastive, options in requests:
+            items = [{"image": e, "prompt": PROMPT} for e in encoded]
+            body = {"items": items, "textnorm": {"contrastive": contrastive, **options}}
+            expected = gateway.post("/v1/score", json=body).json()["results"]
+            got = client.score(images, PROMPT, textnorm={"contrastive": contrastive, **options})
+            for name in ("textnorm", "textnorm_head", "ensemble_uw"):  # those the export has
+                want = np.array([r[name] for r in expected], np.float64)
+                assert np.allclose(got.rewards(name), want, 0, 1e-5, equal_nan=True), name
+            for result, want in zip(got.results, expected, strict=True):
+                assert {f: getattr(result, f) for f in fields} == {f: want[f] for f in fields}
+            textnorms.append(got.rewards("textnorm"))
+            sources = {r.textnorm_scale_source for r in got.results}
+            scales = {r.textnorm_scale for r in got.results}
+            lambdas = {r.ensemble_lambda for r in got.results}
+            defaults = provenance["textnorm_defaults"]
+            assert (sources, scales, lambdas) == {
+                0: ({"calibrated"}, {20.0}, {0.25}),
+                1: ({"default"}, {defaults["scale"]}, {defaults["ensemble_lambda"]}),
+                2: ({"request"}, {3.0}, {0.25}),
+            }[len(textnorms) - 1]
+    assert not np.allclose(textnorms[0], textnorms[2], atol=1e-3)  # c changed the reward

@@ -3,8 +3,12 @@
 For trainers on the same cluster as Triton (the `grpc` extra: tritonclient, numpy, tokenizers).
 Images go as uint8 tensors (no PNG, no base64); prompts are tokenised here with the export's
 `tokenizer.json` (the same `ClipTokenizer` the gateway uses), so the rewards are the gateway's
-for the same prompt set and c (TextNorm's c here is the model's or the one you pass: the
-gateway's calibrated c per prompt kind is not applied on this path).
+for the same prompt set and c. TextNorm's c and λ are chosen as the gateway chooses them for
+an explicit set: the ones you pass, else the calibrated values of that exact set (by
+`contrastive_set_sha256`) in the calibration the export bundles, else the model's defaults;
+each result says which (`textnorm_scale`, `textnorm_scale_source`). A calibration the gateway
+is given by file (`REWARD_TEXTNORM_CALIBRATION_FILE`) is not seen here, and the per-prompt-kind
+values apply only to sets the gateway builds by rule, which this path does not build.
 It reads the export's `provenance.json` (the repository folder, or just those two files): every
 call names the export's model version, so a Triton that serves another export refuses instead
 of answering, and TextNorm's defaults are the export's. Unlike the gateway it builds no
@@ -30,6 +34,7 @@ import itertools
 import json
 import time
 from collections.abc import Sequence
+from math import isfinite
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ from textnorm_reward_client import images as image_inputs
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 from textnorm_reward_client.core import RetryPolicy, new_request_id
 from textnorm_reward_client.errors import RewardServiceError, client_error
+from textnorm_reward_client.prompt_identity import contrastive_set_sha256
 from textnorm_reward_client.results import (
     GroupResult,
     ScoreResult,
@@ -65,7 +71,8 @@ class GrpcRewardClient:
     """Args:
     urls: `host:port`, `dns:///name:port`, or several `host:port` to rotate over.
     repository: the export Triton serves (its `provenance.json` and `tokenizer.json` suffice).
-    textnorm_scale, ensemble_lambda: TextNorm's c and the ensemble's λ (default: the export's).
+    textnorm_scale, ensemble_lambda: TextNorm's c and the ensemble's λ for every call, as if
+    each request passed them (default: per set, as the gateway: calibrated, else the export's).
     timeout_s: per call; attempts: tries per call (unavailable / timed-out servers), with the
     REST clients' backoff (`retry`); deadline_s: per call, over every retry.
     """
@@ -94,16 +101,18 @@ class GrpcRewardClient:
         self._clients = [grpcclient.InferenceServerClient(u, channel_args=balance) for u in urls]
         self._next = itertools.cycle(self._clients)
         self.tokenizer = ClipTokenizer(Path(repository) / "tokenizer.json")
-        self.scale = float(defaults.get("scale", 5.0) if textnorm_scale is None else textnorm_scale)
-        lam = defaults.get("ensemble_lambda", 1.0) if ensemble_lambda is None else ensemble_lambda
-        self.lam = float(lam)
+        self.default_scale = float(defaults.get("scale", 5.0))
+        self.default_lambda = float(defaults.get("ensemble_lambda", 1.0))
+        self.scale = None if textnorm_scale is None else float(textnorm_scale)
+        self.lam = None if ensemble_lambda is None else float(ensemble_lambda)
+        self.calibrated = calibrated_sets(self.provenance)
         self.timeout_s, self.model, self.deadline_s = timeout_s, model, deadline_s
         self.retry = retry or RetryPolicy(attempts=attempts)
         self.max_batch = int((self.provenance.get("options") or {}).get("max_batch") or 64)
 
     def _tokens(
         self, prompt: str, contrastive: Sequence[str]
-    ) -> tuple[np.ndarray, np.ndarray, int]:
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         seen = {self.tokenizer.normalise(prompt)}
         kept = []
         for text in (t.strip() for t in contrastive):
@@ -122,7 +131,21 @@ class GrpcRewardClient:
         ids[: len(texts)] = tokenized.ids
         mask = np.zeros(MAX_PROMPTS, bool)
         mask[: len(texts)] = True
-        return ids, mask, len(contrastive)
+        return ids, mask, contrastive
+
+    def _choose(self, sha: str, scale: float | None, lam: float | None) -> tuple[float, float, str]:
+        """(c, λ, source) of one set, in the gateway's order (service/gateway/calibration.py):
+        the request's, else the set's calibrated values, else the export's defaults."""
+        found = self.calibrated.get(sha)
+        if scale is not None:
+            c, source = scale, "request"
+        elif found is not None:
+            c, source = found[0], "calibrated"
+        else:
+            c, source = self.default_scale, "default"
+        if lam is None:
+            lam = found[1] if found is not None else self.default_lambda
+        return c, lam, source
 
     def _infer(self, inputs: list[grpcclient.InferInput], request_id: str, deadline: float | None):
         stop = stop_after_attempt(self.retry.attempts)
@@ -187,8 +210,9 @@ class GrpcRewardClient:
         contrastive = options.get("contrastive", contrastive)
         if not contrastive:
             raise ValueError("the gRPC path needs contrastive prompts (no prompt sets here)")
-        scale = float(options.get("scale", self.scale))
-        lam = float(options.get("ensemble_lambda", self.lam))
+        scale, lam = options.get("scale", self.scale), options.get("ensemble_lambda", self.lam)
+        scale = None if scale is None else float(scale)
+        lam = None if lam is None else float(lam)
         arrays = [_pixels(i) for i in image_inputs.expand(images)]
         n = len(arrays)
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
@@ -207,14 +231,16 @@ class GrpcRewardClient:
             for k in range(0, len(index), self.max_batch)
         ]
         tokens = [self._tokens(prompts[i], sets[i]) for i in range(n)]
+        shas = [contrastive_set_sha256(prompts[i], tokens[i][2]) for i in range(n)]
+        choices = [self._choose(sha, scale, lam) for sha in shas]
         columns: dict[str, np.ndarray] = {}
         for b, index in enumerate(batches):
             tensors = {
                 "IMAGE": np.stack([arrays[i] for i in index]),
                 "INPUT_IDS": np.stack([tokens[i][0] for i in index]),
                 "PROMPT_MASK": np.stack([tokens[i][1] for i in index]),
-                "TEXTNORM_SCALE": np.full((len(index), 1), scale, np.float32),
-                "ENSEMBLE_LAMBDA": np.full((len(index), 1), lam, np.float32),
+                "TEXTNORM_SCALE": np.array([[choices[i][0]] for i in index], np.float32),
+                "ENSEMBLE_LAMBDA": np.array([[choices[i][1]] for i in index], np.float32),
             }
             inputs = []
             for name, value in tensors.items():
@@ -235,8 +261,11 @@ class GrpcRewardClient:
         for i in range(n):
             item: dict[str, Any] = {name: float(col[i]) for name, col in columns.items()}
             item.update(
-                contrastive_count=tokens[i][2], contrastive_source="explicit",
-                prompt_set=None, contrastive_sha256=None, prompt_truncated=False,
+                contrastive_count=len(tokens[i][2]), contrastive_source="explicit",
+                prompt_set=None, contrastive_sha256=shas[i], prompt_truncated=False,
+                textnorm_scale=choices[i][0], ensemble_lambda=choices[i][1],
+                textnorm_scale_source=choices[i][2],
+                export_sha256=self.provenance.get("export_sha256"),
             )  # fmt: skip
             items.append(item)
         payload = {"request_id": rid, "results": items, "provenance": self.provenance}
@@ -276,6 +305,24 @@ class GrpcRewardClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def calibrated_sets(provenance: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """{contrastive_set_sha256: (c, λ)} of the calibration the export bundles (provenance
+    `textnorm_calibration`; empty without one). ValueError when it is unusable."""
+    bundled = provenance.get("textnorm_calibration") or {}
+    try:
+        sets = (bundled.get("document") or {}).get("prompt_sets") or {}
+        out = {
+            sha: (float(value["scale"]), float(value["ensemble_lambda"]))
+            for sha, value in sets.items()
+        }
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"provenance.json: unusable textnorm_calibration ({exc!r})") from None
+    bad = [sha for sha, (c, lam) in out.items() if not (isfinite(c + lam) and c > 0 <= lam)]
+    if bad:
+        raise ValueError(f"provenance.json: textnorm_calibration set {bad[0][:12]}: bad c or λ")
+    return out
 
 
 def _pixels(image: Any) -> np.ndarray:

@@ -59,6 +59,12 @@ class ItemResult:
     contrastive_sha256: str | None = None
     prompt_truncated: bool = False
     contrastive_truncated: int = 0
+    # the TextNorm c and ensemble λ this item used, where c came from ("request" |
+    # "calibrated" | "default"), and the export that scored it
+    textnorm_scale: float | None = None
+    ensemble_lambda: float | None = None
+    textnorm_scale_source: str | None = None
+    export_sha256: str | None = None
     # a multi-model export: each model's rewards, and the ensembles of their TextNorm
     members: list[MemberReward] | None = None
     ensemble_models_mean: float | None = None

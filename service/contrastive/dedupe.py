@@ -8,23 +8,19 @@ NoContrastivePrompts with the reason the rule did not apply.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Iterable
 
+from textnorm_reward_client.prompt_identity import normalise_prompt as normalise
+
 from service.contrastive.errors import NoContrastivePrompts, quote_prompt
+
+__all__ = ["check_prompt", "finalise", "normalise"]
 
 
 def check_prompt(prompt: object) -> None:
     """Raise TypeError unless `prompt` is a string."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-
-
-def normalise(prompt: str) -> str:
-    """The comparison key of a prompt: whitespace collapsed, case folded, NFC (Unicode's
-    canonical caseless match: equal keys for canonically equivalent spellings)."""
-    collapsed = unicodedata.normalize("NFD", " ".join(prompt.split()))
-    return unicodedata.normalize("NFC", collapsed.casefold())
 
 
 def finalise(prompt: str, candidates: Iterable[str], reason: str) -> list[str]:

@@ -15,13 +15,12 @@ Imports (`parse_prompt_sets`, the TextNorm authors' JSON format) register one se
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from dataclasses import dataclass, field
 
+from textnorm_reward_client.prompt_identity import contrastive_set_sha256, normalise_prompt
+
 from service.contrastive import NoContrastivePrompts, clean_contrastive_set
-from service.contrastive.dedupe import normalise as normalise_prompt
 
 CONTENT_ID_PREFIX = "ps_"
 PROMPT_SET_ID_PATTERN = r"^ps_[0-9a-f]{32}$"
@@ -47,16 +46,6 @@ class PromptSet:
     @property
     def content_key(self) -> tuple[str, tuple[str, ...]]:
         return normalise_prompt(self.prompt), self.contrastive
-
-
-def contrastive_set_sha256(prompt: str, contrastive: list[str] | tuple[str, ...]) -> str:
-    """sha256 of a TextNorm prompt set: the normalised prompt and its contrastive prompts, in
-    order, as canonical JSON. Every scored item carries it: a training run can prove which set
-    produced each TextNorm value (recompute it from the logged prompts)."""
-    payload = json.dumps(
-        [normalise_prompt(prompt), list(contrastive)], ensure_ascii=False, separators=(",", ":")
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def content_id(prompt: str, contrastive: list[str] | tuple[str, ...]) -> str:
