@@ -89,6 +89,17 @@ Reward = Annotated[
     ),
 ]
 Url = Annotated[str, typer.Option(help="the reward service (gateway) URL")]
+TextnormRule = Annotated[
+    str | None,
+    typer.Option(
+        help="TextNorm rule of every reward request: auto | counting | binding | composition | "
+        "attributes [default: the service's, auto]"
+    ),
+]
+TextnormScale = Annotated[
+    float | None,
+    typer.Option(help="TextNorm c of every reward request [default: the service's choice]"),
+]
 ApiKey = Annotated[
     str | None, typer.Option(envvar="REWARD_SERVICE_API_KEY", help="bearer token, if required")
 ]
@@ -102,6 +113,8 @@ def run_cmd(
     run: Annotated[Path, typer.Option(help="run directory (resumed if it holds checkpoints)")],
     algorithm: Algorithm = "ddpo",
     reward: Reward = "textnorm",
+    textnorm_rule: TextnormRule = None,
+    textnorm_scale: TextnormScale = None,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKey = None,
     steps: Annotated[int, Opt(min=1)] = 20,
@@ -126,8 +139,9 @@ def run_cmd(
 
     torch.set_num_threads(threads)
     cfg = _config(
-        algorithm=algorithm, reward=reward, service_url=url, steps=steps, seed=seed,
-        device=device, generator=generator, judge=judge, prompts=prompts,
+        algorithm=algorithm, reward=reward, textnorm_rule=textnorm_rule,
+        textnorm_scale=textnorm_scale, service_url=url, steps=steps, seed=seed, device=device,
+        generator=generator, judge=judge, prompts=prompts,
         sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
         ddim_steps=ddim_steps, inner_epochs=inner_epochs, train_batch_size=train_batch_size,
         lr=lr, rwl_beta=rwl_beta,
@@ -172,6 +186,65 @@ def evaluate_cmd(
     print(json.dumps(result) if as_json else "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
 
 
+@finetune_app.command("reward-signal")
+@user_errors
+def reward_signal_cmd(
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+    settings: Annotated[
+        str,
+        Opt(
+            help="comma-separated TextNorm settings: default (the service's) or a rule, "
+            "optionally @c, e.g. default,counting,counting@5"
+        ),
+    ] = "default,counting",
+    generator: Annotated[str | None, Opt(help="generator dir [default: shipped]")] = None,
+    images: Annotated[
+        str,
+        Opt(
+            help="generator: its samples, judged | rendered: renders of each prompt's scene or "
+            "of it with one attribute changed, with their exact truth"
+        ),
+    ] = "generator",
+    size: Annotated[
+        int | None, Opt(min=8, max=512, help="px of rendered images [default: 32]")
+    ] = None,
+    prompts: Annotated[int, Opt(min=1)] = 48,
+    per_prompt: Annotated[int, Opt(min=2)] = 16,
+    prompt_seed: Annotated[int, Opt(help="which fixed prompt set")] = 0,
+    seed: Annotated[int, Opt(help="sampling seed")] = 0,
+    ddim_steps: Annotated[int, Opt(min=1)] = 10,
+    device: Device = "cpu",
+    out: Annotated[
+        Path | None, Opt(help="write reward_signal.json, .md and the samples (npz) here")
+    ] = None,
+    threads: Threads = 1,
+) -> None:
+    """How well each reward orders the generator's own samples of a prompt as the judge does:
+    mean per-prompt AUROC per attribute, for every reward field and TextNorm setting."""
+    import numpy as np
+    import torch
+
+    from finetune.reward_signal import markdown, measure, parse_settings
+
+    torch.set_num_threads(threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    report, samples = measure(
+        url, parse_settings(settings), api_key=api_key, generator=generator, prompts=prompts,
+        per_prompt=per_prompt, prompt_seed=prompt_seed, seed=seed, ddim_steps=ddim_steps,
+        device=device, batch_size=512 if device == "cuda" else 32, images_from=images,
+        size=size,
+    )  # fmt: skip
+    table = markdown(report["rows"], report["alignment"])
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "reward_signal.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "reward_signal.md").write_text(table)
+        np.savez_compressed(out / "samples.npz", **samples)
+    print(table)
+
+
 @finetune_app.command("compare")
 @user_errors
 def compare_cmd(
@@ -179,6 +252,8 @@ def compare_cmd(
     rewards: Annotated[str, Opt(help="comma-separated reward fields")] = "raw,textnorm",
     seeds: Annotated[str, Opt(help="comma-separated seeds")] = "0,1",
     algorithm: Algorithm = "ddpo",
+    textnorm_rule: TextnormRule = None,
+    textnorm_scale: TextnormScale = None,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKey = None,
     steps: Annotated[int, Opt(min=1)] = 20,
@@ -208,7 +283,8 @@ def compare_cmd(
 
     torch.set_num_threads(threads)
     cfg = _config(
-        algorithm=algorithm, service_url=url, steps=steps, device=device, prompts=prompts,
+        algorithm=algorithm, textnorm_rule=textnorm_rule, textnorm_scale=textnorm_scale,
+        service_url=url, steps=steps, device=device, prompts=prompts,
         sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
         ddim_steps=ddim_steps, train_batch_size=train_batch_size, lr=lr,
         checkpoint_every=checkpoint_every,

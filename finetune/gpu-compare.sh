@@ -7,7 +7,10 @@
 #    the export in $REPO (default: the shipped model, exported into OUT_DIR/repo). --onnx runs
 #    the export's ONNX files in the gateway process (the rewards Triton serves; see
 #    tests/test_deployment.py), for nodes without tritonserver.
-# 2. `reward-service finetune compare --device cuda --jobs N` over $REWARDS x $SEEDS, stopped
+# 2. `reward-service finetune reward-signal` on the starting generator, for each TextNorm setting
+#    in $SIGNAL_SETTINGS (OUT_DIR/reward_signal/): how well each reward orders its samples of a
+#    prompt as the judge does, per attribute. Empty: skipped.
+# 3. `reward-service finetune compare --device cuda --jobs N` over $REWARDS x $SEEDS, stopped
 #    after $BUDGET_S seconds if $STEPS is not reached: then every run is reported at the last
 #    step all of them checkpointed (STEPS_DONE in OUT_DIR/steps.txt), by the same command with
 #    --steps STEPS_DONE (it resumes the runs, judges those checkpoints, writes the summary).
@@ -17,8 +20,9 @@
 # Environment (defaults): PYTHON (python3), DEVICE (cuda), REWARDS (raw,textnorm), SEEDS
 # (0,1,2), STEPS (400), BUDGET_S (300), REPORT_BUDGET_S (240), CHECKPOINT_EVERY (10), PROMPTS
 # (48), SAMPLE_BATCH (64), BATCHES (4), TRAIN_BATCH (64), JUDGE_PROMPTS (48), JUDGE_PER_PROMPT
-# (16), REWARD_URL, REPO, EXPORT_ARGS (--no-calibration). Run it from the repository root (or
-# with the project installed).
+# (16), REWARD_URL, REPO, EXPORT_ARGS (--no-calibration), TEXTNORM_RULE (the service's: auto),
+# SIGNAL_SETTINGS (default,counting), SIGNAL_PER_PROMPT (16). Run it from the repository root
+# (or with the project installed).
 set -euo pipefail
 set -m # each background job its own process group: stopping one stops all its processes
 
@@ -44,6 +48,12 @@ cleanup() {
 }
 trap cleanup EXIT
 say() { echo "== [$((SECONDS - T0))s] $*"; }
+# `failed LOG MESSAGE`: the end of LOG, the message, exit 1
+failed() {
+  tail -n 40 "$1"
+  echo "gpu-compare: $2"
+  exit 1
+}
 
 # -- 1. the reward service -------------------------------------------------------------------
 URL=${REWARD_URL:-}
@@ -79,7 +89,19 @@ sys.exit(urllib.request.urlopen(sys.argv[1], timeout=2).status != 200)" "$URL/re
   fi
 fi
 
-# -- 2. the runs, bounded ----------------------------------------------------------------------
+# -- 2. the reward signal on the starting generator -------------------------------------------
+SIGNAL_SETTINGS=${SIGNAL_SETTINGS-default,counting}
+if [[ -n $SIGNAL_SETTINGS ]]; then
+  say "reward signal of the starting generator: $SIGNAL_SETTINGS"
+  "$PY" -m service.cli finetune reward-signal --url "$URL" --device "$DEVICE" \
+    --settings "$SIGNAL_SETTINGS" --prompts "${PROMPTS:-48}" \
+    --per-prompt "${SIGNAL_PER_PROMPT:-16}" --out "$OUT_DIR/reward_signal" \
+    > "$OUT_DIR/reward_signal.log" 2>&1 \
+    || failed "$OUT_DIR/reward_signal.log" "reward-signal failed"
+  cat "$OUT_DIR/reward_signal/reward_signal.md"
+fi
+
+# -- 3. the runs, bounded ----------------------------------------------------------------------
 # every run at once: rewards x seeds
 JOBS=$((($(tr -cd , <<< "$REWARDS" | wc -c) + 1) * ($(tr -cd , <<< "$SEEDS" | wc -c) + 1)))
 compare() {
@@ -88,7 +110,8 @@ compare() {
     --sample-batch-size "${SAMPLE_BATCH:-64}" --batches-per-step "${BATCHES:-4}" \
     --train-batch-size "${TRAIN_BATCH:-64}" --checkpoint-every "$EVERY" \
     --jobs "$JOBS" --judge-prompts "${JUDGE_PROMPTS:-48}" \
-    --judge-per-prompt "${JUDGE_PER_PROMPT:-16}" --judge-prompt-seeds 0,1 "$@"
+    --judge-per-prompt "${JUDGE_PER_PROMPT:-16}" --judge-prompt-seeds 0,1 \
+    ${TEXTNORM_RULE:+--textnorm-rule "$TEXTNORM_RULE"} "$@"
 }
 # `bounded SECONDS ARGS...`: compare ARGS in the background (its own process group), stopped
 # with all its processes after SECONDS; status 124 then, else compare's own.
@@ -110,11 +133,6 @@ bounded() {
   RUNS_PID=""
   return "$status"
 }
-failed() {
-  tail -n 40 "$OUT_DIR/compare.log"
-  echo "gpu-compare: $*"
-  exit 1
-}
 
 say "finetune compare: rewards $REWARDS, seeds $SEEDS ($JOBS runs in parallel), up to $STEPS steps or ${BUDGET_S}s"
 status=0
@@ -128,13 +146,13 @@ from finetune import run_dir as rd
 from finetune.compare import run_name
 runs = [Path(sys.argv[1]) / run_name(r, int(s)) for r in sys.argv[2].split(',') for s in sys.argv[3].split(',')]
 print(min((rd.latest_checkpoint(r) or (0,))[0] for r in runs))" "$OUT_DIR" "$REWARDS" "$SEEDS")
-  ((DONE >= 2)) || failed "no step that every run checkpointed (a run did not reach step $EVERY)"
+  ((DONE >= 2)) || failed "$OUT_DIR/compare.log" "no step that every run checkpointed (a run did not reach step $EVERY)"
   say "reporting every run at step $DONE (at most ${REPORT_BUDGET_S:-240}s)"
   status=0
   bounded "${REPORT_BUDGET_S:-240}" --steps "$DONE" || status=$?
-  ((status == 0)) || failed "the report at step $DONE failed or ran out of time (status $status)"
+  ((status == 0)) || failed "$OUT_DIR/compare.log" "the report at step $DONE failed or ran out of time (status $status)"
 elif ((status != 0)); then
-  failed "compare failed (status $status)"
+  failed "$OUT_DIR/compare.log" "compare failed (status $status)"
 else
   DONE=$STEPS
 fi

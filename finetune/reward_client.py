@@ -4,12 +4,13 @@
 as a float64 array plus the service's provenance block. The images go to the service as raw
 uint8 tensors (no PNG encoding; `textnorm_reward_client` chunks by the service's limits and
 retries). `submit` runs a call on a worker thread so the reward of batch k overlaps the
-sampling of batch k + 1.
+sampling of batch k + 1. `every_reward` returns every field at once (`finetune reward-signal`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +33,18 @@ class ServiceReward:
     """The reward service as a reward function of (images, prompts), for one reward field."""
 
     def __init__(
-        self, url: str, field: str, api_key: str | None = None, timeout_s: float = 120.0
+        self,
+        url: str,
+        field: str,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        textnorm: dict[str, Any] | None = None,
     ) -> None:
+        """textnorm: the request's TextNorm options, e.g. {"rule": "counting"} (None: the
+        service's defaults)."""
         if field not in REWARD_FIELDS:
             raise ValueError(f"unknown reward {field!r}; known: {', '.join(REWARD_FIELDS)}")
-        self.url, self.field = url, field
+        self.url, self.field, self.textnorm = url, field, textnorm
         self._client = RewardClient(url, api_key=api_key, timeout_s=timeout_s)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
@@ -46,7 +54,7 @@ class ServiceReward:
                 f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}"
             )
         began = time.perf_counter()
-        out = self._client.score(np.ascontiguousarray(images), list(prompts))
+        out = self._client.score(np.ascontiguousarray(images), list(prompts), self.textnorm)
         latency = time.perf_counter() - began
         rewards, provenance = out.rewards(self.field), out.provenance  # NaN where null
         if np.isnan(rewards).any():
@@ -69,3 +77,26 @@ class ServiceReward:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def every_reward(
+    client: RewardClient,
+    images: np.ndarray,
+    prompts: list[str],
+    textnorm: dict[str, Any] | None = None,
+    batch: int = 64,
+    advance: Callable[[int], object] = lambda n: None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every reward field the service returns for (images, prompts) under the request's
+    `textnorm` options: {field: float64 [N], NaN where null}, and the last call's provenance.
+    `batch` images per call; `advance(n)` after each (a progress bar's)."""
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in REWARD_FIELDS}
+    provenance: dict[str, Any] = {}
+    for start in range(0, len(images), batch):
+        chunk = np.ascontiguousarray(images[start : start + batch])
+        out = client.score(chunk, list(prompts[start : start + batch]), textnorm)
+        for name in REWARD_FIELDS:
+            columns[name].append(out.rewards(name))
+        provenance = out.provenance
+        advance(len(chunk))
+    return {k: np.concatenate(v) for k, v in columns.items()}, provenance

@@ -55,6 +55,10 @@ ALGORITHMS = ("ddpo", "rwl")
 class FinetuneConfig:
     algorithm: str = "ddpo"
     reward: str = "textnorm"
+    # the request's TextNorm options (None: the service's defaults, the `auto` rule and its
+    # calibrated c); "counting" scores each prompt against its count changes only
+    textnorm_rule: str | None = None
+    textnorm_scale: float | None = None
     service_url: str = "http://127.0.0.1:8000"
     steps: int = 20
     seed: int = 0
@@ -90,6 +94,13 @@ class FinetuneConfig:
             raise ValueError(f"unknown reward {self.reward!r}; known: {', '.join(REWARD_FIELDS)}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.textnorm_scale is not None and not 0 < self.textnorm_scale < float("inf"):
+            raise ValueError(f"textnorm_scale must be > 0, got {self.textnorm_scale}")
+
+    def textnorm_options(self) -> dict[str, Any] | None:
+        """The `textnorm` object of every reward request (None: the service's defaults)."""
+        options = {"rule": self.textnorm_rule, "scale": self.textnorm_scale}
+        return {k: v for k, v in options.items() if v is not None} or None
 
     @classmethod
     def from_json(cls, data: dict) -> FinetuneConfig:
@@ -325,7 +336,10 @@ def run_finetune(
     trainer = Trainer(cfg, run)
     trainer.open_run()
     progress = progress or Progress()
-    with progress, ServiceReward(cfg.service_url, cfg.reward, api_key=api_key) as reward:
+    reward_fn = ServiceReward(
+        cfg.service_url, cfg.reward, api_key=api_key, textnorm=cfg.textnorm_options()
+    )
+    with progress, reward_fn as reward:
         task = progress.add_task(
             f"{cfg.algorithm} / {cfg.reward}", total=cfg.steps, completed=trainer.step
         )

@@ -176,7 +176,8 @@ def _assert_rescored(run, cfg: FinetuneConfig) -> None:
     """The logged rewards are what the service returns for the logged images, now."""
     rows = rd.read_metrics(run)
     assert [int(r["step"]) for r in rows] == list(range(1, cfg.steps + 1))
-    with ServiceReward(cfg.service_url, cfg.reward, api_key=API_KEY) as reward:
+    options = cfg.textnorm_options()
+    with ServiceReward(cfg.service_url, cfg.reward, api_key=API_KEY, textnorm=options) as reward:
         for row in rows:
             logged = rd.load_samples(run, int(row["step"]))
             again = reward(logged["images"], [str(p) for p in logged["prompts"]])
@@ -204,13 +205,17 @@ def _resume_and_check(run, cfg: FinetuneConfig) -> Trainer:
 
 
 def test_ddpo_two_steps_against_the_service_and_resume(stack, tmp_path) -> None:  # noqa: F811
-    cfg = _tiny("ddpo", "textnorm", stack.url, steps=2)
+    cfg = replace(_tiny("ddpo", "textnorm", stack.url, steps=2), textnorm_rule="counting")
     resumed = _resume_and_check(tmp_path / "resumed", cfg)
     initial = _params(load_generator(SHIPPED_GENERATOR_DIR)[0])
     changed = [not torch.equal(a, b) for a, b in zip(_params(resumed.unet), initial, strict=True)]
     assert sum(changed) > len(changed) // 2, "DDPO left most parameters unchanged"
     assert float(rd.read_metrics(tmp_path / "resumed")[-1]["distance_to_init"]) > 0
     _assert_rescored(tmp_path / "resumed", cfg)
+    logged = rd.load_samples(tmp_path / "resumed", 2)  # the rule reached the service
+    with ServiceReward(cfg.service_url, cfg.reward, api_key=API_KEY) as default_rule:
+        auto = default_rule(logged["images"], [str(p) for p in logged["prompts"]]).rewards
+    assert not np.allclose(logged["rewards"], auto, atol=1e-4)
     # A straight 2-step run reaches the same model: the checkpoint held the whole state.
     straight = run_finetune(cfg, tmp_path / "straight", api_key=API_KEY)
     for a, b in zip(_params(straight.unet), _params(resumed.unet), strict=True):
@@ -293,6 +298,8 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
         **os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "SEEDS": "0", "STEPS": "60",
         "BUDGET_S": "25", "CHECKPOINT_EVERY": "1", "PROMPTS": "2", "SAMPLE_BATCH": "2",
         "BATCHES": "1", "TRAIN_BATCH": "2", "JUDGE_PROMPTS": "2", "JUDGE_PER_PROMPT": "1",
+        "SIGNAL_SETTINGS": "default,counting", "SIGNAL_PER_PROMPT": "2",
+        "TEXTNORM_RULE": "counting",
     }  # fmt: skip
     res = subprocess.run(
         ["bash", str(REPO_ROOT / "finetune" / "gpu-compare.sh"), str(out)],
@@ -300,6 +307,11 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "budget reached: stopped the runs" in res.stdout
+    signal = json.loads((out / "reward_signal" / "reward_signal.json").read_text())
+    assert signal["settings"] == {"default": None, "counting": {"rule": "counting"}}
+    assert json.loads((out / "textnorm_seed0" / "config.json").read_text())["textnorm_rule"] == (
+        "counting"
+    )
     done = int((out / "steps.txt").read_text())
     assert 2 <= done < 60
     with (out / "fixed_set.csv").open() as f:
@@ -349,3 +361,106 @@ def test_finetune_run_rejects_an_unknown_reward_in_one_line(tmp_path) -> None:
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error: unknown reward 'clip'; known: raw, textnorm")
     assert not (tmp_path / "r").exists()
+
+
+# -- does a reward order the policy's own samples as the judge does ----------------------------
+def test_per_prompt_auroc_is_the_mann_whitney_probability_with_ties_half() -> None:
+    from evaluation.auroc import mean_per_prompt_auroc
+    from finetune.reward_signal import per_prompt_auroc
+
+    rng = np.random.default_rng(3)
+    rewards = rng.integers(0, 5, 60).astype(np.float64)  # many ties
+    correct = rng.random(60) < 0.4
+    ids = np.repeat(np.arange(6), 10)
+    correct[ids == 5] = True  # a prompt whose samples are all right says nothing: left out
+    want = mean_per_prompt_auroc([(rewards[ids == p], correct[ids == p]) for p in range(6)])
+    assert per_prompt_auroc(rewards, correct, ids) == pytest.approx(want) and want[1] == 5
+    assert per_prompt_auroc(correct.astype(np.float64), correct, ids)[0] == 1.0
+    assert per_prompt_auroc(-correct.astype(np.float64), correct, ids)[0] == 0.0
+
+
+def test_reward_signal_settings_verdicts_and_rows() -> None:
+    from finetune.reward_signal import (
+        ATTRIBUTES,
+        judged_correct,
+        parse_settings,
+        per_prompt_auroc,
+        signal_rows,
+    )
+
+    settings = parse_settings("default, counting@5,attributes")
+    assert [(s.label, s.textnorm) for s in settings] == [
+        ("default", None),
+        ("counting@5", {"rule": "counting", "scale": 5.0}),
+        ("attributes", {"rule": "attributes"}),
+    ]
+    for bad in ("counting@x", "counting@0", "default,default", " , "):
+        with pytest.raises(ValueError):
+            parse_settings(bad)
+    labels = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [1, 1, 2, 3], [0, 0, 0, 0]])
+    predicted = np.array([[0, 1, 2, 3], [1, 1, 2, 3], [1, 1, 2, 3], [0, 0, 0, 1]])
+    assert judged_correct(predicted, labels).tolist() == [
+        [True, True, True, True, True],
+        [False, True, True, True, False],
+        [True, True, True, True, True],
+        [True, True, True, False, False],
+    ]
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(4), 8)
+    correct = rng.random((32, len(ATTRIBUTES))) < 0.5
+    raw, default_tn, counting_tn = rng.random((3, 32))
+    scored = {
+        "default": {"raw": raw, "textnorm": default_tn, "head": np.full(32, np.nan)},
+        "counting": {"raw": raw, "textnorm": counting_tn, "head": np.full(32, np.nan)},
+    }
+    rows = signal_rows(scored, correct, ids)
+    assert [(r["reward"], r["setting"]) for r in rows] == [
+        ("raw", "any"),  # setting-free: once; the unserved head: not at all
+        ("textnorm", "default"),
+        ("textnorm", "counting"),
+    ]
+    for i, attribute in enumerate(ATTRIBUTES):
+        value, used = per_prompt_auroc(counting_tn, correct[:, i], ids)
+        assert rows[2]["auroc"][attribute] == value and rows[2]["prompts"][attribute] == used
+    none_right = signal_rows(scored, np.zeros_like(correct), ids)[0]
+    assert none_right["auroc"]["count"] is None and none_right["prompts"]["count"] == 0
+
+
+def test_reward_signal_against_the_service(stack, tmp_path) -> None:  # noqa: F811
+    """The command's rewards are the service's for its samples under each setting, and every
+    AUROC is the per-prompt AUROC of those rewards against the judge's verdicts."""
+    from textnorm_reward_client import RewardClient
+
+    from evaluation.auroc import mean_per_prompt_auroc
+    from finetune.reward_signal import ATTRIBUTES
+    from tests.conftest import run_cli
+
+    res = run_cli(
+        "finetune", "reward-signal", "--url", stack.url, "--api-key", API_KEY, "--prompts", "6",
+        "--per-prompt", "4", "--ddim-steps", "2", "--settings", "default,counting@5",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "reward_signal.json").read_text())
+    samples = np.load(tmp_path / "samples.npz")  # no pickle
+    assert report["settings"] == {"default": None, "counting@5": {"rule": "counting", "scale": 5}}
+    with RewardClient(stack.url, api_key=API_KEY) as client:
+        prompts = [str(p) for p in samples["prompts"]]
+        again = client.score(samples["images"], prompts, {"rule": "counting", "scale": 5.0})
+    counting = samples["rewards/counting@5/textnorm"]
+    np.testing.assert_allclose(counting, again.rewards("textnorm"), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(counting, samples["rewards/default/textnorm"], atol=1e-4)
+    ids, correct = samples["prompt_ids"], samples["correct"]
+    assert {(r["reward"], r["setting"]) for r in report["rows"]} >= {
+        ("raw", "any"), ("textnorm", "default"), ("textnorm", "counting@5"),
+    }  # fmt: skip
+    for row in report["rows"]:
+        setting = "default" if row["setting"] == "any" else row["setting"]
+        values = samples[f"rewards/{setting}/{row['reward']}"]
+        for i, attribute in enumerate(ATTRIBUTES):
+            per_prompt = [(values[ids == p], correct[ids == p, i]) for p in range(6)]
+            value, used = mean_per_prompt_auroc(per_prompt)
+            assert row["prompts"][attribute] == used
+            assert row["auroc"][attribute] == (None if used == 0 else pytest.approx(value))
+    assert report["alignment"]["count"] == pytest.approx(correct[:, 0].mean())
+    assert "| `textnorm` | counting@5 |" in res.stdout
