@@ -237,6 +237,14 @@ class Settings(BaseSettings):
         description="backend (Triton) calls in flight across all requests; Triton's dynamic "
         "batcher merges them, more would only wait in its queue",
     )
+    merged_calls_in_flight: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="merged backend calls in flight per model, call kind and shape: concurrent "
+        "requests' calls wait while this many are out and go together as one (0: every call "
+        "alone; service/gateway/coalescing.py)",
+    )
     max_backend_calls_per_request: int = Field(
         default=4,
         ge=1,

@@ -476,11 +476,21 @@ def test_concurrent_rest_requests_are_batched(client, grpc, stack):
         ) as ac:
             return await asyncio.gather(*(ac.post("/v1/score", json={"items": [i]}) for i in items))
 
+    def merged_callers() -> float:  # image-encoder calls the gateway has sent, merged or not
+        from tests.serve_stack import metric_value  # (it imports this module)
+
+        text = client.get("/metrics").text
+        value = metric_value(text, "reward_gateway_backend_merged_calls_sum", call="encode_images")
+        return value or 0.0
+
     delta: dict[int, int] = {}
     for _ in range(3):  # one burst normally suffices; retry if the host is very busy
         before = image_encoder_executions(grpc)
+        callers_before = merged_callers()
         responses = asyncio.run(burst())
         after = image_encoder_executions(grpc)
+        # every request's image call went out exactly once, alone or merged with others'
+        assert merged_callers() - callers_before == 16
         for r, want in zip(responses, alone, strict=True):
             assert r.status_code == 200, r.text
             got = r.json()["results"][0]

@@ -4,7 +4,8 @@ Modules: `app` (the app factory and routes), `schemas` (typed request/response m
 `scoring` (contrastive sets → embeddings → rewards), `images` (base64 decoding and limits),
 `embedding_cache`, `prompt_sets` (registry), `identity` (is the backend serving the
 provenance's export?), `backend` (the backend protocol, its errors and the guard rails around
-its calls), `triton_backend` (Triton over gRPC), `onnx_backend` (ONNX Runtime in process),
+its calls), `coalescing` (concurrent requests' backend calls merged into one),
+`triton_backend` (Triton over gRPC), `onnx_backend` (ONNX Runtime in process),
 `provenance`, `auth` (API keys, `check_bind`), `middleware`, `metrics`, `errors`,
 `request_ids`. CLIP tokenisation comes from the client distribution
 (`textnorm_reward_client.clip_tokenizer`), so the direct gRPC client sends the same token ids.

@@ -44,6 +44,7 @@ from service.contrastive.prompt_sets import reject_duplicate_keys
 from service.gateway.admission import Admission
 from service.gateway.auth import KeyRateLimit, configured_keys
 from service.gateway.backend import (
+    MAX_CALL_BYTES,
     BackendError,
     BackendUnavailable,
     GuardedBackend,
@@ -51,6 +52,7 @@ from service.gateway.backend import (
     request_call_slots,
 )
 from service.gateway.calibration import gateway_calibration, with_scale_sources
+from service.gateway.coalescing import CoalescingBackend
 from service.gateway.embedding_cache import EmbeddingCache
 from service.gateway.errors import ApiError, install_error_handlers
 from service.gateway.idempotency import IdempotencyCache
@@ -189,12 +191,23 @@ def create_app(
         )
     info = ProvenanceInfo(provenance, tokenizer, settings.truncate_long_prompts)
     metrics = GatewayMetrics()
+    max_batch = info.max_batch or 64
+
+    def merged(each: RewardBackendProtocol) -> CoalescingBackend:
+        return CoalescingBackend(
+            each,
+            max_rows=max_batch,
+            max_bytes=MAX_CALL_BYTES,
+            max_in_flight=settings.merged_calls_in_flight,
+            metrics=metrics,
+        )
+
     guarded = GuardedBackend(
-        backend,
+        merged(backend),
         identity=IdentityCheck.from_provenance(provenance),
         identity_interval_s=settings.identity_check_interval_s,
         timeout_s=settings.backend_timeout_s,
-        max_batch=info.max_batch or 64,
+        max_batch=max_batch,
         embed_dim=info.embed_dim,
         metrics=metrics,
         max_calls=settings.max_backend_calls,
@@ -221,7 +234,7 @@ def create_app(
             model.checkpoint_sha256,
             model.embed_dim,
             guarded.for_member(
-                member,
+                merged(member),
                 IdentityCheck(guarded.identity.expected, tuple(names.values())),
                 model.embed_dim,
             ),

@@ -80,6 +80,13 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.merged_calls = Histogram(
+            "reward_gateway_backend_merged_calls",
+            "callers per backend call sent (concurrent calls merged: coalescing.py)",
+            ["call"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.textnorm = Histogram(
             "reward_gateway_textnorm",
             "returned TextNorm rewards by prompt-set id (or 'rule' / 'explicit')",

@@ -1,0 +1,224 @@
+"""Gateway-side micro-batching: concurrent backend calls merged into one.
+
+Every request makes its own backend calls (image encoder, text encoder, reward head). Under load
+many are issued at nearly the same time, and each costs a gRPC round trip and a Triton request
+(for a Python-backend model, an IPC hand-over to its stub) whatever its size. `CoalescingBackend`
+wraps a backend and merges them:
+
+- a call joins the queue of its method and row shape (image size, token width; the reward head's
+  inputs all have fixed row shapes);
+- while fewer than `max_in_flight` merged calls of that queue are out, the queue is sent at the
+  end of the current event-loop turn (calls issued together go together); otherwise it waits
+  until one returns. At low load every call goes alone, with no added delay; under load, calls
+  pile up while the backend works and one round trip carries them all (at most `max_rows` rows
+  and `max_bytes` input bytes, the exported model's limits);
+- each caller gets exactly its own rows back. A merged answer with the wrong number of rows
+  fails every caller (`BackendError`) rather than hand anyone another caller's rows; a failed
+  merged call fails each of its callers with that error; a caller that gave up (its timeout,
+  its request cancelled) is dropped from the queue, or its rows are discarded, and the others
+  are untouched.
+
+`max_in_flight = 0` turns merging off (every call passes straight through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+
+from service.gateway.backend import BackendError, RewardBackendProtocol
+from service.gateway.metrics import GatewayMetrics
+
+Output = np.ndarray | dict[str, np.ndarray]
+Send = Callable[..., Awaitable[Output]]
+
+
+@dataclass
+class _Call:
+    arrays: tuple[np.ndarray, ...]
+    future: asyncio.Future[Output]
+
+    @property
+    def rows(self) -> int:
+        return len(self.arrays[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+
+@dataclass
+class CallQueue:
+    """Calls of one method and row shape, sent merged (see the module docstring)."""
+
+    name: str
+    send: Send
+    max_rows: int
+    max_bytes: int
+    max_in_flight: int
+    waiting: deque[_Call] = field(default_factory=deque)
+    in_flight: int = 0
+    observe: Callable[[int], None] | None = None  # told the callers of each merged call
+    merged_calls: int = 0  # merged calls sent so far
+    _scheduled: bool = False
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    async def call(self, *arrays: np.ndarray) -> Output:
+        future: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
+        self.waiting.append(_Call(arrays, future))
+        self._schedule()
+        return await future  # cancelled with the caller: its rows are skipped or discarded
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self.waiting and self.in_flight < self.max_in_flight:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        while self.in_flight < self.max_in_flight:
+            batch = self._take()
+            if not batch:
+                return
+            self.in_flight += 1
+            self.merged_calls += 1
+            if self.observe is not None:
+                self.observe(len(batch))
+            task = asyncio.create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[_Call]:
+        """The next merged call: waiting calls in order, up to max_rows and max_bytes (a call
+        alone may be larger: the guard has already split it to the backend's limits)."""
+        batch: list[_Call] = []
+        rows = nbytes = 0
+        while self.waiting:
+            call = self.waiting[0]
+            if call.future.done():  # its caller gave up
+                self.waiting.popleft()
+                continue
+            full = rows + call.rows > self.max_rows or nbytes + call.nbytes > self.max_bytes
+            if batch and full:
+                break
+            batch.append(self.waiting.popleft())
+            rows += call.rows
+            nbytes += call.nbytes
+        return batch
+
+    async def _run(self, batch: list[_Call]) -> None:
+        try:
+            if len(batch) == 1:
+                out = await self.send(*batch[0].arrays)
+            else:
+                merged = [
+                    np.concatenate(parts) for parts in zip(*(c.arrays for c in batch), strict=True)
+                ]
+                out = await self.send(*merged)
+            parts = _split(self.name, out, [c.rows for c in batch])
+        except Exception as exc:  # every caller gets the failure, as its own
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(exc)
+        except BaseException:  # cancelled (shutdown): so are the callers
+            for call in batch:
+                call.future.cancel()
+            raise
+        else:
+            for call, part in zip(batch, parts, strict=True):
+                if not call.future.done():
+                    call.future.set_result(part)
+        finally:
+            self.in_flight -= 1
+            self._schedule()
+
+
+def _split(name: str, out: Output, rows: Sequence[int]) -> list[Output]:
+    """The merged answer cut back into each caller's rows; the wrong total fails them all."""
+    total = sum(rows)
+    values = out.values() if isinstance(out, dict) else (out,)
+    for value in values:
+        if np.ndim(value) == 0 or len(value) != total:
+            got = "a scalar" if np.ndim(value) == 0 else f"{len(value)} rows"
+            raise BackendError(f"{name}: the merged answer has {got} for {total} rows")
+    bounds = np.cumsum([0, *rows])
+    cuts = list(zip(bounds[:-1], bounds[1:], strict=True))
+    if isinstance(out, dict):
+        return [{k: np.asarray(v)[a:b] for k, v in out.items()} for a, b in cuts]
+    return [np.asarray(out)[a:b] for a, b in cuts]
+
+
+class CoalescingBackend:
+    """A backend whose inference calls are merged across concurrent callers (module docstring).
+
+    Everything else (readiness, export hashes, close, the models it calls) is the wrapped
+    backend's."""
+
+    def __init__(
+        self,
+        backend: RewardBackendProtocol,
+        *,
+        max_rows: int,
+        max_bytes: int,
+        max_in_flight: int,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.max_rows = max(1, max_rows)
+        self.max_bytes = max_bytes
+        self.max_in_flight = max_in_flight
+        self.queues: dict[tuple, CallQueue] = {}
+
+    def __getattr__(self, name: str) -> Any:  # models, model_stats, connect, ...
+        return getattr(self.backend, name)
+
+    def _queue(self, method: str, arrays: Sequence[np.ndarray]) -> CallQueue:
+        key = (method, *((a.shape[1:], a.dtype.str) for a in arrays))
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = CallQueue(
+                method,
+                getattr(self.backend, method),
+                max_rows=self.max_rows,
+                max_bytes=self.max_bytes,
+                max_in_flight=self.max_in_flight,
+                observe=self.metrics.merged_calls.labels(method).observe if self.metrics else None,
+            )
+        return queue
+
+    async def _call(self, method: str, *arrays: np.ndarray) -> Output:
+        if self.max_in_flight <= 0:
+            return await getattr(self.backend, method)(*arrays)
+        return await self._queue(method, arrays).call(*arrays)
+
+    async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        return cast(np.ndarray, await self._call("encode_images", images))
+
+    async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
+        return cast(np.ndarray, await self._call("encode_texts", ids))
+
+    async def rewards(
+        self,
+        image_embeds: np.ndarray,
+        prompt_embeds: np.ndarray,
+        prompt_mask: np.ndarray,
+        scale: np.ndarray,
+        lam: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        arrays = (image_embeds, prompt_embeds, prompt_mask, scale, lam)
+        return cast(dict[str, np.ndarray], await self._call("rewards", *arrays))
+
+    async def ready(self) -> bool:
+        return await self.backend.ready()
+
+    async def export_hashes(self, models: Sequence[str]) -> dict[str, str | None]:
+        return await self.backend.export_hashes(models)
+
+    async def close(self) -> None:
+        await self.backend.close()

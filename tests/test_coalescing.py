@@ -1,0 +1,248 @@
+"""Gateway-side merging of concurrent backend calls (service/gateway/coalescing.py).
+
+A scripted backend stands in for Triton here (unit tests of the merging itself); the real stack
+merges under load in tests/test_serving.py (`test_concurrent_rest_requests_are_batched`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.gateway.backend import BackendError, BackendTimeout, GuardedBackend
+from service.gateway.coalescing import CoalescingBackend
+from service.gateway.identity import IdentityCheck
+from service.gateway.metrics import GatewayMetrics
+
+D = 4
+
+
+class Gated:
+    """Answers the k-th call once `release` has let k calls through; records every call's row
+    count. An image's embedding is its first pixel's value repeated, so every row says whose
+    it is."""
+
+    def __init__(self, drop_rows: int = 0, fail: Exception | None = None) -> None:
+        self.calls: list[int] = []
+        self.released = 0
+        self.changed = asyncio.Condition()
+        self.drop_rows = drop_rows
+        self.fail = fail
+
+    async def release(self, calls: int = 1 << 30) -> None:
+        async with self.changed:
+            self.released += calls
+            self.changed.notify_all()
+
+    async def _wait(self) -> None:
+        k = len(self.calls)
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.released >= k)
+
+    async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        self.calls.append(len(images))
+        await self._wait()
+        if self.fail is not None:
+            raise self.fail
+        out = np.repeat(images[:, 0, 0, :1].astype(np.float32), D, axis=1)
+        return out[: len(out) - self.drop_rows]
+
+    async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
+        self.calls.append(len(ids))
+        await self._wait()
+        return np.repeat(ids[:, :1].astype(np.float32), D, axis=1)
+
+    async def rewards(self, image_embeds, prompt_embeds, prompt_mask, scale, lam):
+        self.calls.append(len(image_embeds))
+        await self._wait()
+        raw = image_embeds[:, :1] * scale
+        return {"RAW": raw, "TEXTNORM": raw + lam}
+
+    async def ready(self) -> bool:
+        return True
+
+    async def export_hashes(self, models):
+        return dict.fromkeys(models, "h")
+
+    async def close(self) -> None:
+        pass
+
+
+def images_of(*owners: int, size: int = 8) -> list[np.ndarray]:
+    return [np.full((1, size, size, 3), k, np.uint8) for k in owners]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_calls_waiting_behind_a_busy_backend_go_as_one_and_each_gets_its_own_rows():
+    async def run() -> tuple[list[int], list[np.ndarray]]:
+        inner = Gated()
+        merged = CoalescingBackend(inner, max_rows=64, max_bytes=1 << 30, max_in_flight=1)
+        first = asyncio.create_task(merged.encode_images(images_of(100)[0]))
+        await settle()  # the first call is out; the next ones wait behind it
+        batch = np.concatenate(images_of(1, 2))  # a caller with two rows
+        rest = [
+            asyncio.create_task(merged.encode_images(x))
+            for x in (images_of(7)[0], batch, images_of(9)[0])
+        ]
+        await settle()
+        await inner.release()
+        return inner.calls, await asyncio.gather(first, *rest)
+
+    calls, outs = asyncio.run(run())
+    assert calls == [1, 4]  # one call alone, then the three waiting callers' four rows together
+    assert [o[:, 0].tolist() for o in outs] == [[100], [7], [1, 2], [9]]
+    assert all(o.shape[1] == D for o in outs)
+
+
+def test_a_lone_call_goes_at_once_and_merging_off_sends_every_call_alone():
+    async def run(in_flight: int) -> list[int]:
+        inner = Gated()
+        await inner.release()
+        merged = CoalescingBackend(inner, max_rows=64, max_bytes=1 << 30, max_in_flight=in_flight)
+        out = await merged.encode_images(images_of(3)[0])
+        assert out[:, 0].tolist() == [3]
+        await asyncio.gather(*(merged.encode_images(x) for x in images_of(1, 2, 3, 4)))
+        return inner.calls
+
+    assert asyncio.run(run(0)) == [1, 1, 1, 1, 1]
+    # calls issued in the same event-loop turn go together; one is already out only when
+    # max_in_flight is reached
+    assert asyncio.run(run(2)) == [1, 4]
+
+
+def test_merged_calls_respect_max_rows_and_bytes_and_never_mix_shapes():
+    async def run() -> tuple[list[int], list[np.ndarray]]:
+        inner = Gated()
+        await inner.release()
+        merged = CoalescingBackend(inner, max_rows=3, max_bytes=1 << 30, max_in_flight=4)
+        small = images_of(1, 2, 3, 4, 5, 6, 7)
+        large = images_of(8, 9, size=16)
+        outs = await asyncio.gather(*(merged.encode_images(x) for x in [*small, *large]))
+        by_bytes = CoalescingBackend(inner, max_rows=64, max_bytes=2 * 192, max_in_flight=4)
+        await asyncio.gather(*(by_bytes.encode_images(x) for x in images_of(1, 2, 3)))
+        return inner.calls, outs
+
+    calls, outs = asyncio.run(run())
+    assert calls[:4] == [3, 3, 1, 2]  # 7 small images in 3s; the two 16-px ones apart
+    assert calls[4:] == [2, 1]  # two 8-px images (192 bytes each) per call
+    assert [int(o[0, 0]) for o in outs] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_reward_outputs_are_split_back_per_caller():
+    async def run() -> list[dict[str, np.ndarray]]:
+        inner = Gated()
+        merged = CoalescingBackend(inner, max_rows=64, max_bytes=1 << 30, max_in_flight=1)
+
+        def call(value: float, scale: float, rows: int = 1):
+            return merged.rewards(
+                np.full((rows, D), value, np.float32),
+                np.zeros((rows, 33, D), np.float32),
+                np.ones((rows, 33), bool),
+                np.full((rows, 1), scale, np.float32),
+                np.zeros((rows, 1), np.float32),
+            )
+
+        first = asyncio.create_task(call(1.0, 1.0))
+        await settle()
+        rest = [asyncio.create_task(call(2.0, 10.0, rows=2)), asyncio.create_task(call(3.0, 5.0))]
+        await settle()
+        await inner.release()
+        outs = await asyncio.gather(first, *rest)
+        assert inner.calls == [1, 3]
+        return outs
+
+    outs = asyncio.run(run())
+    assert [o["RAW"][:, 0].tolist() for o in outs] == [[1.0], [20.0, 20.0], [15.0]]
+    assert [o["TEXTNORM"].shape for o in outs] == [(1, 1), (2, 1), (1, 1)]
+
+
+def test_a_wrong_row_count_or_an_error_fails_every_caller_of_the_merged_call():
+    async def run(inner: Gated) -> list[object]:
+        merged = CoalescingBackend(inner, max_rows=64, max_bytes=1 << 30, max_in_flight=1)
+        tasks = [asyncio.create_task(merged.encode_images(x)) for x in images_of(1, 2, 3)]
+        await settle()
+        await inner.release()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    # the backend loses a row of the merged call [2, 3]: neither caller may get the other's
+    outs = asyncio.run(run(Gated(drop_rows=1)))
+    assert isinstance(outs[0], BackendError)  # the lone first call lost its only row
+    assert all(isinstance(o, BackendError) and "2 rows" in str(o) for o in outs[1:]), outs
+    failure = BackendError("image_encoder: boom")
+    assert asyncio.run(run(Gated(fail=failure))) == [failure] * 3
+
+
+def test_a_caller_that_gives_up_leaves_the_others_untouched():
+    async def run() -> tuple[list[int], list[object]]:
+        inner = Gated()
+        metrics = GatewayMetrics()
+        merged = CoalescingBackend(inner, max_rows=64, max_bytes=1 << 30, max_in_flight=1)
+        guard = GuardedBackend(
+            merged,
+            identity=IdentityCheck("h", ("image_encoder",)),
+            timeout_s=0.2,
+            max_batch=64,
+            embed_dim=D,
+            metrics=metrics,
+        )
+        first = asyncio.create_task(merged.encode_images(images_of(1)[0]))
+        await settle()
+        waiting = [asyncio.create_task(merged.encode_images(x)) for x in images_of(2, 3)]
+        impatient = asyncio.create_task(guard.encode_images(images_of(4)[0]))  # times out
+        await settle()
+        waiting[0].cancel()  # its request went away before the merged call was sent
+        await asyncio.sleep(0.4)
+        await inner.release()
+        outs = await asyncio.gather(first, *waiting, impatient, return_exceptions=True)
+        return inner.calls, outs
+
+    calls, (first, cancelled, third, impatient) = asyncio.run(run())
+    # both gave up before the merged call went out: only the third caller's row was sent
+    assert calls == [1, 1]
+    assert first[:, 0].tolist() == [1] and third[:, 0].tolist() == [3]
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert isinstance(impatient, BackendTimeout)
+
+
+def test_everything_but_inference_is_the_wrapped_backend_s():
+    inner = Gated()
+    inner.models = ("image_encoder", "text_encoder", "reward_head")
+    merged = CoalescingBackend(inner, max_rows=8, max_bytes=1 << 30, max_in_flight=2)
+    assert merged.models == inner.models
+    assert asyncio.run(merged.export_hashes(["a"])) == {"a": "h"}
+    with pytest.raises(AttributeError):
+        merged.no_such_attribute  # noqa: B018
+
+
+def test_a_caller_that_times_out_while_its_merged_call_is_out_costs_the_others_nothing():
+    async def run() -> tuple[list[int], list[object]]:
+        inner = Gated()
+        merged = CoalescingBackend(inner, max_rows=64, max_bytes=1 << 30, max_in_flight=1)
+        guard = GuardedBackend(
+            merged,
+            identity=IdentityCheck("h", ("image_encoder",)),
+            timeout_s=0.3,
+            max_batch=64,
+            embed_dim=D,
+            metrics=GatewayMetrics(),
+        )
+        blocker = asyncio.create_task(merged.encode_images(images_of(1)[0]))
+        await settle()
+        impatient = asyncio.create_task(guard.encode_images(images_of(4)[0]))
+        patient = asyncio.create_task(merged.encode_images(images_of(5)[0]))
+        await asyncio.sleep(0.1)  # both wait behind the blocker
+        await inner.release(1)  # the blocker returns; the two go out together and stay out
+        await asyncio.sleep(0.4)  # the guard's 0.3 s runs out meanwhile
+        await inner.release()
+        outs = await asyncio.gather(blocker, impatient, patient, return_exceptions=True)
+        return inner.calls, outs
+
+    calls, (blocker, impatient, patient) = asyncio.run(run())
+    assert calls == [1, 2]
+    assert blocker[:, 0].tolist() == [1] and patient[:, 0].tolist() == [5]
+    assert isinstance(impatient, BackendTimeout)
