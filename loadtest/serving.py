@@ -331,12 +331,21 @@ class RequestFailed(RuntimeError):
 
 # -- load generator targets ------------------------------------------------------------------------
 class HttpTarget:
-    """`POST /v1/score` of the gateway or a baseline (same JSON either way)."""
+    """`POST /v1/score` of the gateway or a baseline (same JSON either way).
+
+    aiohttp, not httpx: the load generator shares the machine with the servers, and httpx cost
+    3.2 ms of CPU per 224-px request here against aiohttp's 0.44 ms (loadtest/README.md) — a
+    quarter of two cores taken from whichever server was measured."""
 
     def __init__(self, name: str, url: str, corpus: Corpus, connections: int, timeout_s: float):
+        import aiohttp
+
         self.name, self.url, self.corpus = name, url, corpus
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self.client = httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits)
+        self.session = aiohttp.ClientSession(
+            base_url=url,
+            connector=aiohttp.TCPConnector(limit=connections),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        )
 
     def prepare(self, items: list[tuple[int, str]], mode: Mode, repeats: bool) -> tuple[bytes, int]:
         parts = ",".join(
@@ -347,18 +356,19 @@ class HttpTarget:
 
     async def send(self, prepared: tuple[bytes, int]) -> list[float]:
         body, n = prepared
-        response = await self.client.post(
-            "/v1/score", content=body, headers={"content-type": "application/json"}
-        )
-        if response.status_code != 200:
-            raise RequestFailed(f"HTTP {response.status_code}: {response.text[:300]}")
-        results = response.json()["results"]
+        async with self.session.post(
+            "/v1/score", data=body, headers={"content-type": "application/json"}
+        ) as response:
+            text = await response.read()
+        if response.status != 200:
+            raise RequestFailed(f"HTTP {response.status}: {text[:300].decode(errors='replace')}")
+        results = json.loads(text)["results"]
         if len(results) != n:
             raise RequestFailed(f"{len(results)} results for {n} items")
         return [float(r["raw"]) for r in results]
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.session.close()
 
 
 class GrpcTarget:
