@@ -73,6 +73,15 @@ def images_of(*owners: int, size: int = 8) -> list[np.ndarray]:
     return [np.full((1, size, size, 3), k, np.uint8) for k in owners]
 
 
+def bounded(coro, timeout_s: float = 5.0):
+    """asyncio.run with a deadline: a queue that stops dispatching fails the test, not CI."""
+
+    async def run():
+        return await asyncio.wait_for(coro, timeout_s)
+
+    return asyncio.run(run())
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -93,7 +102,7 @@ def test_calls_waiting_behind_a_busy_backend_go_as_one_and_each_gets_its_own_row
         await inner.release()
         return inner.calls, await asyncio.gather(first, *rest)
 
-    calls, outs = asyncio.run(run())
+    calls, outs = bounded(run())
     assert calls == [1, 4]  # one call alone, then the three waiting callers' four rows together
     assert [o[:, 0].tolist() for o in outs] == [[100], [7], [1, 2], [9]]
     assert all(o.shape[1] == D for o in outs)
@@ -109,10 +118,10 @@ def test_a_lone_call_goes_at_once_and_merging_off_sends_every_call_alone():
         await asyncio.gather(*(merged.encode_images(x) for x in images_of(1, 2, 3, 4)))
         return inner.calls
 
-    assert asyncio.run(run(0)) == [1, 1, 1, 1, 1]
+    assert bounded(run(0)) == [1, 1, 1, 1, 1]
     # calls issued in the same event-loop turn go together; one is already out only when
     # max_in_flight is reached
-    assert asyncio.run(run(2)) == [1, 4]
+    assert bounded(run(2)) == [1, 4]
 
 
 def test_merged_calls_respect_max_rows_and_bytes_and_never_mix_shapes():
@@ -127,7 +136,7 @@ def test_merged_calls_respect_max_rows_and_bytes_and_never_mix_shapes():
         await asyncio.gather(*(by_bytes.encode_images(x) for x in images_of(1, 2, 3)))
         return inner.calls, outs
 
-    calls, outs = asyncio.run(run())
+    calls, outs = bounded(run())
     assert calls[:4] == [3, 3, 1, 2]  # 7 small images in 3s; the two 16-px ones apart
     assert calls[4:] == [2, 1]  # two 8-px images (192 bytes each) per call
     assert [int(o[0, 0]) for o in outs] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
@@ -156,7 +165,7 @@ def test_reward_outputs_are_split_back_per_caller():
         assert inner.calls == [1, 3]
         return outs
 
-    outs = asyncio.run(run())
+    outs = bounded(run())
     assert [o["RAW"][:, 0].tolist() for o in outs] == [[1.0], [20.0, 20.0], [15.0]]
     assert [o["TEXTNORM"].shape for o in outs] == [(1, 1), (2, 1), (1, 1)]
 
@@ -170,11 +179,13 @@ def test_a_wrong_row_count_or_an_error_fails_every_caller_of_the_merged_call():
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     # the backend loses a row of the merged call [2, 3]: neither caller may get the other's
-    outs = asyncio.run(run(Gated(drop_rows=1)))
+    outs = bounded(run(Gated(drop_rows=1)))
     assert isinstance(outs[0], BackendError)  # the lone first call lost its only row
     assert all(isinstance(o, BackendError) and "2 rows" in str(o) for o in outs[1:]), outs
     failure = BackendError("image_encoder: boom")
-    assert asyncio.run(run(Gated(fail=failure))) == [failure] * 3
+    outs = bounded(run(Gated(fail=failure)))
+    assert all(type(o) is BackendError and str(o) == str(failure) for o in outs), outs
+    assert len({id(o) for o in outs}) == 3  # each caller its own copy (its own traceback)
 
 
 def test_a_caller_that_gives_up_leaves_the_others_untouched():
@@ -201,7 +212,7 @@ def test_a_caller_that_gives_up_leaves_the_others_untouched():
         outs = await asyncio.gather(first, *waiting, impatient, return_exceptions=True)
         return inner.calls, outs
 
-    calls, (first, cancelled, third, impatient) = asyncio.run(run())
+    calls, (first, cancelled, third, impatient) = bounded(run())
     # both gave up before the merged call went out: only the third caller's row was sent
     assert calls == [1, 1]
     assert first[:, 0].tolist() == [1] and third[:, 0].tolist() == [3]
@@ -214,7 +225,7 @@ def test_everything_but_inference_is_the_wrapped_backend_s():
     inner.models = ("image_encoder", "text_encoder", "reward_head")
     merged = CoalescingBackend(inner, max_rows=8, max_bytes=1 << 30, max_in_flight=2)
     assert merged.models == inner.models
-    assert asyncio.run(merged.export_hashes(["a"])) == {"a": "h"}
+    assert bounded(merged.export_hashes(["a"])) == {"a": "h"}
     with pytest.raises(AttributeError):
         merged.no_such_attribute  # noqa: B018
 
@@ -242,7 +253,65 @@ def test_a_caller_that_times_out_while_its_merged_call_is_out_costs_the_others_n
         outs = await asyncio.gather(blocker, impatient, patient, return_exceptions=True)
         return inner.calls, outs
 
-    calls, (blocker, impatient, patient) = asyncio.run(run())
+    calls, (blocker, impatient, patient) = bounded(run())
     assert calls == [1, 2]
     assert blocker[:, 0].tolist() == [1] and patient[:, 0].tolist() == [5]
     assert isinstance(impatient, BackendTimeout)
+
+
+class Hanging(Gated):
+    """Hangs (never answers, no deadline of its own) until `recovered`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recovered = False
+
+    async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        if not self.recovered:
+            self.calls.append(len(images))
+            await asyncio.Event().wait()
+        return np.repeat(images[:, 0, 0, :1].astype(np.float32), D, axis=1)
+
+
+def test_a_hung_backend_does_not_keep_the_queue_after_it_recovers():
+    async def run() -> tuple[int, np.ndarray, dict]:
+        inner = Hanging()
+        merged = CoalescingBackend(
+            inner, max_rows=64, max_bytes=1 << 30, max_in_flight=2, timeout_s=30
+        )
+        guard = GuardedBackend(
+            merged,
+            identity=IdentityCheck("h", ("image_encoder",)),
+            timeout_s=0.2,
+            max_batch=64,
+            embed_dim=D,
+            metrics=GatewayMetrics(),
+        )
+        hung = []
+        for k in range(3):  # two fill both slots, the third waits behind them; all time out
+            hung.append(asyncio.create_task(guard.encode_images(images_of(k)[0])))
+            await settle()
+        results = await asyncio.gather(*hung, return_exceptions=True)
+        assert all(isinstance(r, BackendTimeout) for r in results), results
+        await settle()  # the abandoned merged calls were cancelled: their slots are free
+        inner.recovered = True
+        out = await guard.encode_images(images_of(7)[0])
+        await settle()
+        return len(inner.calls), out, dict(merged.queues)
+
+    sent, out, queues = bounded(run())
+    assert sent == 2  # the third caller's row never went out
+    assert out[:, 0].tolist() == [7]
+    assert queues == {}  # an idle queue is dropped
+
+
+def test_a_merged_call_past_its_own_deadline_fails_its_callers_with_a_timeout():
+    async def run() -> list[object]:
+        merged = CoalescingBackend(
+            Hanging(), max_rows=64, max_bytes=1 << 30, max_in_flight=1, timeout_s=0.1
+        )
+        calls = [merged.encode_images(x) for x in images_of(1, 2)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outs = bounded(run())
+    assert all(isinstance(o, BackendTimeout) and "0.1 s" in str(o) for o in outs), outs

@@ -199,6 +199,7 @@ def create_app(
             max_rows=max_batch,
             max_bytes=MAX_CALL_BYTES,
             max_in_flight=settings.merged_calls_in_flight,
+            timeout_s=settings.backend_timeout_s,
             metrics=metrics,
         )
 

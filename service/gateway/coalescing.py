@@ -14,9 +14,11 @@ wraps a backend and merges them:
   and `max_bytes` input bytes, the exported model's limits);
 - each caller gets exactly its own rows back. A merged answer with the wrong number of rows
   fails every caller (`BackendError`) rather than hand anyone another caller's rows; a failed
-  merged call fails each of its callers with that error; a caller that gave up (its timeout,
-  its request cancelled) is dropped from the queue, or its rows are discarded, and the others
-  are untouched.
+  merged call fails each of its callers with (a copy of) that error; a caller that gave up (its
+  timeout, its request cancelled) is dropped from the queue, or its rows are discarded, and the
+  others are untouched; a merged call whose callers have all given up is cancelled, and each is
+  bounded by `timeout_s`, so a hung backend cannot hold the queue's slots;
+- a queue with nothing waiting or out is dropped (image sizes come and go).
 
 `max_in_flight = 0` turns merging off (every call passes straight through).
 """
@@ -24,6 +26,8 @@ wraps a backend and merges them:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +35,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from service.gateway.backend import BackendError, RewardBackendProtocol
+from service.gateway.backend import BackendError, BackendTimeout, RewardBackendProtocol
 from service.gateway.metrics import GatewayMetrics
 
 Output = np.ndarray | dict[str, np.ndarray]
@@ -61,9 +65,11 @@ class CallQueue:
     max_rows: int
     max_bytes: int
     max_in_flight: int
+    timeout_s: float | None = None  # of each merged call (None: the backend's own deadline)
+    observe: Callable[[int], None] | None = None  # told the callers of each merged call
+    on_idle: Callable[[], None] | None = None  # nothing waiting or out any more
     waiting: deque[_Call] = field(default_factory=deque)
     in_flight: int = 0
-    observe: Callable[[int], None] | None = None  # told the callers of each merged call
     merged_calls: int = 0  # merged calls sent so far
     _scheduled: bool = False
     _tasks: set[asyncio.Task] = field(default_factory=set)
@@ -77,21 +83,47 @@ class CallQueue:
     def _schedule(self) -> None:
         if not self._scheduled and self.waiting and self.in_flight < self.max_in_flight:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+            # a fresh context: the merged call belongs to no single request
+            asyncio.get_running_loop().call_soon(self._dispatch, context=contextvars.Context())
 
     def _dispatch(self) -> None:
         self._scheduled = False
         while self.in_flight < self.max_in_flight:
             batch = self._take()
             if not batch:
-                return
+                break
             self.in_flight += 1
             self.merged_calls += 1
             if self.observe is not None:
                 self.observe(len(batch))
             task = asyncio.create_task(self._run(batch))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # bookkeeping in a done-callback: it runs even for a task cancelled before it started
+            task.add_done_callback(functools.partial(self._finished, batch))
+            waiting = [len(batch)]  # callers of this merged call still waiting for it
+            for call in batch:
+                call.future.add_done_callback(functools.partial(self._caller_done, task, waiting))
+        self._maybe_idle()
+
+    @staticmethod
+    def _caller_done(task: asyncio.Task, waiting: list[int], _future: asyncio.Future) -> None:
+        """Every caller gone (timed out, cancelled) before the answer: stop the call, freeing
+        its slot rather than holding it for work nobody will read."""
+        waiting[0] -= 1
+        if waiting[0] == 0 and not task.done():
+            task.cancel()
+
+    def _finished(self, batch: list[_Call], task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.in_flight -= 1
+        for call in batch:  # a task cancelled before or while sending: so are its callers
+            call.future.cancel()  # (no-op for the futures it has already settled)
+        self._schedule()
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if self.on_idle is not None and not self.waiting and self.in_flight == 0:
+            self.on_idle()
 
     def _take(self) -> list[_Call]:
         """The next merged call: waiting calls in order, up to max_rows and max_bytes (a call
@@ -114,28 +146,36 @@ class CallQueue:
     async def _run(self, batch: list[_Call]) -> None:
         try:
             if len(batch) == 1:
-                out = await self.send(*batch[0].arrays)
+                arrays = list(batch[0].arrays)
             else:
-                merged = [
-                    np.concatenate(parts) for parts in zip(*(c.arrays for c in batch), strict=True)
-                ]
-                out = await self.send(*merged)
+                arrays = [np.concatenate(p) for p in zip(*(c.arrays for c in batch), strict=True)]
+            out = await asyncio.wait_for(self.send(*arrays), self.timeout_s)
+            del arrays
             parts = _split(self.name, out, [c.rows for c in batch])
-        except Exception as exc:  # every caller gets the failure, as its own
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(exc)
-        except BaseException:  # cancelled (shutdown): so are the callers
-            for call in batch:
-                call.future.cancel()
-            raise
+        except TimeoutError:
+            self._fail(batch, BackendTimeout(f"{self.name}: no answer within {self.timeout_s:g} s"))
+        except Exception as exc:  # every caller gets the failure, each its own copy
+            self._fail(batch, exc)
         else:
             for call, part in zip(batch, parts, strict=True):
                 if not call.future.done():
                     call.future.set_result(part)
-        finally:
-            self.in_flight -= 1
-            self._schedule()
+
+    @staticmethod
+    def _fail(batch: list[_Call], exc: Exception) -> None:
+        for call in batch:
+            if not call.future.done():
+                call.future.set_exception(_own_copy(exc))
+
+
+def _own_copy(exc: Exception) -> Exception:
+    """The same error for one caller (its own traceback; the original as its cause)."""
+    try:
+        copy = type(exc)(*exc.args)
+    except Exception:
+        copy = BackendError(f"{type(exc).__name__}: {exc}")
+    copy.__cause__ = exc.__cause__  # not `exc`: its traceback holds the merged inputs
+    return copy
 
 
 def _split(name: str, out: Output, rows: Sequence[int]) -> list[Output]:
@@ -166,9 +206,11 @@ class CoalescingBackend:
         max_rows: int,
         max_bytes: int,
         max_in_flight: int,
+        timeout_s: float | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.backend = backend
+        self.timeout_s = timeout_s
         self.metrics = metrics
         self.max_rows = max(1, max_rows)
         self.max_bytes = max_bytes
@@ -188,7 +230,9 @@ class CoalescingBackend:
                 max_rows=self.max_rows,
                 max_bytes=self.max_bytes,
                 max_in_flight=self.max_in_flight,
+                timeout_s=self.timeout_s,
                 observe=self.metrics.merged_calls.labels(method).observe if self.metrics else None,
+                on_idle=lambda: self.queues.pop(key, None),  # image sizes come and go
             )
         return queue
 
