@@ -44,13 +44,23 @@ def bench_image_encoder(
     runs: int = 5,
     min_seconds: float = 0.5,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    bf16: bool = False,
 ) -> dict[str, dict[int, float]]:
-    """{"torch": {batch: images/s}, "onnxruntime": {...}} on random uint8 images."""
+    """{"torch": {batch: images/s}, "onnxruntime": {...}} on random uint8 images, and
+    "max_abs_diff_onnxruntime": {batch: max |Δ|} of its unit embeddings to torch's.
+
+    `bf16`: also torch under bf16 autocast ("torch_bf16", and "max_abs_diff_torch_bf16" to the
+    fp32 embeddings) — on CPUs with AMX-BF16 the reach of a lower-precision flavour, which the
+    served fp32 paths do not use (they keep rewards within 1e-4 of the reference)."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    out: dict[str, dict[int, float]] = {"torch": {}, "onnxruntime": {}}
+    names = ["torch", "onnxruntime", "max_abs_diff_onnxruntime"]
+    if bf16:
+        names += ["torch_bf16", "max_abs_diff_torch_bf16"]
+    out: dict[str, dict[int, float]] = {name: {} for name in names}
     for b in batch_sizes:
         images = rng.integers(0, 256, (b, image_px, image_px, 3), dtype=np.uint8)
+        px = bundle.processor(images=list(images), return_tensors="pt")["pixel_values"]
 
         def eager(images=images) -> torch.Tensor:
             px = bundle.processor(images=list(images), return_tensors="pt")["pixel_values"]
@@ -59,8 +69,18 @@ def bench_image_encoder(
         def onnx(images=images) -> list:
             return session.run(None, {"IMAGE": images})
 
+        def eager_bf16(images=images) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return eager(images).float()
+
         out["torch"][b] = _median_rate(eager, b, runs, min_seconds)
         out["onnxruntime"][b] = _median_rate(onnx, b, runs, min_seconds)
+        reference = image_embeddings(bundle.model, px).numpy()
+        out["max_abs_diff_onnxruntime"][b] = float(np.abs(onnx()[0] - reference).max())
+        if bf16:
+            out["torch_bf16"][b] = _median_rate(eager_bf16, b, runs, min_seconds)
+            low = eager_bf16().numpy()
+            out["max_abs_diff_torch_bf16"][b] = float(np.abs(low - reference).max())
     return out
 
 

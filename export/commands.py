@@ -198,8 +198,12 @@ def bench_encoders_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     runs: Annotated[int, typer.Option(min=1)] = 5,
     vit_b32: Annotated[bool, typer.Option(help="also a ViT-B/32-sized random-init CLIP")] = True,
+    bf16: Annotated[
+        bool, typer.Option(help="also torch under bf16 autocast (AMX on recent Xeons)")
+    ] = False,
 ) -> None:
-    """Image-encoder images/s: PyTorch eager vs ONNX Runtime at batch 1, 8, 32."""
+    """Image-encoder images/s: PyTorch eager vs ONNX Runtime at batch 1, 8, 32 (and the
+    embeddings' max |Δ| to torch fp32)."""
     from export.bench import bench_image_encoder, vit_b32_checkpoint
     from export.clip_model import load_clip
     from export.repository import ExportOptions, export_repository, read_provenance
@@ -224,7 +228,9 @@ def bench_encoders_cmd(
         export_repository(str(ckpt), vit_repo, None, ExportOptions())
         models["vit-b32 (random init)"] = (load_clip(ckpt), vit_repo)
     results = {
-        name: bench_image_encoder(b, version_dir(r, "image_encoder") / "model.onnx", runs=runs)
+        name: bench_image_encoder(
+            b, version_dir(r, "image_encoder") / "model.onnx", runs=runs, bf16=bf16
+        )
         for name, (b, r) in models.items()
     }
     if as_json:
@@ -234,10 +240,22 @@ def bench_encoders_cmd(
     from rich.table import Table
 
     table = Table(title="image encoder, images/s (median of runs; preprocessing included)")
-    for col in ("model", "batch", "torch eager", "onnxruntime", "ratio"):
+    columns = ["model", "batch", "torch eager", "onnxruntime", "ratio", "ORT max |Δ|"]
+    if bf16:
+        columns += ["torch bf16", "bf16 ÷ eager", "bf16 max |Δ|"]
+    for col in columns:
         table.add_column(col, justify="right")
     for name, res in results.items():
         for b, rate in res["torch"].items():
             ort_rate = res["onnxruntime"][b]
-            table.add_row(name, str(b), f"{rate:.1f}", f"{ort_rate:.1f}", f"{ort_rate / rate:.2f}x")
+            row = [name, str(b), f"{rate:.1f}", f"{ort_rate:.1f}", f"{ort_rate / rate:.2f}x"]
+            row.append(f"{res['max_abs_diff_onnxruntime'][b]:.1e}")
+            if bf16:
+                low = res["torch_bf16"][b]
+                row += [
+                    f"{low:.1f}",
+                    f"{low / rate:.2f}x",
+                    f"{res['max_abs_diff_torch_bf16'][b]:.1e}",
+                ]
+            table.add_row(*row)
     Console(file=sys.stdout).print(table)

@@ -435,3 +435,18 @@ def test_gpu_export_builds_engines_within_fp16_tolerance(tmp_path, shipped_model
     got_txt = run("text_encoder", {"INPUT_IDS": ids.numpy()}, "TEXT_EMBEDS", ref_txt.shape)
     assert np.abs(got_txt - ref_txt).max() <= FP16_EMBED_TOL
     assert np.abs(got_img @ got_txt.T - ref_img @ ref_txt.T).max() <= FP16_REWARD_TOL
+
+
+def test_encoder_bench_measures_onnx_parity_and_a_bf16_flavour(repo, shipped_model):
+    from export.bench import bench_image_encoder
+    from export.clip_model import load_clip
+
+    out, _ = repo
+    onnx_file = version_dir(out, "image_encoder") / "model.onnx"
+    res = bench_image_encoder(
+        load_clip(shipped_model), onnx_file, runs=1, min_seconds=0.05, batch_sizes=(2,), bf16=True
+    )
+    assert all(res[k][2] > 0 for k in ("torch", "onnxruntime", "torch_bf16"))
+    assert res["max_abs_diff_onnxruntime"][2] < 1e-4  # the served fp32 path: parity
+    # bf16 really runs in lower precision, and stays near fp32 on unit embeddings
+    assert 1e-5 < res["max_abs_diff_torch_bf16"][2] < 0.05
