@@ -1030,3 +1030,20 @@ def test_client_registers_a_set_again_on_a_replica_that_lacks_it(provenance, onn
     assert first["prompt_set"] == second["prompt_set"] == set_id
     assert abs(first["textnorm"] - second["textnorm"]) < 1e-7
     assert first["contrastive_sha256"] == second["contrastive_sha256"]
+
+
+def test_a_rule_builds_each_prompt_s_set_once_and_hands_out_copies(client):
+    from service.gateway.schemas import TextNormOptions
+
+    scorer = client.app_state.scorer
+    scorer._rule_prompts.cache_clear()
+    prompt = "three red circles on a blue background"
+    want = contrastive_prompts(prompt, "counting")
+    first = scorer.plan_contrastive(prompt, "prompt", TextNormOptions(rule="counting"))
+    first.prompts.append("mutated by a caller")
+    again = scorer.plan_contrastive(prompt, "prompt", TextNormOptions(rule="counting"))
+    assert again.prompts == want[: scorer.max_contrastive] and again.rule == "counting"
+    other = scorer.plan_contrastive(prompt, "prompt", TextNormOptions(rule="attributes"))
+    assert other.prompts == contrastive_prompts(prompt, "attributes")[: scorer.max_contrastive]
+    info = scorer._rule_prompts.cache_info()
+    assert (info.hits, info.misses) == (1, 2)

@@ -22,6 +22,7 @@ and uncertainty-regularised ensembles of the models' TextNorm probabilities (DES
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -48,6 +49,7 @@ _OUTPUTS = {
     "ENSEMBLE_MEAN": "ensemble_mean",
     "ENSEMBLE_UW": "ensemble_uw",
 }
+RULE_CACHE_ENTRIES = 4096  # (prompt, rule) → contrastive prompts (misses rebuild; exact)
 _NEED_CONTRASTIVE = {"TEXTNORM_HEAD", "ENSEMBLE_MEAN", "ENSEMBLE_UW"}
 
 
@@ -129,6 +131,8 @@ class Scorer:
         self.vocabulary = vocabulary  # of the attribute-swap rules (None: the shapes world's)
         self.token_bucket = token_bucket  # text batches are padded to a multiple of this
         self.calibration = calibration  # calibrated c/λ (service/gateway/calibration.py)
+        # An RL run sends the same prompts every step: each (prompt, rule) is built once.
+        self._rule_prompts = functools.lru_cache(maxsize=RULE_CACHE_ENTRIES)(self._build_rule)
         first = ScoringModel(
             provenance.model.name, provenance.checkpoint_sha256, provenance.embed_dim, backend
         )
@@ -222,12 +226,15 @@ class Scorer:
                 list(registered.contrastive), "prompt_set", registered.id, prompt_field
             )
         try:
-            generated = contrastive_prompts(prompt, options.rule, vocabulary=self.vocabulary)
+            generated = self._rule_prompts(prompt, options.rule)
         except NoContrastivePrompts as exc:
             return self._missing(prompt_field, prompt, options, f"rule {options.rule!r}: {exc}")
         return ContrastivePlan(
             generated[: self.max_contrastive], "rule", field=prompt_field, rule=options.rule
         )
+
+    def _build_rule(self, prompt: str, rule: str) -> list[str]:
+        return contrastive_prompts(prompt, rule, vocabulary=self.vocabulary)
 
     def _explicit(
         self,
