@@ -78,7 +78,10 @@ def export_cmd(
         ),
     ] = None,
     target: Annotated[str, typer.Option(help="cpu | gpu")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 (gpu)")] = "fp32",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32 | fp16 (gpu) | int8 (cpu towers) [default: settings' on cpu]"),
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="max batch (TensorRT profile max)")] = 64,
     queue_delay_us: Annotated[
         int | None, typer.Option(help="dynamic batching max queue delay [default: settings]")
@@ -108,7 +111,7 @@ def export_cmd(
         calibration = Path(settings.calibration)
     options = ExportOptions(
         target=target,
-        precision=precision,
+        precision=precision or (settings.precision if target == "cpu" else "fp32"),
         max_batch=max_batch,
         queue_delay_us=settings.triton_queue_delay_us if queue_delay_us is None else queue_delay_us,
         threads=settings.triton_onnx_threads if threads is None else threads,

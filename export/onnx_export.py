@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from export.clip_model import ClipBundle
+from export.onnx_quantize import quantize_int8
 from export.reward_head import RewardHead
 from export.textnorm_torch import (
     ensemble_mean_torch,
@@ -124,8 +125,9 @@ def _export(
     return model
 
 
-def export_text_encoder(bundle: ClipBundle) -> onnx.ModelProto:
-    """Token ids [B, T] → TEXT_EMBEDS, T from 2 to 77 (the tokens the batch needs).
+def export_text_encoder(bundle: ClipBundle, int8: bool = False) -> onnx.ModelProto:
+    """Token ids [B, T] → TEXT_EMBEDS, T from 2 to 77 (the tokens the batch needs); `int8`:
+    int8 weight MatMuls (`onnx_quantize`).
 
     Exact for any T that keeps each row's end token: CLIP's text tower is causal and pools at
     the first end token, so positions after it never reach the embedding, and the padding a
@@ -134,7 +136,8 @@ def export_text_encoder(bundle: ClipBundle) -> onnx.ModelProto:
     ids = torch.full((2, 16), bundle.tokenizer.eos_token_id, dtype=torch.long)
     ids[:, 0] = bundle.tokenizer.bos_token_id
     names = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
-    return _export(TextTower(bundle), (ids,), *names, tokens=True)
+    tower = _export(TextTower(bundle), (ids,), *names, tokens=True)
+    return quantize_int8(tower) if int8 else tower
 
 
 def export_image_tower(bundle: ClipBundle) -> onnx.ModelProto:
@@ -149,19 +152,35 @@ def export_image_tower(bundle: ClipBundle) -> onnx.ModelProto:
     )
 
 
-def export_image_encoder(bundle: ClipBundle) -> onnx.ModelProto:
-    """uint8 IMAGE → in-graph CLIP preprocessing → vision tower → IMAGE_EMBEDS, one graph."""
+def export_image_encoder(bundle: ClipBundle, int8: bool = False) -> onnx.ModelProto:
+    """uint8 IMAGE → in-graph CLIP preprocessing → vision tower → IMAGE_EMBEDS, one graph;
+    `int8`: the tower's weight MatMuls in int8 (`onnx_quantize`; the preprocessing stays as
+    it is: the quantizer reorders the nodes of its If/Loop subgraphs out of topological order)."""
     from export.onnx_preprocess import build_preprocess_model
 
-    tower = onnx.compose.add_prefix(
-        export_image_tower(bundle), "tower/", rename_inputs=False, rename_outputs=False
-    )
-    return onnx.compose.merge_models(
+    tower = export_image_tower(bundle)
+    if int8:
+        tower = quantize_int8(tower)
+    tower = onnx.compose.add_prefix(tower, "tower/", rename_inputs=False, rename_outputs=False)
+    merged = onnx.compose.merge_models(
         build_preprocess_model(bundle.processor),
         tower,
         io_map=[("PIXEL_VALUES", "PIXEL_VALUES")],
         doc_string="image encoder: CLIP preprocessing + vision tower",
     )
+    return _dedupe_opsets(merged)
+
+
+def _dedupe_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Import each opset domain once (`onnx.compose.merge_models` lists a shared domain once
+    per merged model)."""
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        if versions.setdefault(opset.domain, opset.version) != opset.version:
+            raise ValueError(f"opset {opset.domain!r} imported at two versions")
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(versions.items()))
+    return model
 
 
 def export_reward_head(embed_dim: int, head: RewardHead | None) -> onnx.ModelProto:

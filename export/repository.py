@@ -62,13 +62,14 @@ from export.triton_config import (
 from model_repository import PYTHON_ONNX_MODEL, SCORE_MODEL
 from service import model_contract as contract
 
+PRECISIONS = ("fp32", "fp16", "int8")
 FORMAT_VERSION = 2  # 2: content hash in every config, native + bundled CPU configs
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     target: str = "cpu"  # cpu | gpu
-    precision: str = "fp32"  # fp32 | fp16 (fp16 applies to TensorRT engines)
+    precision: str = "fp32"  # fp32 | fp16 (TensorRT engines) | int8 (CPU towers, onnx_quantize)
     max_batch: int = 64
     queue_delay_us: int = 500  # dynamic batching max queue delay, chosen by measurement (README)
     threads: int = 0  # ONNX Runtime intra-op threads per CPU model instance (0: all cores)
@@ -79,10 +80,14 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.target not in ("cpu", "gpu"):
             raise ValueError(f"--target must be cpu or gpu, got {self.target!r}")
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"--precision must be fp32 or fp16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.target == "cpu" and self.precision == "fp16":
-            raise ValueError("--precision fp16 needs --target gpu (ONNX Runtime on CPU runs fp32)")
+            raise ValueError("--precision fp16 needs --target gpu (on CPU: fp32, or int8 towers)")
+        if self.target == "gpu" and self.precision == "int8":
+            raise ValueError("--precision int8 needs --target cpu (on GPU: fp32 or fp16 engines)")
         if not 1 <= self.max_batch <= 4096:
             raise ValueError(f"--max-batch must be between 1 and 4096, got {self.max_batch}")
         if not 0 <= self.queue_delay_us <= 1_000_000:
@@ -131,6 +136,7 @@ def _code_hashes() -> dict[str, str]:
         for m in (
             "onnx_preprocess",
             "onnx_export",
+            "onnx_quantize",
             "triton_config",
             "repository",
             "textnorm_torch",
@@ -375,13 +381,13 @@ def _write_member(
     configs: Configs = {}
     image_spec = contract.for_member(contract.image_encoder(dim), member)
     if options.target == "cpu":
-        image_onnx = onnx_export.export_image_encoder(bundle)
+        image_onnx = onnx_export.export_image_encoder(bundle, int8=options.precision == "int8")
         configs |= _write_cpu_model(root, image_spec, image_onnx, batching)
     else:
         configs |= _write_gpu_image_encoder(root, bundle, batching, options, engines, member)
     progress.update(task, advance=1, description=f"exporting text encoder{what}")
     text_spec = contract.for_member(contract.text_encoder(dim), member)
-    text_onnx = onnx_export.export_text_encoder(bundle)
+    text_onnx = onnx_export.export_text_encoder(bundle, int8=options.precision == "int8")
     if options.target == "cpu":
         configs |= _write_cpu_model(root, text_spec, text_onnx, batching)
     else:
@@ -635,6 +641,11 @@ def _readme(options: ExportOptions) -> str:
             "tritonserver (`--model-config-name=bundled`). Image preprocessing is part of the "
             "image encoder's graph."
         )
+        if options.precision == "int8":
+            how += (
+                " The image and text towers have int8 weight MatMuls (ONNX Runtime dynamic "
+                "quantization); preprocessing and the reward head are fp32."
+            )
     else:
         how = (
             "Text encoder and vision tower are TensorRT engines, built on the GPU node by "

@@ -140,8 +140,12 @@ def markdown(results: dict[str, Any]) -> str:
         out += [f"`{meta['command']}`", ""]
     model = meta["model"]
     head = "with the learned head" if meta.get("head") else "no head"
+    towers = f"{meta.get('precision', 'fp32')} towers"
+    if meta.get("baseline_precision", "fp32") != "fp32":
+        towers += f", baselines {meta['baseline_precision']}"
     out.append(
-        f"Model `{model}` ({head}; export `{meta.get('cache_key') or '–'}`), {meta['cores']} "
+        f"Model `{model}` ({head}; {towers}; export `{meta.get('cache_key') or '–'}`), "
+        f"{meta['cores']} "
         f"cores ({meta['cpu']}; baselines with {meta.get('baseline_threads', '?')} torch "
         f"threads), {meta['started']}. Medians of {meta['runs']} windows of "
         f"{meta['seconds']:g} s after warm-up; closed-loop clients (C = concurrency); "
@@ -154,6 +158,9 @@ def markdown(results: dict[str, Any]) -> str:
         )
         out += ["", f"Same model everywhere: max |raw − {parity['reference']}'s raw| on 4 items: "]
         out[-1] += diffs or "–"
+        if meta.get("precision", "fp32") != "fp32" and parity.get("tolerance"):
+            tolerances = ", ".join(f"{k} {v:.0e}" for k, v in parity["tolerance"].items())
+            out[-1] += f" (tolerances with {meta['precision']} towers: {tolerances})"
         if parity.get("errors"):
             out[-1] += f" (failed: {', '.join(parity['errors'])})"
     best = best_ceiling(results["ceiling"])

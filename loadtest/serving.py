@@ -73,7 +73,7 @@ from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
 from loadtest.baselines import LITSERVE_MODULE, NAIVE_MODULE
 from service.contrastive import contrastive_prompts
-from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS
+from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS, RAW_TOLERANCE
 from service.triton_server import free_ports
 from shapes_world.grammar import describe
 from shapes_world.render import render
@@ -82,6 +82,12 @@ from shapes_world.scene import Caption, Group, Scene
 from shapes_world.vocab import BACKGROUNDS, COLOURS, MAX_COUNT, MIN_COUNT, SHAPES
 
 SYSTEMS = ("gateway", "grpc", "naive", "litserve", "ceiling")
+SERVED_EXPORT = ("gateway", "grpc", "ceiling")  # the systems that run the exported ONNX files
+PRECISIONS = ("fp32", "int8")  # of the export's towers (`export --precision`, CPU)
+# The same export batched differently: fp32 is batch-invariant (≤ 1e-7 measured); int8
+# quantizes a batch's activations with one scale, so batch-mates move a raw reward (9.5e-4
+# between the ceiling's batch of 4 and the gateway's calls on ViT-B/32).
+SAME_EXPORT_TOLERANCE = {"fp32": 1e-4, "int8": 5e-3}
 SERVED = ("gateway", "grpc", "naive", "litserve")  # measured by the load generator
 BASELINES = ("naive", "litserve")  # ratios are taken against these and the ceiling
 WORKLOADS = ("rl", "cold")
@@ -227,6 +233,7 @@ class BaselineServer(_Process):
         model: str,
         workdir: Path,
         threads: int | None = None,
+        int8: bool = False,
     ) -> None:
         self.name = name
         (self.port,) = free_ports(1, "127.0.0.1")
@@ -235,6 +242,8 @@ class BaselineServer(_Process):
         cmd = [sys.executable, "-m", module, "--model", model, "--port", str(self.port)]
         if threads:
             cmd += ["--threads", str(threads)]
+        if int8:
+            cmd.append("--int8")
         self._spawn(cmd, workdir / f"{name}.log")
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -805,13 +814,17 @@ def bench_serving(
     request_timeout_s: float = 900.0,
     ready_timeout_s: float = 900.0,
     baseline_threads: int | None = None,
+    precision: str | None = None,
+    baseline_precision: str = "fp32",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure every system at every point; the results as a JSON-ready dict (see module doc).
 
     `workdir` receives the servers' logs. Servers are started once, in parallel, and always
     stopped before returning (or raising). `baseline_threads`: torch threads of the baselines
-    (None: every core)."""
+    (None: every core). `precision`: the export's towers, fp32 or int8 (None: the settings');
+    `baseline_precision`: the baselines' PyTorch model, fp32 or int8 (torch dynamic
+    quantization of its Linear layers)."""
     _check(systems, SYSTEMS, "systems")
     _check(workloads, WORKLOADS, "workloads")
     _check(textnorm, TEXTNORM, "textnorm")
@@ -823,6 +836,10 @@ def bench_serving(
     workdir.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda *_: None)
     settings = _resolve_model(model)
+    if precision is not None:
+        _check([precision], PRECISIONS, "precision")
+        settings = settings.model_copy(update={"precision": precision})
+    _check([baseline_precision], PRECISIONS, "baseline-precision")
     points = _points(workloads, images, textnorm, concurrency)
     served = [s for s in SERVED if s in systems]
     # Baselines ignore TextNorm: one measurement per point serves both settings.
@@ -838,6 +855,8 @@ def bench_serving(
     meta: dict[str, Any] = {
         "model": settings.model,
         "head": settings.head,
+        "precision": settings.precision,
+        "baseline_precision": baseline_precision,
         "systems": list(systems),
         "workloads": list(workloads),
         "images": list(images),
@@ -859,7 +878,7 @@ def bench_serving(
     with _sigterm_unwinds():
         try:
             repository = None
-            if {"gateway", "grpc", "ceiling"} & set(systems):
+            if set(SERVED_EXPORT) & set(systems):
                 from service.launcher import ensure_repository
 
                 report("exporting the model (cached by content)", 0, total)
@@ -878,7 +897,13 @@ def bench_serving(
                 )
             if "naive" in systems:
                 servers["naive"] = BaselineServer(
-                    "naive", NAIVE_MODULE, "/healthz", settings.model, workdir, baseline_threads
+                    "naive",
+                    NAIVE_MODULE,
+                    "/healthz",
+                    settings.model,
+                    workdir,
+                    baseline_threads,
+                    int8=baseline_precision == "int8",
                 )
             if "litserve" in systems:
                 servers["litserve"] = BaselineServer(
@@ -888,6 +913,7 @@ def bench_serving(
                     settings.model,
                     workdir,
                     baseline_threads,
+                    int8=baseline_precision == "int8",
                 )
             for name, server in servers.items():
                 report(f"waiting for {name}", 0, total)
@@ -922,8 +948,21 @@ def bench_serving(
                 server.stop()
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result["meta"] = meta
+    result["parity"]["tolerance"] = {
+        name: parity_tolerance(name, settings.precision, baseline_precision)
+        for name in result["parity"]["raw"]
+    }
     result["ratios"] = compute_ratios(result["points"], result["ceiling"])
     return result
+
+
+def parity_tolerance(system: str, precision: str, baseline_precision: str = "fp32") -> float:
+    """How far a system's raw reward may be from the gateway's: the systems that run the same
+    export (gRPC, the ceiling) by the batch effect of its precision; the PyTorch baselines by
+    the tolerance to fp32 of the coarser of the two precisions."""
+    if system in SERVED_EXPORT:
+        return SAME_EXPORT_TOLERANCE[precision]
+    return max(RAW_TOLERANCE[precision], RAW_TOLERANCE[baseline_precision])
 
 
 def _ceiling_plan(systems, concurrency, workloads, textnorm, images=(1,)) -> list[tuple[str, int]]:

@@ -52,6 +52,7 @@ def repository_dir(settings: Settings) -> Path:
             settings.triton_queue_delay_us,
             settings.triton_onnx_threads,
             settings.triton_instances,
+            settings.precision,
         ]
     )
     name = Path(settings.model.rstrip("/")).name or "model"
@@ -106,6 +107,8 @@ def ensure_repository(settings: Settings) -> Path:
         str(settings.triton_onnx_threads),
         "--instances",
         str(settings.triton_instances),
+        "--precision",
+        settings.precision,
     ]
     cmd += ["--head", settings.head] if settings.head else ["--no-head"]
     if not settings.calibration:

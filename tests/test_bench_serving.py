@@ -72,6 +72,9 @@ def test_baselines_return_the_gateways_raw_rewards(bench):
     assert len(parity["raw"]["gateway"]) == 4
     for system in ("naive", "litserve", "ceiling"):
         assert parity["max_abs_diff"][system] < 1e-4, (system, parity["raw"])
+    # fp32 towers: every system is held to the fp32 parity (int8 exports loosen it)
+    assert bench[0]["meta"]["precision"] == "fp32"
+    assert parity["tolerance"] == {system: 1e-4 for system in parity["raw"]}
 
 
 def test_report_files_and_the_table(bench):

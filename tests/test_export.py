@@ -207,6 +207,8 @@ def test_batches_of_max_batch_match_single_items(repo):
         (["--model", "/nonexistent/clip"], "model directory not found"),
         (["--target", "tpu"], "--target must be cpu or gpu"),
         (["--precision", "fp16"], "--precision fp16 needs --target gpu"),
+        (["--target", "gpu", "--precision", "int8"], "--precision int8 needs --target cpu"),
+        (["--precision", "int4"], "--precision must be one of fp32, fp16, int8"),
         # the shipped calibration belongs to the shipped model, not to the second one
         (
             [

@@ -14,7 +14,8 @@ LitServe's queue timeout (30 s by default) is disabled: at high concurrency with
 per request a closed-loop client legitimately queues longer, and a 504 there would measure the
 setting, not the server.
 
-``--threads`` overrides torch's thread count in the worker (default: every core).
+``--threads`` overrides torch's thread count in the worker (default: every core); ``--int8``
+quantizes the model's Linear layers (torch dynamic int8, as the naive baseline's ``--int8``).
 
     python -m loadtest.baselines.litserve_server --model DIR_OR_HUB_ID --port 8200
 """
@@ -28,6 +29,7 @@ from loadtest.baselines.naive_server import (
     ScoreRequest,
     all_cores,
     decode_image,
+    load_model,
     pixel_values,
     raw_rewards,
     server_arguments,
@@ -44,18 +46,17 @@ Batched = tuple[torch.Tensor, torch.Tensor, list[int]]  # pixels, token ids, ite
 class ClipRewardAPI(ls.LitAPI):
     """Raw CLIP reward of (image, prompt) items; requests batched by LitServe."""
 
-    def __init__(self, model: str, threads: int | None = None) -> None:
+    def __init__(self, model: str, threads: int | None = None, int8: bool = False) -> None:
         super().__init__(
             max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S, api_path="/v1/score"
         )
         self.model_source = model  # loaded in `setup`, inside the inference worker
         self.threads = threads
+        self.int8 = int8
 
     def setup(self, device: str) -> None:
-        from export.clip_model import load_clip
-
         torch.set_num_threads(self.threads or all_cores())
-        self.bundle = load_clip(self.model_source)
+        self.bundle = load_model(self.model_source, self.int8)
 
     # LitServe reads this annotation to type the endpoint's body (so no postponed annotations
     # in this module): FastAPI parses the JSON into a ScoreRequest in the API server process.
@@ -86,7 +87,7 @@ class ClipRewardAPI(ls.LitAPI):
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = server_arguments(__doc__.splitlines()[0], 8200, argv)
-    api = ClipRewardAPI(args.model, args.threads)
+    api = ClipRewardAPI(args.model, args.threads, args.int8)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=False)
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
 

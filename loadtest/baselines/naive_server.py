@@ -11,6 +11,8 @@ Torch uses every core. It returns the raw CLIP cosine only (no TextNorm) in the 
 Fields it does not use (``textnorm``, ``request_id``) are accepted and ignored, so the benchmark
 sends every system the same body. ``GET /healthz`` answers once the model is loaded.
 ``--threads`` overrides torch's thread count (default: every core, as torch does by itself).
+``--int8``: the model's Linear layers under torch's dynamic int8 quantization (one line, what a
+user of such a server would try first; the like-for-like baseline of an int8 export).
 
     python -m loadtest.baselines.naive_server --model DIR_OR_HUB_ID --port 8100
 """
@@ -78,9 +80,20 @@ def raw_rewards(bundle: ClipBundle, pixels: torch.Tensor, ids: torch.Tensor) -> 
     return (image * text).sum(dim=-1).tolist()
 
 
-def create_app(model: str, threads: int | None = None) -> FastAPI:
-    torch.set_num_threads(threads or all_cores())
+def load_model(model: str, int8: bool = False) -> ClipBundle:
+    """The CLIP checkpoint; with `int8`, every Linear quantized by torch (dynamic: int8
+    weights, activations quantized per call)."""
     bundle = load_clip(model)
+    if int8:
+        bundle.model = torch.ao.quantization.quantize_dynamic(
+            bundle.model, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return bundle
+
+
+def create_app(model: str, threads: int | None = None, int8: bool = False) -> FastAPI:
+    torch.set_num_threads(threads or all_cores())
+    bundle = load_model(model, int8)
     app = FastAPI(title="naive CLIP reward server (baseline)")
 
     @app.get("/healthz")
@@ -102,12 +115,13 @@ def create_app(model: str, threads: int | None = None) -> FastAPI:
 def server_arguments(
     description: str, default_port: int, argv: Sequence[str] | None
 ) -> argparse.Namespace:
-    """--model, --host, --port and --threads: the command line of both baseline servers."""
+    """--model, --host, --port, --threads and --int8: the command line of both baselines."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="CLIP checkpoint directory or hub id")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
+    parser.add_argument("--int8", action="store_true", help="torch dynamic int8 Linear layers")
     return parser.parse_args(argv)
 
 
@@ -115,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = server_arguments(__doc__.splitlines()[0], 8100, argv)
     import uvicorn
 
-    app = create_app(args.model, args.threads)
+    app = create_app(args.model, args.threads, args.int8)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

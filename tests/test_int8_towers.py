@@ -1,0 +1,181 @@
+"""int8 towers (`export --precision int8`, `REWARD_PRECISION=int8`): what is quantized, how far
+it is from the PyTorch fp32 reference, and that a real Triton serves it under its own identity."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from scipy.stats import spearmanr
+
+from export.repository import ExportOptions, export_repository
+from export.verify import TOLERANCES, verify_repository
+from service import model_contract as contract
+from service.model_contract import version_dir
+from shapes_world.benchmark import build_benchmark
+from tests.serve_stack import client_for, serve_stack
+
+TOWERS = ("image_encoder", "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def repos(shipped_model, tmp_path_factory):
+    """The shipped CLIP (no head) exported twice, fp32 and int8."""
+    root = tmp_path_factory.mktemp("int8")
+    out = {}
+    for precision in ("fp32", "int8"):
+        out[precision] = root / precision
+        export_repository(shipped_model, out[precision], None, ExportOptions(precision=precision))
+    return out
+
+
+def _graph(repo, model: str) -> onnx.ModelProto:
+    return onnx.load(str(version_dir(repo, model) / "model.onnx"))
+
+
+def _int8_matrices(model: onnx.ModelProto) -> list[str]:
+    """int8 weight matrices (their per-channel zero points are int8 vectors)."""
+    return [
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+    ]
+
+
+def test_int8_quantizes_the_towers_weight_matmuls_only(repos):
+    for name in TOWERS:
+        fp32, int8 = _graph(repos["fp32"], name), _graph(repos["int8"], name)
+        onnx.checker.check_model(int8, full_check=True)
+        fp32_weights = {t.name for t in fp32.graph.initializer}
+        weight_matmuls = [
+            n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in fp32_weights
+        ]
+        quantized = [n for n in int8.graph.node if n.op_type == "MatMulInteger"]
+        still_fp32 = [n for n in int8.graph.node if n.op_type == "MatMul"]
+        # every weight MatMul is int8 (the image tower's visual projection too, whose weight
+        # is not an initializer of the fp32 graph as such: one more than those that are) ...
+        assert len(quantized) == len(_int8_matrices(int8)) >= len(weight_matmuls) > 0, name
+        # ... and what stays fp32 multiplies activations only (attention)
+        int8_inits = {t.name for t in int8.graph.initializer}
+        assert still_fp32 and all(not set(n.input) & int8_inits for n in still_fp32), name
+        assert not {n.input[1] for n in weight_matmuls} & int8_inits, name
+        assert "DynamicQuantizeLinear" in {n.op_type for n in int8.graph.node}
+        assert [i.name for i in int8.graph.input] == [i.name for i in fp32.graph.input]
+        assert [o.name for o in int8.graph.output] == [o.name for o in fp32.graph.output]
+    # the in-graph preprocessing is untouched: same nodes under preprocess/
+    pre = [
+        (n.op_type, n.name, list(n.input))
+        for n in _graph(repos["fp32"], "image_encoder").graph.node
+        if any(i.startswith("preprocess/") for i in n.output)
+    ]
+    assert pre and pre == [
+        (n.op_type, n.name, list(n.input))
+        for n in _graph(repos["int8"], "image_encoder").graph.node
+        if any(i.startswith("preprocess/") for i in n.output)
+    ]
+    # the reward head is exact fp32 in every flavour: the same file
+    heads = [(version_dir(r, "reward_head") / "model.onnx").read_bytes() for r in repos.values()]
+    assert heads[0] == heads[1]
+
+
+def test_int8_is_its_own_export_and_says_so(repos):
+    prov = {p: json.loads((r / "provenance.json").read_text()) for p, r in repos.items()}
+    assert prov["int8"]["options"]["precision"] == "int8"
+    assert prov["int8"]["export_sha256"] != prov["fp32"]["export_sha256"]
+    assert prov["int8"]["model_version"] != prov["fp32"]["model_version"]
+    assert "int8" in (repos["int8"] / "README.md").read_text()
+
+
+def test_int8_verifies_within_its_tolerance_and_not_within_fp32s(repos):
+    report = verify_repository(repos["int8"], n_prompts=2)
+    assert report.ok, report.max_diff
+    assert report.tolerances["raw"] == contract.RAW_TOLERANCE["int8"]
+    # quantization is in effect: past the fp32 tolerances, yet well inside int8's
+    assert report.max_diff["raw"] > TOLERANCES["fp32"]["raw"]
+    assert report.max_diff["image_embeds"] > TOLERANCES["fp32"]["image_embeds"]
+    assert report.max_diff["head_graph"] <= TOLERANCES["fp32"]["head_graph"]
+
+
+def _raw_rewards(repo, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+    from export.clip_model import load_clip, tokenize
+
+    prov = json.loads((repo / "provenance.json").read_text())
+    tokenizer = load_clip(prov["model"]["source"]).tokenizer
+    image_s, text_s = (
+        ort.InferenceSession(str(version_dir(repo, m) / "model.onnx")) for m in TOWERS
+    )
+    img = np.concatenate([image_s.run(None, {"IMAGE": x[None]})[0] for x in images])
+    txt = text_s.run(None, {"INPUT_IDS": tokenize(tokenizer, prompts).numpy()})[0]
+    return (img * txt).sum(axis=1)
+
+
+def test_int8_ranks_benchmark_images_as_fp32_does(repos):
+    """Per prompt, the order of its images by raw reward: what a reward's AUROC and an RL
+    advantage depend on (README: AUROC within 0.002 of fp32 on the held-out benchmark)."""
+    bench = build_benchmark(seed=7, prompts_per_category=1, images_per_prompt=12)
+    rhos = []
+    for prompt in bench:
+        images = [np.asarray(item.image(size=64)) for item in prompt.items]
+        prompts = [prompt.prompt] * len(images)
+        fp32 = _raw_rewards(repos["fp32"], images, prompts)
+        int8 = _raw_rewards(repos["int8"], images, prompts)
+        assert np.abs(int8 - fp32).max() <= contract.RAW_TOLERANCE["int8"]
+        rhos.append(spearmanr(fp32, int8).statistic)
+    assert min(rhos) >= 0.95 and np.mean(rhos) >= 0.98, rhos
+
+
+def test_triton_serves_int8_towers_under_their_own_identity(repos, tmp_path):
+    """`REWARD_PRECISION=int8 serve`: the bundled Triton runs the quantized graphs, responses
+    name the precision and the int8 export, and rewards are the int8 files' (within the batch
+    effect) and within the int8 tolerance of fp32."""
+    from shapes_world.render import render
+    from shapes_world.scene import Group, Scene
+
+    fp32_repo = repos["fp32"]
+    scenes = [Scene((Group(n, "red", "circle"),), "grass") for n in (1, 2, 3)]
+    images = [render(s, k, 96).image for k, s in enumerate(scenes)]
+    prompt = "two red circles on a grass background"
+    items = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        items.append({"image": base64.b64encode(buf.getvalue()).decode(), "prompt": prompt})
+    with serve_stack(tmp_path, tmp_path / "repositories", head="", precision="int8") as stack:
+        prov = json.loads((stack.repository / "provenance.json").read_text())
+        with client_for(stack) as client:
+            body = client.post("/v1/score", json={"items": items}).json()
+    assert prov["options"]["precision"] == "int8"
+    assert body["provenance"]["exporter"]["precision"] == "int8"
+    assert body["provenance"]["export_sha256"] == prov["export_sha256"]
+    served = np.array([r["raw"] for r in body["results"]])
+    arrays = [np.asarray(image.convert("RGB")) for image in images]
+    # In process, each image alone: the gateway's batch (three images; the prompt padded to
+    # its token bucket) quantizes activations together, which moves a reward by ~1e-3.
+    int8 = _raw_rewards(stack.repository, arrays, [prompt] * len(images))
+    assert np.abs(served - int8).max() <= 5e-3
+    fp32 = _raw_rewards(fp32_repo, arrays, [prompt] * len(images))
+    assert np.abs(served - fp32).max() <= contract.RAW_TOLERANCE["int8"]
+
+
+def test_baselines_int8_flag_quantizes_their_linear_layers(shipped_model):
+    """`bench serving --baseline-precision int8`: the baselines' torch model, every Linear
+    dynamically quantized, rewards within the int8 tolerance of fp32 (not equal to them)."""
+    import torch
+
+    from loadtest.baselines.naive_server import load_model, pixel_values, raw_rewards, token_ids
+
+    fp32, int8 = load_model(shipped_model), load_model(shipped_model, int8=True)
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
+    assert any(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
+    bench = build_benchmark(seed=3, prompts_per_category=1, images_per_prompt=4)
+    images = [item.image(size=64) for p in bench for item in p.items]
+    prompts = [p.prompt for p in bench for _ in p.items]
+    rewards = [
+        np.array(raw_rewards(b, pixel_values(b, images), token_ids(b, prompts)))
+        for b in (fp32, int8)
+    ]
+    diff = np.abs(rewards[0] - rewards[1]).max()
+    assert 0 < diff <= contract.RAW_TOLERANCE["int8"]
