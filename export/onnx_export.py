@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from export.clip_model import ClipBundle
-from export.onnx_quantize import quantize_int8
 from export.reward_head import RewardHead
 from export.textnorm_torch import (
     ensemble_mean_torch,
@@ -137,7 +136,7 @@ def export_text_encoder(bundle: ClipBundle, int8: bool = False) -> onnx.ModelPro
     ids[:, 0] = bundle.tokenizer.bos_token_id
     names = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
     tower = _export(TextTower(bundle), (ids,), *names, tokens=True)
-    return quantize_int8(tower) if int8 else tower
+    return _quantized(tower) if int8 else tower
 
 
 def export_image_tower(bundle: ClipBundle) -> onnx.ModelProto:
@@ -160,7 +159,7 @@ def export_image_encoder(bundle: ClipBundle, int8: bool = False) -> onnx.ModelPr
 
     tower = export_image_tower(bundle)
     if int8:
-        tower = quantize_int8(tower)
+        tower = _quantized(tower)
     tower = onnx.compose.add_prefix(tower, "tower/", rename_inputs=False, rename_outputs=False)
     merged = onnx.compose.merge_models(
         build_preprocess_model(bundle.processor),
@@ -169,6 +168,13 @@ def export_image_encoder(bundle: ClipBundle, int8: bool = False) -> onnx.ModelPr
         doc_string="image encoder: CLIP preprocessing + vision tower",
     )
     return _dedupe_opsets(merged)
+
+
+def _quantized(tower: onnx.ModelProto) -> onnx.ModelProto:
+    """int8 weight MatMuls; ONNX Runtime's quantizer is imported only when asked for."""
+    from export.onnx_quantize import quantize_int8
+
+    return quantize_int8(tower)
 
 
 def _dedupe_opsets(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -145,9 +145,9 @@ def markdown(results: dict[str, Any]) -> str:
         towers += f", baselines {meta['baseline_precision']}"
     out.append(
         f"Model `{model}` ({head}; {towers}; export `{meta.get('cache_key') or '–'}`), "
-        f"{meta['cores']} "
-        f"cores ({meta['cpu']}; baselines with {meta.get('baseline_threads', '?')} torch "
-        f"threads), {meta['started']}. Medians of {meta['runs']} windows of "
+        f"{meta['cores']} cores ({meta['cpu']}; baselines with "
+        f"{meta.get('baseline_threads', '?')} torch threads), {meta['started']}. "
+        f"Medians of {meta['runs']} windows of "
         f"{meta['seconds']:g} s after warm-up; closed-loop clients (C = concurrency); "
         f"{meta['image_px']}-px PNGs; every item carries its own prompt."
     )

@@ -83,7 +83,7 @@ from shapes_world.vocab import BACKGROUNDS, COLOURS, MAX_COUNT, MIN_COUNT, SHAPE
 
 SYSTEMS = ("gateway", "grpc", "naive", "litserve", "ceiling")
 SERVED_EXPORT = ("gateway", "grpc", "ceiling")  # the systems that run the exported ONNX files
-PRECISIONS = ("fp32", "int8")  # of the export's towers (`export --precision`, CPU)
+PRECISIONS = tuple(RAW_TOLERANCE)  # of the export's CPU towers (`export --precision`)
 # The same export batched differently: fp32 is batch-invariant (≤ 1e-7 measured); int8
 # quantizes a batch's activations with one scale, so batch-mates move a raw reward (9.5e-4
 # between the ceiling's batch of 4 and the gateway's calls on ViT-B/32).

@@ -2,6 +2,7 @@
 it is from the PyTorch fp32 reference, and that a real Triton serves it under its own identity."""
 
 import base64
+import functools
 import io
 import json
 
@@ -99,11 +100,18 @@ def test_int8_verifies_within_its_tolerance_and_not_within_fp32s(repos):
     assert report.max_diff["head_graph"] <= TOLERANCES["fp32"]["head_graph"]
 
 
+@functools.cache
+def _tokenizer(source: str):
+    from export.clip_model import load_clip
+
+    return load_clip(source).tokenizer
+
+
 def _raw_rewards(repo, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
-    from export.clip_model import load_clip, tokenize
+    from export.clip_model import tokenize
 
     prov = json.loads((repo / "provenance.json").read_text())
-    tokenizer = load_clip(prov["model"]["source"]).tokenizer
+    tokenizer = _tokenizer(prov["model"]["source"])
     image_s, text_s = (
         ort.InferenceSession(str(version_dir(repo, m) / "model.onnx")) for m in TOWERS
     )
