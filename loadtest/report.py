@@ -158,9 +158,9 @@ def markdown(results: dict[str, Any]) -> str:
         )
         out += ["", f"Same model everywhere: max |raw − {parity['reference']}'s raw| on 4 items: "]
         out[-1] += diffs or "–"
-        if meta.get("precision", "fp32") != "fp32" and parity.get("tolerance"):
+        if towers != "fp32 towers" and parity.get("tolerance"):
             tolerances = ", ".join(f"{k} {v:.0e}" for k, v in parity["tolerance"].items())
-            out[-1] += f" (tolerances with {meta['precision']} towers: {tolerances})"
+            out[-1] += f" (tolerances with {towers}: {tolerances})"
         if parity.get("errors"):
             out[-1] += f" (failed: {', '.join(parity['errors'])})"
     best = best_ceiling(results["ceiling"])

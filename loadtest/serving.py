@@ -84,10 +84,11 @@ from shapes_world.vocab import BACKGROUNDS, COLOURS, MAX_COUNT, MIN_COUNT, SHAPE
 SYSTEMS = ("gateway", "grpc", "naive", "litserve", "ceiling")
 SERVED_EXPORT = ("gateway", "grpc", "ceiling")  # the systems that run the exported ONNX files
 PRECISIONS = tuple(RAW_TOLERANCE)  # of the export's CPU towers (`export --precision`)
-# The same export batched differently: fp32 is batch-invariant (≤ 1e-7 measured); int8
-# quantizes a batch's activations with one scale, so batch-mates move a raw reward (9.5e-4
-# between the ceiling's batch of 4 and the gateway's calls on ViT-B/32).
-SAME_EXPORT_TOLERANCE = {"fp32": 1e-4, "int8": 5e-3}
+# The same model batched differently (the export's ONNX files, or the baselines' PyTorch
+# model): fp32 is batch-invariant (≤ 1e-7 measured); int8 quantizes a batch's activations
+# with one scale (ONNX Runtime's and torch's dynamic quantization alike), so batch-mates move
+# a raw reward (9.5e-4 between the ceiling's batch of 4 and the gateway's calls on ViT-B/32).
+SAME_MODEL_TOLERANCE = {"fp32": 1e-4, "int8": 5e-3}
 SERVED = ("gateway", "grpc", "naive", "litserve")  # measured by the load generator
 BASELINES = ("naive", "litserve")  # ratios are taken against these and the ceiling
 WORKLOADS = ("rl", "cold")
@@ -879,11 +880,18 @@ def bench_serving(
         try:
             repository = None
             if set(SERVED_EXPORT) & set(systems):
-                from service.launcher import ensure_repository
+                from service.launcher import ensure_repository, export_precision
 
                 report("exporting the model (cached by content)", 0, total)
                 repository = ensure_repository(settings)
                 meta["repository"] = str(repository)
+                meta["precision"] = export_precision(repository)  # what is served, not asked
+                if precision is not None and precision != meta["precision"]:
+                    raise ValueError(
+                        f"--precision {precision}: the repository {repository} "
+                        f"(REWARD_REPOSITORY) serves {meta['precision']} towers; export one "
+                        f"with --precision {precision} or leave --precision out"
+                    )
                 prov = json.loads((repository / "provenance.json").read_text())
                 meta["cache_key"] = prov.get("cache_key")
             report("starting servers", 0, total)
@@ -948,20 +956,25 @@ def bench_serving(
                 server.stop()
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result["meta"] = meta
+    reference = result["parity"]["reference"]
     result["parity"]["tolerance"] = {
-        name: parity_tolerance(name, settings.precision, baseline_precision)
+        name: parity_tolerance(name, reference, meta["precision"], baseline_precision)
         for name in result["parity"]["raw"]
     }
     result["ratios"] = compute_ratios(result["points"], result["ceiling"])
     return result
 
 
-def parity_tolerance(system: str, precision: str, baseline_precision: str = "fp32") -> float:
-    """How far a system's raw reward may be from the gateway's: the systems that run the same
-    export (gRPC, the ceiling) by the batch effect of its precision; the PyTorch baselines by
-    the tolerance to fp32 of the coarser of the two precisions."""
-    if system in SERVED_EXPORT:
-        return SAME_EXPORT_TOLERANCE[precision]
+def parity_tolerance(
+    system: str, reference: str, precision: str, baseline_precision: str = "fp32"
+) -> float:
+    """How far a system's raw reward may be from the parity reference's (the gateway when it
+    runs): two systems running the same model (the export's ONNX files: gateway, gRPC, the
+    ceiling; or the baselines' PyTorch model) differ by the batch effect of its precision; the
+    export and a PyTorch baseline by the tolerance to fp32 of the coarser of the two precisions."""
+    for same, of in ((SERVED_EXPORT, precision), (BASELINES, baseline_precision)):
+        if system in same and reference in same:
+            return SAME_MODEL_TOLERANCE[of]
     return max(RAW_TOLERANCE[precision], RAW_TOLERANCE[baseline_precision])
 
 

@@ -328,9 +328,10 @@ def bench_serving_cmd(
     Starts every server once (all stopped at the end, also on Ctrl-C), measures img/s,
     p50/p95/p99 and errors at every point (medians of RUNS windows), writes the report
     into OUT and prints its tables. Exit status 1 when a request failed or a system's
-    rewards differ from the gateway's by more than 1e-4 (with --precision int8: 5e-3 for
-    the systems running the same export, batched differently; 3e-2 for the PyTorch fp32
-    baselines)."""
+    rewards differ from the gateway's by more than 1e-4 (with int8: 5e-3 between systems
+    running the same model, batched differently; 3e-2 between the export and a PyTorch
+    baseline). The towers' precision is the served export's (provenance.json): --precision
+    chooses the one to export and is refused when REWARD_REPOSITORY serves another."""
     import shlex
 
     from rich.console import Console

@@ -52,13 +52,43 @@ def repository_dir(settings: Settings) -> Path:
             settings.triton_queue_delay_us,
             settings.triton_onnx_threads,
             settings.triton_instances,
-            settings.precision,
+            # fp32 adds nothing: folders exported before the setting existed keep their names
+            *([settings.precision] if settings.precision != "fp32" else []),
         ]
     )
     name = Path(settings.model.rstrip("/")).name or "model"
     return (
         Path(settings.repositories_dir) / f"{name}-{hashlib.sha256(tag.encode()).hexdigest()[:12]}"
     )
+
+
+def export_precision(repo: Path) -> str:
+    """The precision of an export's towers, as its provenance.json records it (`export
+    --precision`; exports from before the option are fp32)."""
+    prov = json.loads((Path(repo) / "provenance.json").read_text())
+    return (prov.get("options") or {}).get("precision", "fp32")
+
+
+def warn_ignored_export_settings(settings: Settings, repo: Path) -> None:
+    """Say which export settings a given repository overrides: an existing export serves the
+    members and the tower precision it was exported with, whatever REWARD_MEMBERS and
+    REWARD_PRECISION say."""
+    if settings.members:
+        log.warning(
+            "REWARD_MEMBERS is ignored with a repository: %s serves the members it was "
+            "exported with (provenance.json)",
+            repo,
+        )
+    served = export_precision(repo)
+    if "precision" in settings.model_fields_set and settings.precision != served:
+        log.warning(
+            "REWARD_PRECISION=%s is ignored with a repository: %s serves %s towers "
+            "(provenance.json options.precision); export with --precision %s to serve those",
+            settings.precision,
+            repo,
+            served,
+            settings.precision,
+        )
 
 
 def ensure_repository(settings: Settings) -> Path:
@@ -75,12 +105,7 @@ def ensure_repository(settings: Settings) -> Path:
                 f"{repo} is a GPU-flavour export: serve it with the NGC tritonserver on a GPU "
                 "node after `reward-service build-engines` (the bundled server runs CPU exports)"
             )
-        if settings.members:
-            log.warning(
-                "REWARD_MEMBERS is ignored with a repository: %s serves the members it was "
-                "exported with (provenance.json)",
-                repo,
-            )
+        warn_ignored_export_settings(settings, repo)
         return repo
     if importlib.util.find_spec("torch") is None:
         raise ValueError(
@@ -366,6 +391,7 @@ def run_gateway(settings: Settings, *, onnx: bool = False) -> None:
     repo = Path(settings.repository)
     backend = "ONNX Runtime in process" if onnx else f"Triton {settings.triton_url}"
     app = _gateway_app(settings, repo, None if onnx else settings.triton_url, required=False)
+    warn_ignored_export_settings(settings, repo)
     print(f"gateway: http://{settings.host}:{settings.port} → {backend}")
     print(f"serving the export in {settings.repository}", flush=True)
     _run_uvicorn(app, settings)

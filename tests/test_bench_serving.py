@@ -40,6 +40,7 @@ def bench(tmp_path_factory):
         seconds=1.0,
         runs=1,
         warmup_s=0.5,
+        precision="fp32",  # whatever REWARD_PRECISION a developer has set
     )
     return results, write_report(results, work / "out")
 
@@ -161,3 +162,21 @@ def test_cli_rejects_an_unknown_system_before_starting_anything():
     result = run_cli("bench", "serving", "--systems", "gateway,bogus", timeout=60)
     assert result.returncode == 2
     assert "error: --systems" in result.stderr and "bogus" in result.stderr
+
+
+def test_parity_tolerance_depends_on_what_is_compared_with_what():
+    """Two systems running the same model differ by its precision's batch effect; the export
+    against a PyTorch baseline by the coarser precision's tolerance to fp32, whichever is the
+    reference (the gateway, or the first system when the gateway does not run)."""
+    from loadtest.serving import SAME_MODEL_TOLERANCE, parity_tolerance
+    from service.model_contract import RAW_TOLERANCE
+
+    int8, fp32 = SAME_MODEL_TOLERANCE["int8"], RAW_TOLERANCE["fp32"]
+    assert parity_tolerance("ceiling", "gateway", "int8") == int8
+    assert parity_tolerance("grpc", "ceiling", "int8") == int8
+    assert parity_tolerance("naive", "gateway", "int8") == RAW_TOLERANCE["int8"]
+    assert parity_tolerance("ceiling", "naive", "int8") == RAW_TOLERANCE["int8"]
+    assert parity_tolerance("litserve", "naive", "int8") == fp32  # both torch fp32
+    assert parity_tolerance("litserve", "naive", "fp32", "int8") == int8
+    assert parity_tolerance("ceiling", "naive", "fp32", "int8") == RAW_TOLERANCE["int8"]
+    assert parity_tolerance("ceiling", "gateway", "fp32") == fp32

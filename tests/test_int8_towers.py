@@ -16,6 +16,7 @@ from export.repository import ExportOptions, export_repository
 from export.verify import TOLERANCES, verify_repository
 from service import model_contract as contract
 from service.model_contract import version_dir
+from service.settings import SHIPPED_HEAD_DIR
 from shapes_world.benchmark import build_benchmark
 from tests.serve_stack import client_for, serve_stack
 
@@ -24,12 +25,13 @@ TOWERS = ("image_encoder", "text_encoder")
 
 @pytest.fixture(scope="module")
 def repos(shipped_model, tmp_path_factory):
-    """The shipped CLIP (no head) exported twice, fp32 and int8."""
+    """The shipped CLIP and learned head exported twice, fp32 and int8."""
     root = tmp_path_factory.mktemp("int8")
     out = {}
     for precision in ("fp32", "int8"):
         out[precision] = root / precision
-        export_repository(shipped_model, out[precision], None, ExportOptions(precision=precision))
+        options = ExportOptions(precision=precision)
+        export_repository(shipped_model, out[precision], SHIPPED_HEAD_DIR, options)
     return out
 
 
@@ -98,6 +100,8 @@ def test_int8_verifies_within_its_tolerance_and_not_within_fp32s(repos):
     assert report.max_diff["raw"] > TOLERANCES["fp32"]["raw"]
     assert report.max_diff["image_embeds"] > TOLERANCES["fp32"]["image_embeds"]
     assert report.max_diff["head_graph"] <= TOLERANCES["fp32"]["head_graph"]
+    # the learned head reads the int8 embeddings: within its int8 tolerance, moved by them
+    assert TOLERANCES["fp32"]["head"] < report.max_diff["head"] <= report.tolerances["head"]
 
 
 @functools.cache
@@ -187,3 +191,72 @@ def test_baselines_int8_flag_quantizes_their_linear_layers(shipped_model):
     ]
     diff = np.abs(rewards[0] - rewards[1]).max()
     assert 0 < diff <= contract.RAW_TOLERANCE["int8"]
+
+
+def test_a_repository_overrides_reward_precision_and_says_so(repos, caplog):
+    """With REWARD_REPOSITORY the export is served as it is: an explicit REWARD_PRECISION that
+    differs from its towers is ignored with a warning naming both; an unset or matching one
+    is silent."""
+    from service.launcher import ensure_repository, export_precision
+    from service.settings import Settings
+
+    assert [export_precision(repos[p]) for p in ("fp32", "int8")] == ["fp32", "int8"]
+    for repo, asked, warned in (
+        (repos["fp32"], "int8", True),
+        (repos["int8"], "fp32", True),
+        (repos["int8"], "int8", False),
+    ):
+        caplog.clear()
+        assert ensure_repository(Settings(repository=str(repo), precision=asked)) == repo
+        messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(messages) == warned, (repo, asked, messages)
+        if warned:
+            (message,) = messages
+            assert f"REWARD_PRECISION={asked} is ignored" in message
+            assert f"serves {export_precision(repo)} towers" in message
+    caplog.clear()
+    ensure_repository(Settings(repository=str(repos["int8"])))  # precision not set: no opinion
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_bench_serving_reports_the_served_exports_precision(repos, tmp_path, monkeypatch):
+    """`bench serving` with REWARD_REPOSITORY: the report's precision (and parity tolerances)
+    are the served export's, and a --precision the repository does not serve is refused before
+    anything starts."""
+    from loadtest.serving import SAME_MODEL_TOLERANCE, bench_serving
+    from service.settings import get_settings
+
+    monkeypatch.setenv("REWARD_REPOSITORY", str(repos["int8"]))
+    monkeypatch.delenv("REWARD_PRECISION", raising=False)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="--precision fp32: .* serves int8 towers"):
+            bench_serving(tmp_path / "refused", systems=("ceiling",), precision="fp32")
+        result = bench_serving(
+            tmp_path / "served",
+            systems=("ceiling",),
+            workloads=("rl",),
+            concurrency=(1,),
+            seconds=0.2,
+            runs=1,
+            warmup_s=0.1,
+            image_px=64,
+        )
+    finally:
+        get_settings.cache_clear()
+    assert result["meta"]["precision"] == "int8"
+    assert result["meta"]["repository"] == str(repos["int8"])
+    assert result["parity"]["reference"] == "ceiling"
+    assert result["parity"]["tolerance"] == {"ceiling": SAME_MODEL_TOLERANCE["int8"]}
+
+
+def test_serve_caches_each_precision_in_its_own_folder(tmp_path):
+    """`serve` exports into a folder named by its settings: int8 and fp32 never share one (a
+    cache hit must not serve the other precision)."""
+    from service.launcher import repository_dir
+    from service.settings import Settings
+
+    fp32 = Settings(repositories_dir=str(tmp_path), precision="fp32")
+    int8 = fp32.model_copy(update={"precision": "int8"})
+    assert repository_dir(fp32) != repository_dir(int8)
+    assert repository_dir(fp32) == repository_dir(fp32.model_copy())
