@@ -20,6 +20,19 @@ app = typer.Typer()
 # load: a UNet step took 0.68 CPU-s with 1 thread and 6.3 CPU-s with 2 (OpenMP threads spin
 # while other processes hold the cores), so 1 is the default; raise it on a machine of your own.
 Threads = Annotated[int, typer.Option(min=1, help="torch threads")]
+Device = Annotated[str, typer.Option(help="cpu | cuda")]
+Size = Annotated[int, typer.Option(help="px of the renders and samples: 32, 64 or 128")]
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+
+
 finetune_app = typer.Typer(
     help="Online RL fine-tuning of the shapes generator against the service."
 )
@@ -34,18 +47,23 @@ def train_judge_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     images: Annotated[int | None, typer.Option(min=256, help="[default: 24000]")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="[default: 5]")] = None,
+    size: Size = 32,
+    device: Device = "cpu",
     threads: Threads = 1,
 ) -> None:
-    """Train the ground-truth attribute judge on rendered 32 px images (seed 0: the shipped one)."""
+    """Train the ground-truth attribute judge on rendered images (seed 0, 32 px: the shipped
+    one; --size: the resolution of the generator it will judge)."""
     import torch
 
     from finetune.judge import JudgeTrainConfig, train_judge
 
     torch.set_num_threads(threads)
-
+    _check_device(device)
     given = {"images": images, "epochs": epochs}
-    cfg = JudgeTrainConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
-    stats = train_judge(cfg, out)
+    cfg = JudgeTrainConfig(
+        seed=seed, size=size, **{k: v for k, v in given.items() if v is not None}
+    )
+    stats = train_judge(cfg, out, device=device)
     acc = ", ".join(f"{k} {v:.3f}" for k, v in stats["held_out_accuracy"].items())
     print(f"saved to {out}: held-out accuracy {acc}")
 
@@ -59,18 +77,23 @@ def train_generator_cmd(
     steps: Annotated[int | None, typer.Option(min=1, help="[default: 800]")] = None,
     images: Annotated[int | None, typer.Option(min=64, help="[default: 12000]")] = None,
     batch_size: Annotated[int | None, typer.Option(min=2, help="[default: 24]")] = None,
+    size: Size = 32,
+    device: Device = "cpu",
     threads: Threads = 1,
 ) -> None:
-    """Train the 32 px text-to-image diffusion model (seed 0, the defaults: the shipped one)."""
+    """Train the text-to-image diffusion model (seed 0, 32 px, the defaults: the shipped one;
+    --size 64: a generator whose counts the shipped CLIP can see, with a judge of its size)."""
     import torch
 
     from finetune.generator import GeneratorTrainConfig, train_generator
 
     torch.set_num_threads(threads)
-
+    _check_device(device)
     given = {"steps": steps, "images": images, "batch_size": batch_size}
-    cfg = GeneratorTrainConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
-    stats = train_generator(cfg, out, log_every=25)
+    cfg = GeneratorTrainConfig(
+        seed=seed, size=size, **{k: v for k, v in given.items() if v is not None}
+    )
+    stats = train_generator(cfg, out, log_every=25, device=device)
     print(f"saved to {out}: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}")
 
 
@@ -103,8 +126,10 @@ TextnormScale = Annotated[
 ApiKey = Annotated[
     str | None, typer.Option(envvar="REWARD_SERVICE_API_KEY", help="bearer token, if required")
 ]
-Device = Annotated[str, typer.Option(help="cpu | cuda")]
 Opt = typer.Option
+JudgeDir = Annotated[
+    str | None, Opt(help="judge dir, trained at the generator's size [default: shipped, 32 px]")
+]
 
 
 @finetune_app.command("run")
@@ -121,7 +146,7 @@ def run_cmd(
     seed: Annotated[int, Opt()] = 0,
     device: Device = "cpu",
     generator: Annotated[str | None, Opt(help="[default: shipped]")] = None,
-    judge: Annotated[str | None, Opt(help="[default: shipped]")] = None,
+    judge: JudgeDir = None,
     prompts: Annotated[int | None, Opt(min=1, help="prompt-set size [default: 12]")] = None,
     sample_batch_size: Annotated[int | None, Opt(min=1, help="[default: 8]")] = None,
     batches_per_step: Annotated[int | None, Opt(min=1, help="[default: 2]")] = None,
@@ -154,6 +179,7 @@ def run_cmd(
 @user_errors
 def evaluate_cmd(
     generator: Annotated[str | None, Opt(help="generator dir [default: shipped]")] = None,
+    judge: JudgeDir = None,
     prompts: Annotated[int, Opt(min=1)] = 60,
     per_prompt: Annotated[int, Opt(min=1)] = 4,
     prompt_seed: Annotated[int, Opt(help="which fixed prompt set")] = 0,
@@ -174,12 +200,11 @@ def evaluate_cmd(
     from finetune.world_data import SHIPPED_GENERATOR_DIR, SHIPPED_JUDGE_DIR
 
     torch.set_num_threads(threads)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device")
+    _check_device(device)
     unet, _ = load_generator(generator or SHIPPED_GENERATOR_DIR, device)
     result, images, _ = judge_generator(
-        unet, TextConditioner(device=device), load_judge(SHIPPED_JUDGE_DIR, device), prompts,
-        per_prompt, prompt_seed=prompt_seed, seed=seed, ddim_steps=ddim_steps,
+        unet, TextConditioner(device=device), load_judge(judge or SHIPPED_JUDGE_DIR, device),
+        prompts, per_prompt, prompt_seed=prompt_seed, seed=seed, ddim_steps=ddim_steps,
     )  # fmt: skip
     if grid is not None:
         save_grid(images[: 8 * per_prompt], grid, columns=per_prompt * 2)
@@ -199,6 +224,7 @@ def reward_signal_cmd(
         ),
     ] = "default,counting",
     generator: Annotated[str | None, Opt(help="generator dir [default: shipped]")] = None,
+    judge: JudgeDir = None,
     images: Annotated[
         str,
         Opt(
@@ -228,10 +254,10 @@ def reward_signal_cmd(
     from finetune.reward_signal import markdown, measure, parse_settings
 
     torch.set_num_threads(threads)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device")
+    _check_device(device)
     report, samples = measure(
-        url, parse_settings(settings), api_key=api_key, generator=generator, prompts=prompts,
+        url, parse_settings(settings), api_key=api_key, generator=generator, judge=judge,
+        prompts=prompts,
         per_prompt=per_prompt, prompt_seed=prompt_seed, seed=seed, ddim_steps=ddim_steps,
         device=device, batch_size=512 if device == "cuda" else 32, images_from=images,
         size=size,
@@ -258,6 +284,8 @@ def compare_cmd(
     api_key: ApiKey = None,
     steps: Annotated[int, Opt(min=1)] = 20,
     device: Device = "cpu",
+    generator: Annotated[str | None, Opt(help="starting generator [default: shipped]")] = None,
+    judge: JudgeDir = None,
     prompts: Annotated[
         int | None, Opt(min=1, help="training prompt-set size [default: 12]")
     ] = None,
@@ -284,8 +312,8 @@ def compare_cmd(
     torch.set_num_threads(threads)
     cfg = _config(
         algorithm=algorithm, textnorm_rule=textnorm_rule, textnorm_scale=textnorm_scale,
-        service_url=url, steps=steps, device=device, prompts=prompts,
-        sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
+        service_url=url, steps=steps, device=device, generator=generator, judge=judge,
+        prompts=prompts, sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
         ddim_steps=ddim_steps, train_batch_size=train_batch_size, lr=lr,
         checkpoint_every=checkpoint_every,
     )  # fmt: skip

@@ -17,22 +17,25 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from rich.progress import Progress
 
 from finetune.text_encoder import TextConditioner
-from finetune.world_data import IMAGE_SIZE, rendered_set
+from finetune.world_data import IMAGE_SIZE, check_size, rendered_set
 
 GUIDANCE_SCALE = 3.0  # classifier-free guidance at sampling time (the generator's default)
 
 
 def unet_config(cross_attention_dim: int, size: int = IMAGE_SIZE) -> dict:
-    """About 0.9 M parameters: 32 → 16 → 8 px, cross-attention at 16 and 8 px (sized for a
-    training run on two shared CPU cores)."""
+    """At 32 px about 0.9 M parameters: 32 → 16 → 8 px, cross-attention at 16 and 8 px (sized
+    for a training run on two shared CPU cores). Larger sizes add a plain level of 64 channels
+    per doubling above 32 px, so the attention levels (and their cost) stay at 16 and 8 px."""
+    levels = check_size(size).bit_length() - 3  # 32 px: 3 levels down to 8 px
+    plain = levels - 2
     return dict(
         sample_size=size,
         in_channels=3,
         out_channels=3,
         layers_per_block=1,
-        block_out_channels=(16, 32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 64, 64, 64)[:levels],
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",) * plain,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -69,6 +72,10 @@ class GeneratorTrainConfig:
     uncond_rate: float = 0.1  # prompts dropped to '' for classifier-free guidance
     miscount_rate: float = 0.25  # web-like count noise in captions, as the shipped CLIP had
     ema_decay: float = 0.99
+    size: int = IMAGE_SIZE  # px of the renders it learns from and of its samples
+
+    def __post_init__(self) -> None:
+        check_size(self.size)
 
 
 def denoising_loss(
@@ -112,6 +119,7 @@ def train_generator(
     out_dir: Path,
     progress: Progress | None = None,
     log_every: int = 0,
+    device: str = "cpu",
 ) -> dict:
     """Train from `cfg.seed` on rendered one-kind scenes; save the EMA weights into `out_dir`."""
     torch.manual_seed(cfg.seed)
@@ -120,12 +128,14 @@ def train_generator(
     progress = progress or Progress()
     began = time.monotonic()
     with progress:
-        data = rendered_set(cfg.images, 1000 + cfg.seed, cfg.miscount_rate, progress=progress)
-        x_all = to_model_space(data.images)
-        text = TextConditioner()
+        data = rendered_set(
+            cfg.images, 1000 + cfg.seed, cfg.miscount_rate, cfg.size, progress=progress
+        )
+        x_all = to_model_space(data.images).to(device)
+        text = TextConditioner(device=device)
         cond_all = text.encode(data.prompts)
         null = text.encode([""])[0]
-        unet = UNet2DConditionModel(**unet_config(text.dim))
+        unet = UNet2DConditionModel(**unet_config(text.dim, cfg.size)).to(device)
         ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
         scheduler = noise_scheduler()
         opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,12 +153,12 @@ def train_generator(
         for _step in range(cfg.steps):
             idx = torch.from_numpy(rng.choice(len(x_all), cfg.batch_size, replace=False))
             x0 = x_all[idx]
-            flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5)
+            flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
             cond = cond_all[idx].clone()
-            drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.uncond_rate)
+            drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.uncond_rate).to(device)
             cond[drop] = null
-            loss = denoising_loss(unet, scheduler, x0, cond, gen)
+            loss = denoising_loss(unet, scheduler, x0, cond, gen if device == "cpu" else None)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -169,10 +179,10 @@ def train_generator(
         unet.eval()
     stats = {
         "config": asdict(cfg),
-        "unet": unet_config(text.dim),
+        "unet": unet_config(text.dim, cfg.size),
         "text_encoder": "models/shapes-clip (frozen), last hidden states, 16 tokens",
         "guidance_scale": GUIDANCE_SCALE,
-        "image_size": IMAGE_SIZE,
+        "image_size": cfg.size,
         "parameters": sum(p.numel() for p in unet.parameters()),
         "first_loss": float(np.mean(losses[:20])),
         "final_loss": float(np.mean(losses[-50:])),

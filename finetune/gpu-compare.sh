@@ -3,6 +3,10 @@
 #
 #   finetune/gpu-compare.sh OUT_DIR
 #
+# 0. With $GENERATOR_SIZE (64 or 128): a generator and a judge of that size, trained on the
+#    device into OUT_DIR/generator-SIZE and OUT_DIR/judge-SIZE (kept: a rerun reuses them), used
+#    by every later step in place of the shipped 32 px ones. The shipped CLIP reads counts from
+#    64 px images but not from 32 px ones (README, "Why counting does not move").
 # 1. A reward service: $REWARD_URL if set, else `reward-service gateway --onnx` on loopback over
 #    the export in $REPO (default: the shipped model, exported into OUT_DIR/repo). --onnx runs
 #    the export's ONNX files in the gateway process (the rewards Triton serves; see
@@ -21,7 +25,9 @@
 # (0,1,2), STEPS (400), BUDGET_S (300), REPORT_BUDGET_S (240), CHECKPOINT_EVERY (10), PROMPTS
 # (48), SAMPLE_BATCH (64), BATCHES (4), TRAIN_BATCH (64), JUDGE_PROMPTS (48), JUDGE_PER_PROMPT
 # (16), REWARD_URL, REPO, EXPORT_ARGS (--no-calibration), TEXTNORM_RULE (the service's: auto),
-# SIGNAL_SETTINGS (default,counting), SIGNAL_PER_PROMPT (16). Run it from the repository root
+# SIGNAL_SETTINGS (default,counting), SIGNAL_PER_PROMPT (16), GENERATOR_SIZE (32: the shipped
+# generator and judge), GENERATOR_STEPS (800), GENERATOR_IMAGES (12000), JUDGE_IMAGES (24000),
+# JUDGE_EPOCHS (5). Run it from the repository root
 # (or with the project installed).
 set -euo pipefail
 set -m # each background job its own process group: stopping one stops all its processes
@@ -54,6 +60,28 @@ failed() {
   echo "gpu-compare: $2"
   exit 1
 }
+
+# -- 0. a generator and judge of another size ---------------------------------------------------
+MODELS=()
+SIZE=${GENERATOR_SIZE:-32}
+if [[ $SIZE != 32 ]]; then
+  for what in generator judge; do
+    dir=$OUT_DIR/$what-$SIZE
+    if [[ $what == generator ]]; then
+      args=(--steps "${GENERATOR_STEPS:-800}" --images "${GENERATOR_IMAGES:-12000}")
+    else
+      args=(--images "${JUDGE_IMAGES:-24000}" --epochs "${JUDGE_EPOCHS:-5}")
+    fi
+    if [[ ! -f $dir/config.json && ! -f $dir/judge_config.json ]]; then
+      say "training a $SIZE px $what into $dir (log $OUT_DIR/train-$what.log)"
+      "$PY" -m service.cli "train-$what" --size "$SIZE" --device "$DEVICE" --out "$dir" \
+        "${args[@]}" > "$OUT_DIR/train-$what.log" 2>&1 \
+        || failed "$OUT_DIR/train-$what.log" "train-$what failed"
+      tail -n 1 "$OUT_DIR/train-$what.log"
+    fi
+    MODELS+=("--$what" "$dir")
+  done
+fi
 
 # -- 1. the reward service -------------------------------------------------------------------
 URL=${REWARD_URL:-}
@@ -94,7 +122,7 @@ SIGNAL_SETTINGS=${SIGNAL_SETTINGS-default,counting}
 if [[ -n $SIGNAL_SETTINGS ]]; then
   say "reward signal of the starting generator: $SIGNAL_SETTINGS"
   "$PY" -m service.cli finetune reward-signal --url "$URL" --device "$DEVICE" \
-    --settings "$SIGNAL_SETTINGS" --prompts "${PROMPTS:-48}" \
+    --settings "$SIGNAL_SETTINGS" --prompts "${PROMPTS:-48}" "${MODELS[@]}" \
     --per-prompt "${SIGNAL_PER_PROMPT:-16}" --out "$OUT_DIR/reward_signal" \
     > "$OUT_DIR/reward_signal.log" 2>&1 \
     || failed "$OUT_DIR/reward_signal.log" "reward-signal failed"
@@ -106,7 +134,7 @@ fi
 JOBS=$((($(tr -cd , <<< "$REWARDS" | wc -c) + 1) * ($(tr -cd , <<< "$SEEDS" | wc -c) + 1)))
 compare() {
   "$PY" -m service.cli finetune compare --out "$OUT_DIR" --url "$URL" --device "$DEVICE" \
-    --rewards "$REWARDS" --seeds "$SEEDS" --prompts "${PROMPTS:-48}" \
+    --rewards "$REWARDS" --seeds "$SEEDS" --prompts "${PROMPTS:-48}" "${MODELS[@]}" \
     --sample-batch-size "${SAMPLE_BATCH:-64}" --batches-per-step "${BATCHES:-4}" \
     --train-batch-size "${TRAIN_BATCH:-64}" --checkpoint-every "$EVERY" \
     --jobs "$JOBS" --judge-prompts "${JUDGE_PROMPTS:-48}" \

@@ -136,6 +136,7 @@ def measure(
     *,
     api_key: str | None = None,
     generator: str | None = None,
+    judge: str | None = None,
     prompts: int = 48,
     per_prompt: int = 16,
     prompt_seed: int = 0,
@@ -187,7 +188,8 @@ def measure(
                 unet, TextConditioner(device=device), texts, ddim_steps, seed=seed,
                 batch_size=batch_size,
             )  # fmt: skip
-        correct = judged_correct(predict(load_judge(SHIPPED_JUDGE_DIR, device), images), labels)
+        judged = predict(load_judge(judge or SHIPPED_JUDGE_DIR, device), images)
+        correct = judged_correct(judged, labels)
     else:
         raise ValueError(f"images_from must be generator or rendered, got {images_from!r}")
     scored: dict[str, dict[str, np.ndarray]] = {}
@@ -210,7 +212,8 @@ def measure(
         "samples": {"prompts": prompts, "per_prompt": per_prompt, "prompt_seed": prompt_seed,
                     "seed": seed, "images_from": images_from, "size": int(images.shape[1]),
                     **({"ddim_steps": ddim_steps,
-                        "generator": str(generator or SHIPPED_GENERATOR_DIR)}
+                        "generator": str(generator or SHIPPED_GENERATOR_DIR),
+                        "judge": str(judge or SHIPPED_JUDGE_DIR)}
                        if images_from == "generator" else {})},
         "alignment": {a: float(correct[:, i].mean()) for i, a in enumerate(ATTRIBUTES)},
         "rows": signal_rows(scored, correct, prompt_ids),

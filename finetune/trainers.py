@@ -35,7 +35,7 @@ from finetune.generator import (
     to_model_space,
     to_uint8,
 )
-from finetune.judge import alignment, load_judge
+from finetune.judge import alignment, check_reads, load_judge
 from finetune.reward_client import REWARD_FIELDS, ServiceReward
 from finetune.stat_tracker import PerPromptStatTracker
 from finetune.text_encoder import TextConditioner
@@ -133,6 +133,7 @@ class Trainer:
         self.unet, self.generator_meta = load_generator(cfg.generator, device)
         self.initial = [p.detach().clone() for p in self.unet.parameters()]
         self.judge = load_judge(cfg.judge, device)
+        check_reads(self.judge, self.unet.config.sample_size)
         self.text = TextConditioner(device=device)
         self.null = self.text.encode([""])[0]
         self.acp = noise_scheduler().alphas_cumprod.to(device)
@@ -150,7 +151,8 @@ class Trainer:
         self.pretrain = None
         if cfg.algorithm == "rwl":
             miscount = float(self.generator_meta.get("config", {}).get("miscount_rate", 0.0))
-            data = rendered_set(cfg.rwl_pretrain_pool, 9000 + cfg.seed, miscount)
+            size = self.unet.config.sample_size
+            data = rendered_set(cfg.rwl_pretrain_pool, 9000 + cfg.seed, miscount, size)
             self.pretrain = (to_model_space(data.images).to(device), self.text.encode(data.prompts))
 
     # -- run directory --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The generator's world: one-kind scenes, their full prompts, exact labels and 32 px renders.
+"""The generator's world: one-kind scenes, their full prompts, exact labels and renders (32 px,
+or the size a generator and its judge are trained at).
 
 Everything the generator, the judge and the trainers see of the shapes world goes through here,
 so all three agree on the resolution, the label encoding and the prompt wording.
@@ -17,7 +18,11 @@ from shapes_world.sampling import miscount, random_scene
 from shapes_world.scene import Caption, Group, Scene
 from shapes_world.vocab import BACKGROUNDS, COLOURS, MAX_COUNT, MIN_COUNT, SHAPES
 
-IMAGE_SIZE = 32  # the generator's resolution; the judge is trained at the same one
+IMAGE_SIZE = 32  # the shipped generator's resolution; the judge is trained at the same one
+# Every resolution a generator and its judge may be trained at (`--size`): 8 px at the
+# generator's deepest level and the judge's last feature map. 64 px is where the shipped CLIP
+# starts to see counts (README, "Why counting does not move").
+IMAGE_SIZES = (32, 64, 128)
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "models"
 SHIPPED_JUDGE_DIR = SHIPPED_DIR / "shapes-judge"
 SHIPPED_GENERATOR_DIR = SHIPPED_DIR / "shapes-generator"
@@ -60,6 +65,14 @@ def all_scenes() -> list[Scene]:
         for s in CLASSES["shape"]
         for b in CLASSES["background"]
     ]
+
+
+def check_size(size: int) -> int:
+    """`size` if a generator and judge can be trained at it; else a ValueError naming the
+    choices."""
+    if size not in IMAGE_SIZES:
+        raise ValueError(f"--size must be one of {', '.join(map(str, IMAGE_SIZES))}, got {size}")
+    return size
 
 
 def render_uint8(scene: Scene, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:

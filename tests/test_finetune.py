@@ -285,8 +285,9 @@ def test_compare_names_the_run_that_failed_and_stops(tmp_path) -> None:
 
 
 def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step(tmp_path) -> None:
-    """finetune/gpu-compare.sh end to end on CPU: its own `gateway --onnx`, parallel runs
-    stopped at the time budget, every run reported at the last step all of them checkpointed."""
+    """finetune/gpu-compare.sh end to end on CPU: a 64 px generator and judge trained first,
+    its own `gateway --onnx`, parallel runs of that generator stopped at the time budget, every
+    run reported at the last step all of them checkpointed."""
     import os
     import subprocess
     import sys
@@ -296,10 +297,11 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
     out = tmp_path / "gpu"
     env = {
         **os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "SEEDS": "0", "STEPS": "60",
-        "BUDGET_S": "25", "CHECKPOINT_EVERY": "1", "PROMPTS": "2", "SAMPLE_BATCH": "2",
+        "BUDGET_S": "45", "CHECKPOINT_EVERY": "1", "PROMPTS": "2", "SAMPLE_BATCH": "2",
         "BATCHES": "1", "TRAIN_BATCH": "2", "JUDGE_PROMPTS": "2", "JUDGE_PER_PROMPT": "1",
         "SIGNAL_SETTINGS": "default,counting", "SIGNAL_PER_PROMPT": "2",
-        "TEXTNORM_RULE": "counting",
+        "TEXTNORM_RULE": "counting", "GENERATOR_SIZE": "64", "GENERATOR_STEPS": "2",
+        "GENERATOR_IMAGES": "64", "JUDGE_IMAGES": "256", "JUDGE_EPOCHS": "1",
     }  # fmt: skip
     res = subprocess.run(
         ["bash", str(REPO_ROOT / "finetune" / "gpu-compare.sh"), str(out)],
@@ -309,8 +311,14 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
     assert "budget reached: stopped the runs" in res.stdout
     signal = json.loads((out / "reward_signal" / "reward_signal.json").read_text())
     assert signal["settings"] == {"default": None, "counting": {"rule": "counting"}}
-    assert json.loads((out / "textnorm_seed0" / "config.json").read_text())["textnorm_rule"] == (
-        "counting"
+    assert signal["samples"]["size"] == 64
+    assert signal["samples"]["generator"] == str(out / "generator-64")
+    assert signal["samples"]["judge"] == str(out / "judge-64")
+    config = json.loads((out / "textnorm_seed0" / "config.json").read_text())
+    assert config["textnorm_rule"] == "counting"
+    assert (config["generator"], config["judge"]) == (
+        str(out / "generator-64"),
+        str(out / "judge-64"),
     )
     done = int((out / "steps.txt").read_text())
     assert 2 <= done < 60
@@ -352,6 +360,46 @@ def test_train_commands_reproduce_loadable_artifacts_from_a_seed(tmp_path) -> No
     fresh = rendered_set(64, seed=99)
     assert set(stats["held_out_accuracy"]) == {*ATTRIBUTE_NAMES, "all"}
     assert set(alignment(judge, fresh.images, fresh.labels)) == {*ATTRIBUTE_NAMES, "all"}
+
+
+def test_a_64_px_generator_and_judge_train_sample_and_read_each_other(tmp_path) -> None:
+    """`--size 64`: the generator draws 64 px (attention still at 16 and 8 px), a judge trained
+    at 64 px reads its samples, the shipped 32 px judge refuses them, and so does a fine-tune
+    pairing the two (before any step); a size the networks cannot take is refused in one line."""
+    from finetune.evaluate import generate
+    from finetune.judge import predict
+    from finetune.text_encoder import TextConditioner
+    from tests.conftest import run_cli
+
+    gen_out, judge_out = tmp_path / "generator-64", tmp_path / "judge-64"
+    res = run_cli(
+        "train-generator", "--size", "64", "--out", str(gen_out), "--steps", "2",
+        "--images", "64", "--batch-size", "4",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    unet, meta = load_generator(gen_out)
+    assert unet.config.sample_size == meta["image_size"] == meta["config"]["size"] == 64
+    assert list(unet.config.down_block_types[-2:]) == ["CrossAttnDownBlock2D"] * 2
+    assert list(unet.config.down_block_types[:2]) == ["DownBlock2D"] * 2
+    images = generate(unet, TextConditioner(), ["two red circles on a grass background"] * 3, 2)
+    assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
+    res = run_cli("train-judge", "--size", "64", "--out", str(judge_out), "--images", "256",
+                  "--epochs", "1")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    judge = load_judge(judge_out)
+    assert judge.size == 64
+    verdicts = predict(judge, images)
+    assert verdicts.shape == (3, len(ATTRIBUTE_NAMES)) and verdicts.dtype == np.int64
+    fresh = rendered_set(32, seed=98, size=64)
+    assert set(alignment(judge, fresh.images, fresh.labels)) == {*ATTRIBUTE_NAMES, "all"}
+    with pytest.raises(ValueError, match=r"reads 32 px .* train-judge --size 64"):
+        predict(load_judge(SHIPPED_JUDGE_DIR), images)
+    cfg = replace(_tiny("ddpo", "raw", "http://127.0.0.1:9", 1), generator=str(gen_out))
+    with pytest.raises(ValueError, match=r"reads 32 px images, the generator draws 64 px"):
+        Trainer(cfg, tmp_path / "run")
+    res = run_cli("train-generator", "--size", "48", "--out", str(tmp_path / "g48"))
+    assert res.returncode != 0 and "--size must be one of 32, 64, 128" in res.stderr
+    assert not (tmp_path / "g48").exists()
 
 
 def test_finetune_run_rejects_an_unknown_reward_in_one_line(tmp_path) -> None:
