@@ -24,6 +24,16 @@ Device = Annotated[str, typer.Option(help="cpu | cuda")]
 Size = Annotated[int, typer.Option(help="px of the renders and samples: 32, 64 or 128")]
 
 
+def _out(out: Path | None, size: int, shipped: Path) -> Path:
+    """Where a training command writes: by default the shipped folder, at the shipped size
+    only (a 64 px model there would break every default fine-tune)."""
+    if out is not None:
+        return out
+    if size != 32:
+        raise ValueError(f"--size {size} needs --out DIR: the shipped {shipped.name} is 32 px")
+    return shipped
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -43,7 +53,9 @@ _SHIPPED = Path(__file__).resolve().parents[1] / "models"
 @app.command("train-judge")
 @user_errors
 def train_judge_cmd(
-    out: Annotated[Path, typer.Option(help="directory for the judge")] = _SHIPPED / "shapes-judge",
+    out: Annotated[
+        Path | None, typer.Option(help="directory for the judge [default: the shipped one, 32 px]")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     images: Annotated[int | None, typer.Option(min=256, help="[default: 24000]")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="[default: 5]")] = None,
@@ -63,6 +75,7 @@ def train_judge_cmd(
     cfg = JudgeTrainConfig(
         seed=seed, size=size, **{k: v for k, v in given.items() if v is not None}
     )
+    out = _out(out, size, _SHIPPED / "shapes-judge")
     stats = train_judge(cfg, out, device=device)
     acc = ", ".join(f"{k} {v:.3f}" for k, v in stats["held_out_accuracy"].items())
     print(f"saved to {out}: held-out accuracy {acc}")
@@ -71,8 +84,10 @@ def train_judge_cmd(
 @app.command("train-generator")
 @user_errors
 def train_generator_cmd(
-    out: Annotated[Path, typer.Option(help="directory for the generator")] = _SHIPPED
-    / "shapes-generator",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="directory for the generator [default: the shipped one, 32 px]"),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="[default: 800]")] = None,
     images: Annotated[int | None, typer.Option(min=64, help="[default: 12000]")] = None,
@@ -82,7 +97,7 @@ def train_generator_cmd(
     threads: Threads = 1,
 ) -> None:
     """Train the text-to-image diffusion model (seed 0, 32 px, the defaults: the shipped one;
-    --size 64: a generator whose counts the shipped CLIP can see, with a judge of its size)."""
+    --size 64: the shipped CLIP's input size; judge it with a judge of its size)."""
     import torch
 
     from finetune.generator import GeneratorTrainConfig, train_generator
@@ -93,6 +108,7 @@ def train_generator_cmd(
     cfg = GeneratorTrainConfig(
         seed=seed, size=size, **{k: v for k, v in given.items() if v is not None}
     )
+    out = _out(out, size, _SHIPPED / "shapes-generator")
     stats = train_generator(cfg, out, log_every=25, device=device)
     print(f"saved to {out}: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}")
 
@@ -195,15 +211,17 @@ def evaluate_cmd(
 
     from finetune.evaluate import judge_generator, save_grid
     from finetune.generator import load_generator
-    from finetune.judge import load_judge
+    from finetune.judge import check_reads, load_judge
     from finetune.text_encoder import TextConditioner
     from finetune.world_data import SHIPPED_GENERATOR_DIR, SHIPPED_JUDGE_DIR
 
     torch.set_num_threads(threads)
     _check_device(device)
     unet, _ = load_generator(generator or SHIPPED_GENERATOR_DIR, device)
+    reader = load_judge(judge or SHIPPED_JUDGE_DIR, device)
+    check_reads(reader, unet.config.sample_size)
     result, images, _ = judge_generator(
-        unet, TextConditioner(device=device), load_judge(judge or SHIPPED_JUDGE_DIR, device),
+        unet, TextConditioner(device=device), reader,
         prompts, per_prompt, prompt_seed=prompt_seed, seed=seed, ddim_steps=ddim_steps,
     )  # fmt: skip
     if grid is not None:

@@ -69,14 +69,21 @@ if [[ $SIZE != 32 ]]; then
     dir=$OUT_DIR/$what-$SIZE
     if [[ $what == generator ]]; then
       args=(--steps "${GENERATOR_STEPS:-800}" --images "${GENERATOR_IMAGES:-12000}")
+      written_last=generator.json
     else
       args=(--images "${JUDGE_IMAGES:-24000}" --epochs "${JUDGE_EPOCHS:-5}")
+      written_last=judge_config.json
     fi
-    if [[ ! -f $dir/config.json && ! -f $dir/judge_config.json ]]; then
+    if [[ -f $dir/$written_last ]]; then
+      say "reusing the $SIZE px $what in $dir (delete it to train another)"
+    else
       say "training a $SIZE px $what into $dir (log $OUT_DIR/train-$what.log)"
-      "$PY" -m service.cli "train-$what" --size "$SIZE" --device "$DEVICE" --out "$dir" \
+      # into a scratch folder first: a stopped training never leaves a folder to reuse
+      rm -rf "$dir.partial" "$dir"
+      "$PY" -m service.cli "train-$what" --size "$SIZE" --device "$DEVICE" --out "$dir.partial" \
         "${args[@]}" > "$OUT_DIR/train-$what.log" 2>&1 \
         || failed "$OUT_DIR/train-$what.log" "train-$what failed"
+      mv "$dir.partial" "$dir"
       tail -n 1 "$OUT_DIR/train-$what.log"
     fi
     MODELS+=("--$what" "$dir")
@@ -122,7 +129,7 @@ SIGNAL_SETTINGS=${SIGNAL_SETTINGS-default,counting}
 if [[ -n $SIGNAL_SETTINGS ]]; then
   say "reward signal of the starting generator: $SIGNAL_SETTINGS"
   "$PY" -m service.cli finetune reward-signal --url "$URL" --device "$DEVICE" \
-    --settings "$SIGNAL_SETTINGS" --prompts "${PROMPTS:-48}" "${MODELS[@]}" \
+    --settings "$SIGNAL_SETTINGS" --prompts "${PROMPTS:-48}" ${MODELS[@]+"${MODELS[@]}"} \
     --per-prompt "${SIGNAL_PER_PROMPT:-16}" --out "$OUT_DIR/reward_signal" \
     > "$OUT_DIR/reward_signal.log" 2>&1 \
     || failed "$OUT_DIR/reward_signal.log" "reward-signal failed"
@@ -134,7 +141,7 @@ fi
 JOBS=$((($(tr -cd , <<< "$REWARDS" | wc -c) + 1) * ($(tr -cd , <<< "$SEEDS" | wc -c) + 1)))
 compare() {
   "$PY" -m service.cli finetune compare --out "$OUT_DIR" --url "$URL" --device "$DEVICE" \
-    --rewards "$REWARDS" --seeds "$SEEDS" --prompts "${PROMPTS:-48}" "${MODELS[@]}" \
+    --rewards "$REWARDS" --seeds "$SEEDS" --prompts "${PROMPTS:-48}" ${MODELS[@]+"${MODELS[@]}"} \
     --sample-batch-size "${SAMPLE_BATCH:-64}" --batches-per-step "${BATCHES:-4}" \
     --train-batch-size "${TRAIN_BATCH:-64}" --checkpoint-every "$EVERY" \
     --jobs "$JOBS" --judge-prompts "${JUDGE_PROMPTS:-48}" \

@@ -196,6 +196,7 @@ def train_judge(
         "held_out_accuracy": accuracy,
         "final_loss": float(np.mean(losses[-50:])),
         "train_seconds": round(time.monotonic() - began, 1),
+        "device": device,  # seed-reproducible on the CPU; CUDA kernels are not bit-exact
     }
     save_judge(judge, out_dir, stats)
     return stats

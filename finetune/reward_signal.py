@@ -161,7 +161,7 @@ def measure(
 
     from finetune.evaluate import generate
     from finetune.generator import load_generator
-    from finetune.judge import load_judge, predict
+    from finetune.judge import check_reads, load_judge, predict
     from finetune.reward_client import every_reward
     from finetune.text_encoder import TextConditioner
     from finetune.world_data import (
@@ -182,14 +182,15 @@ def measure(
         correct = judged_correct(np.stack([labels_of(s) for s in shown]), labels)
     elif images_from == "generator":
         unet, _ = load_generator(generator or SHIPPED_GENERATOR_DIR, device)
+        reader = load_judge(judge or SHIPPED_JUDGE_DIR, device)
+        check_reads(reader, unet.config.sample_size)  # before minutes of sampling
         with Progress() as progress:
             progress.add_task(f"sampling {len(texts)} images", total=None)
             images = generate(
                 unet, TextConditioner(device=device), texts, ddim_steps, seed=seed,
                 batch_size=batch_size,
             )  # fmt: skip
-        judged = predict(load_judge(judge or SHIPPED_JUDGE_DIR, device), images)
-        correct = judged_correct(judged, labels)
+        correct = judged_correct(predict(reader, images), labels)
     else:
         raise ValueError(f"images_from must be generator or rendered, got {images_from!r}")
     scored: dict[str, dict[str, np.ndarray]] = {}

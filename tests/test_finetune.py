@@ -320,6 +320,7 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
         str(out / "generator-64"),
         str(out / "judge-64"),
     )
+    assert not list(out.glob("*.partial"))  # trained into scratch folders, then moved
     done = int((out / "steps.txt").read_text())
     assert 2 <= done < 60
     with (out / "fixed_set.csv").open() as f:
@@ -400,6 +401,19 @@ def test_a_64_px_generator_and_judge_train_sample_and_read_each_other(tmp_path) 
     res = run_cli("train-generator", "--size", "48", "--out", str(tmp_path / "g48"))
     assert res.returncode != 0 and "--size must be one of 32, 64, 128" in res.stderr
     assert not (tmp_path / "g48").exists()
+    shipped = {p.name: p.stat().st_mtime_ns for p in SHIPPED_GENERATOR_DIR.iterdir()}
+    res = run_cli("train-generator", "--size", "64", "--steps", "1")  # no --out: not shipped/
+    assert res.returncode != 0 and "--size 64 needs --out DIR" in res.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in SHIPPED_GENERATOR_DIR.iterdir()} == shipped
+
+
+def test_the_32_px_unet_is_the_shipped_generators() -> None:
+    """Sizes other than 32 px must not change the shipped generator's architecture (its
+    `train-generator` reproduction)."""
+    from finetune.generator import unet_config
+
+    shipped = json.loads((SHIPPED_GENERATOR_DIR / "generator.json").read_text())["unet"]
+    assert json.loads(json.dumps(unet_config(128, 32))) == shipped
 
 
 def test_finetune_run_rejects_an_unknown_reward_in_one_line(tmp_path) -> None:

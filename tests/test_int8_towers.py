@@ -223,7 +223,7 @@ def test_bench_serving_reports_the_served_exports_precision(repos, tmp_path, mon
     """`bench serving` with REWARD_REPOSITORY: the report's precision (and parity tolerances)
     are the served export's, and a --precision the repository does not serve is refused before
     anything starts."""
-    from loadtest.serving import SAME_MODEL_TOLERANCE, bench_serving
+    from loadtest.serving import SAME_EXPORT_TOLERANCE, bench_serving
     from service.settings import get_settings
 
     monkeypatch.setenv("REWARD_REPOSITORY", str(repos["int8"]))
@@ -247,7 +247,7 @@ def test_bench_serving_reports_the_served_exports_precision(repos, tmp_path, mon
     assert result["meta"]["precision"] == "int8"
     assert result["meta"]["repository"] == str(repos["int8"])
     assert result["parity"]["reference"] == "ceiling"
-    assert result["parity"]["tolerance"] == {"ceiling": SAME_MODEL_TOLERANCE["int8"]}
+    assert result["parity"]["tolerance"] == {"ceiling": SAME_EXPORT_TOLERANCE["int8"]}
 
 
 def test_serve_caches_each_precision_in_its_own_folder(tmp_path):
@@ -259,4 +259,3 @@ def test_serve_caches_each_precision_in_its_own_folder(tmp_path):
     fp32 = Settings(repositories_dir=str(tmp_path), precision="fp32")
     int8 = fp32.model_copy(update={"precision": "int8"})
     assert repository_dir(fp32) != repository_dir(int8)
-    assert repository_dir(fp32) == repository_dir(fp32.model_copy())
