@@ -146,6 +146,9 @@ CMD ["gateway"]
 # its engines first: build them on the node (export-gpu image, `build-engines`) into a writable
 # copy of /models/shapes-clip-gpu and pass that copy as --model-repository.
 FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS triton
+# bf16 towers (`export --precision bf16`) run in the Python backend with OpenVINO (the native
+# openvino backend fixes every batch at max_batch_size); fp32 and int8 need nothing more.
+RUN pip install --no-cache-dir "openvino>=2025.4,<2027"
 COPY --from=export --chown=0:0 /models/ /models/
 # The base image's non-root user: triton-server, uid/gid 1000.
 USER 1000:1000

@@ -80,7 +80,9 @@ def export_cmd(
     target: Annotated[str, typer.Option(help="cpu | gpu")] = "cpu",
     precision: Annotated[
         str | None,
-        typer.Option(help="fp32 | fp16 (gpu) | int8 (cpu towers) [default: settings' on cpu]"),
+        typer.Option(
+            help="fp32 | fp16 (gpu) | int8 or bf16 (cpu towers) [default: settings' on cpu]"
+        ),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="max batch (TensorRT profile max)")] = 64,
     queue_delay_us: Annotated[
@@ -89,7 +91,8 @@ def export_cmd(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="ONNX Runtime threads per CPU model instance, 0 = all [default: settings]"
+            help="ONNX Runtime (or OpenVINO) threads per CPU model instance, 0 = all "
+            "[default: settings]"
         ),
     ] = None,
     instances: Annotated[

@@ -55,24 +55,31 @@ from export.triton_config import (
     ensemble_config,
     gpu_config,
     model_config,
-    onnxruntime_cpu_config,
+    native_cpu_config,
     python_onnx_config,
     with_export_hash,
 )
 from model_repository import PYTHON_ONNX_MODEL, SCORE_MODEL
 from service import model_contract as contract
+from service import onnx_models
+from service.onnx_models import ONNX_RUNTIME, OPENVINO_BF16, Runtime
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+# The CPU runtime of each precision's towers (the reward head is ONNX Runtime fp32 in every
+# export): bf16 is the fp32 ONNX file run by OpenVINO with bfloat16 MatMuls (AMX / AVX-512 BF16).
+TOWER_RUNTIME = {"fp32": ONNX_RUNTIME, "int8": ONNX_RUNTIME, "bf16": OPENVINO_BF16}
 FORMAT_VERSION = 2  # 2: content hash in every config, native + bundled CPU configs
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     target: str = "cpu"  # cpu | gpu
-    precision: str = "fp32"  # fp32 | fp16 (TensorRT engines) | int8 (CPU towers, onnx_quantize)
+    # fp32 | fp16 (TensorRT engines) | int8 (CPU towers, onnx_quantize) | bf16 (CPU towers,
+    # OpenVINO)
+    precision: str = "fp32"
     max_batch: int = 64
     queue_delay_us: int = 500  # dynamic batching max queue delay, chosen by measurement (README)
-    threads: int = 0  # ONNX Runtime intra-op threads per CPU model instance (0: all cores)
+    threads: int = 0  # ONNX Runtime (or OpenVINO) threads per CPU model instance (0: all)
     instances: int = 1  # Triton instances of every model
     textnorm_scale: float = 5.0
     ensemble_lambda: float = 1.0
@@ -85,9 +92,13 @@ class ExportOptions:
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
         if self.target == "cpu" and self.precision == "fp16":
-            raise ValueError("--precision fp16 needs --target gpu (on CPU: fp32, or int8 towers)")
-        if self.target == "gpu" and self.precision == "int8":
-            raise ValueError("--precision int8 needs --target cpu (on GPU: fp32 or fp16 engines)")
+            raise ValueError(
+                "--precision fp16 needs --target gpu (on CPU: fp32, or int8 or bf16 towers)"
+            )
+        if self.target == "gpu" and self.precision in ("int8", "bf16"):
+            raise ValueError(
+                f"--precision {self.precision} needs --target cpu (on GPU: fp32 or fp16 engines)"
+            )
         if not 1 <= self.max_batch <= 4096:
             raise ValueError(f"--max-batch must be between 1 and 4096, got {self.max_batch}")
         if not 0 <= self.queue_delay_us <= 1_000_000:
@@ -115,6 +126,7 @@ def _versions() -> dict[str, str | None]:
         "transformers": version("transformers"),
         "onnx": version("onnx"),
         "onnxruntime": version("onnxruntime"),
+        "openvino": version("openvino"),
         "tensorrt": tensorrt_version(),
     }
 
@@ -130,7 +142,7 @@ def sha256_file(path: Path) -> str:
 def _code_hashes() -> dict[str, str]:
     """The code an export copies or runs: a change to it must invalidate cached exports."""
     export_dir = Path(__file__).resolve().parent
-    files = [PYTHON_ONNX_MODEL, SCORE_MODEL, Path(contract.__file__)]
+    files = [PYTHON_ONNX_MODEL, SCORE_MODEL, Path(contract.__file__), Path(onnx_models.__file__)]
     files += [
         export_dir / f"{m}.py"
         for m in (
@@ -212,16 +224,21 @@ Configs = dict[str, str]  # repository-relative config path → text, written on
 
 
 def _write_cpu_model(
-    root: Path, spec: contract.ModelSpec, model: onnx.ModelProto, batching: Batching
+    root: Path,
+    spec: contract.ModelSpec,
+    model: onnx.ModelProto,
+    batching: Batching,
+    runtime: Runtime = ONNX_RUNTIME,
 ) -> Configs:
-    """`model.onnx` + the Python shim; native onnxruntime config, bundled-server config."""
+    """`model.onnx` + the Python shim; native-backend config, bundled-server config, both
+    running it under `runtime`."""
     version = root / spec.name / contract.BUILD_VERSION
     onnx_export.save_model(model, version / "model.onnx")
     shutil.copyfile(PYTHON_ONNX_MODEL, version / "model.py")
     bundled = f"{spec.name}/configs/{contract.BUNDLED_CONFIG_NAME}.pbtxt"
     return {
-        f"{spec.name}/config.pbtxt": onnxruntime_cpu_config(spec, batching),
-        bundled: python_onnx_config(spec, batching),
+        f"{spec.name}/config.pbtxt": native_cpu_config(spec, batching, runtime),
+        bundled: python_onnx_config(spec, batching, runtime),
     }
 
 
@@ -265,7 +282,7 @@ def _write_cpu_onnx_model(
     round (min-max + softmax in fp16 loses up to ~20% on close cosines; the CUDA provider may
     use TF32 for the einsum), and it is a few thousand multiply-adds per item."""
     onnx_export.save_model(model, root / spec.name / contract.BUILD_VERSION / "model.onnx")
-    return {f"{spec.name}/config.pbtxt": onnxruntime_cpu_config(spec, batching)}
+    return {f"{spec.name}/config.pbtxt": native_cpu_config(spec, batching)}
 
 
 def _write_gpu_image_encoder(
@@ -380,16 +397,17 @@ def _write_member(
     task = progress.add_task(f"exporting image encoder{what}", total=3)
     configs: Configs = {}
     image_spec = contract.for_member(contract.image_encoder(dim), member)
+    tower_runtime = TOWER_RUNTIME.get(options.precision, ONNX_RUNTIME)
     if options.target == "cpu":
         image_onnx = onnx_export.export_image_encoder(bundle, int8=options.precision == "int8")
-        configs |= _write_cpu_model(root, image_spec, image_onnx, batching)
+        configs |= _write_cpu_model(root, image_spec, image_onnx, batching, tower_runtime)
     else:
         configs |= _write_gpu_image_encoder(root, bundle, batching, options, engines, member)
     progress.update(task, advance=1, description=f"exporting text encoder{what}")
     text_spec = contract.for_member(contract.text_encoder(dim), member)
     text_onnx = onnx_export.export_text_encoder(bundle, int8=options.precision == "int8")
     if options.target == "cpu":
-        configs |= _write_cpu_model(root, text_spec, text_onnx, batching)
+        configs |= _write_cpu_model(root, text_spec, text_onnx, batching, tower_runtime)
     else:
         configs |= _write_gpu_model(root, text_spec, text_onnx, batching, options, engines)
     progress.update(task, advance=1, description=f"exporting reward head{what}")
@@ -645,6 +663,14 @@ def _readme(options: ExportOptions) -> str:
             how += (
                 " The image and text towers have int8 weight MatMuls (ONNX Runtime dynamic "
                 "quantization); preprocessing and the reward head are fp32."
+            )
+        if options.precision == "bf16":
+            how += (
+                " The image and text towers run on OpenVINO with bfloat16 inference precision "
+                "(the native `openvino` backend with `HINT_BF16`; in the bundled server, "
+                "`model.py` with `runtime: openvino`); their ONNX files are fp32, and OpenVINO "
+                "runs them in fp32 on CPUs without AMX or AVX-512 BF16. The reward head stays "
+                "ONNX Runtime fp32."
             )
     else:
         how = (

@@ -3,10 +3,11 @@
 Every config comes from the same `ModelSpec`, so tensor names, shapes and batching settings are
 identical; only the backend and instance kind differ:
 - cpu, `config.pbtxt`: Triton's native `onnxruntime_onnx` backend on KIND_CPU (the NGC
-  `tritonserver` image on a CPU-only node);
-- cpu, `configs/bundled.pbtxt`: the Python backend running ONNX Runtime
-  (`model_repository/python_onnx/model.py`), the only backend the pip-bundled `tritonserver`
-  has; that server is started with `--model-config-name=bundled`;
+  `tritonserver` image on a CPU-only node); a bf16 export's towers run in its Python backend
+  (as in the bundled server, with the `openvino` package the triton image adds);
+- cpu, `configs/bundled.pbtxt`: the Python backend running ONNX Runtime or OpenVINO
+  (`model_repository/python_onnx/model.py`, its `runtime` parameter), the only backend the
+  pip-bundled `tritonserver` has; that server is started with `--model-config-name=bundled`;
 - gpu: `tensorrt_plan` for the towers, `onnxruntime_onnx` on the GPU for what must stay fp32 or
   TensorRT does not take (the reward head, the image preprocessing).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.model_contract import EXPORT_HASH_PARAMETER, ModelSpec, Tensor
+from service.onnx_models import ONNX_RUNTIME, Runtime
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Batching:
     preferred: tuple[int, ...] = (8, 16, 32)
     max_queue_delay_us: int = 500
     instances: int = 1  # Triton instances of every model
-    intra_op_threads: int = 0  # ONNX Runtime threads per instance (CPU flavour; 0 = all cores)
+    intra_op_threads: int = 0  # ONNX Runtime or OpenVINO threads per instance (CPU; 0 = all)
 
 
 def _dims(dims: tuple[int, ...]) -> str:
@@ -76,14 +78,20 @@ def _parameter(key: str, value: str) -> str:
     return f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
 
 
-def python_onnx_config(spec: ModelSpec, batching: Batching) -> str:
-    """Bundled CPU server: `model_repository/python_onnx/model.py` running `model.onnx`."""
+def python_onnx_config(spec: ModelSpec, batching: Batching, runtime: Runtime = ONNX_RUNTIME) -> str:
+    """Bundled CPU server: `model_repository/python_onnx/model.py` running `model.onnx` under
+    `runtime`."""
     params = {"onnx_file": "model.onnx", "intra_op_threads": str(batching.intra_op_threads)}
-    return model_config(spec, "python", batching, "KIND_CPU", params)
+    return model_config(spec, "python", batching, "KIND_CPU", params | runtime.parameters())
 
 
-def onnxruntime_cpu_config(spec: ModelSpec, batching: Batching) -> str:
-    """NGC server on a CPU node: the native onnxruntime backend runs the same `model.onnx`."""
+def native_cpu_config(spec: ModelSpec, batching: Batching, runtime: Runtime = ONNX_RUNTIME) -> str:
+    """NGC server on a CPU node: the native onnxruntime backend runs the same `model.onnx`.
+    OpenVINO towers (bf16) go through the Python backend there too, with the `openvino` package
+    the triton image installs: Triton's native openvino backend fixes the batch at
+    `max_batch_size` (`ov::set_batch`) and refuses, or pads to it, every smaller batch."""
+    if runtime.name == "openvino":
+        return python_onnx_config(spec, batching, runtime)
     params = {"intra_op_thread_count": str(batching.intra_op_threads)}
     return model_config(spec, "onnxruntime", batching, "KIND_CPU", params)
 

@@ -171,12 +171,13 @@ def markdown(results: dict[str, Any]) -> str:
     if results["ceiling"]:
         out += [
             "",
-            f"Ceiling: ONNX Runtime in one process ({results.get('ceiling_threads')} intra-op "
-            "threads), PNG decode + tokenisation + the exported image tower (preprocessing "
-            "in-graph) and text tower, at batch = images per request × C, in (image, prompt) "
-            "pairs/s; latency = one batch call. Best image + prompt ceiling: "
-            f"{_rate(best)} pairs/s (batch {best_batch}). The counting-set row encodes "
-            f"{results.get('texts_per_pair_textnorm', 0):.1f} prompts per pair.",
+            f"Ceiling: {_ceiling_runtime(results)} in one process "
+            f"({results.get('ceiling_threads')} threads), PNG decode + tokenisation + the "
+            "exported image tower (preprocessing in-graph) and text tower, at batch = images "
+            "per request × C, in (image, prompt) pairs/s; latency = one batch call. Best "
+            f"image + prompt ceiling: {_rate(best)} pairs/s (batch {best_batch}). The "
+            f"counting-set row encodes {results.get('texts_per_pair_textnorm', 0):.1f} "
+            "prompts per pair.",
         ]
     out += [
         "",
@@ -254,3 +255,9 @@ def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["markdown"].write_text(markdown(results))
     plot(results, paths["plot"])
     return paths
+
+
+def _ceiling_runtime(results: dict[str, Any]) -> str:
+    """The runtime the ceiling ran the towers with: the served export's (bf16: OpenVINO)."""
+    bf16 = results.get("meta", {}).get("precision") == "bf16"
+    return "OpenVINO (bf16)" if bf16 else "ONNX Runtime"

@@ -86,8 +86,9 @@ SERVED_EXPORT = ("gateway", "grpc", "ceiling")  # the systems that run the expor
 PRECISIONS = tuple(RAW_TOLERANCE)  # of the export's CPU towers (`export --precision`)
 # The same export batched differently: fp32 is batch-invariant (≤ 1e-7 measured); int8
 # quantizes a batch's activations with one scale, so batch-mates move a raw reward (9.5e-4
-# between the ceiling's batch of 4 and the gateway's calls on ViT-B/32).
-SAME_EXPORT_TOLERANCE = {"fp32": 1e-4, "int8": 5e-3}
+# between the ceiling's batch of 4 and the gateway's calls on ViT-B/32); OpenVINO's bf16 is
+# batch-, thread- and sequence-length-invariant (0.0 measured on ViT-B/32).
+SAME_EXPORT_TOLERANCE = {"fp32": 1e-4, "int8": 5e-3, "bf16": 1e-4}
 SERVED = ("gateway", "grpc", "naive", "litserve")  # measured by the load generator
 BASELINES = ("naive", "litserve")  # ratios are taken against these and the ceiling
 WORKLOADS = ("rl", "cold")
@@ -233,7 +234,7 @@ class BaselineServer(_Process):
         model: str,
         workdir: Path,
         threads: int | None = None,
-        int8: bool = False,
+        precision: str = "fp32",
     ) -> None:
         self.name = name
         (self.port,) = free_ports(1, "127.0.0.1")
@@ -242,8 +243,8 @@ class BaselineServer(_Process):
         cmd = [sys.executable, "-m", module, "--model", model, "--port", str(self.port)]
         if threads:
             cmd += ["--threads", str(threads)]
-        if int8:
-            cmd.append("--int8")
+        if precision != "fp32":
+            cmd += ["--precision", precision]
         self._spawn(cmd, workdir / f"{name}.log")
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -559,41 +560,30 @@ def summarise(loop: LoopResult, runs: int, images: int) -> dict[str, Any]:
 
 # -- the in-process ceiling ------------------------------------------------------------------------
 class Ceiling:
-    """The exported image and text ONNX towers in this process, intra-op threads = `threads`."""
+    """The exported image and text ONNX towers in this process, `threads` threads, under the
+    runtime the export serves them with (ONNX Runtime, or OpenVINO for bf16 towers)."""
 
     def __init__(self, repository: Path, threads: int) -> None:
-        import onnxruntime as ort
+        from service.onnx_models import open_served_model
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
         self.threads = threads
-        self.image = ort.InferenceSession(
-            str(_onnx_file(repository, "image_encoder")), options, providers=providers
-        )
-        self.text = ort.InferenceSession(
-            str(_onnx_file(repository, "text_encoder")), options, providers=providers
-        )
+        self.image = open_served_model(repository, "image_encoder", threads)
+        self.text = open_served_model(repository, "text_encoder", threads)
         self.tokenizer = ClipTokenizer(repository / "tokenizer.json")
-        self.image_input = self.image.get_inputs()[0].name
-        text_input = self.text.get_inputs()[0]
-        self.text_input = text_input.name
-        # A text graph with a symbolic sequence length takes the batch's longest prompt only.
-        self.fixed_length = isinstance(text_input.shape[1], int)
+        self.image_input = self.image.input_names[0]
+        self.text_input = self.text.input_names[0]
 
     def embed_images(self, pngs: Sequence[bytes]) -> np.ndarray:
         from PIL import Image
 
         batch = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs])
-        return self.image.run(None, {self.image_input: batch})[0]
+        return self.image.run({self.image_input: batch})[0]
 
     def embed_texts(self, prompts: Sequence[str]) -> np.ndarray:
         tokens = self.tokenizer.encode(list(prompts))
-        ids = tokens.ids
-        if not self.fixed_length:
-            ids = ids[:, : int(min(tokens.lengths.max(), ids.shape[1]))]
-        return self.text.run(None, {self.text_input: ids})[0]
+        # the text graph's sequence length is symbolic: the batch's longest prompt only
+        ids = tokens.ids[:, : int(min(tokens.lengths.max(), tokens.ids.shape[1]))]
+        return self.text.run({self.text_input: ids})[0]
 
     def raw(self, pngs: Sequence[bytes], prompts: Sequence[str]) -> list[float]:
         return [float(x) for x in (self.embed_images(pngs) * self.embed_texts(prompts)).sum(-1)]
@@ -644,15 +634,6 @@ class Ceiling:
             "windows": windows,
             "latencies_s": latencies,
         }
-
-
-def _onnx_file(repository: Path, model: str) -> Path:
-    """The ONNX file of `model` in a CPU-flavour export (whatever its version folder's number)."""
-    versions = [p for p in (repository / model).iterdir() if p.is_dir() and p.name.isdigit()]
-    found = sorted(f for v in versions for f in v.glob("*.onnx"))
-    if not found:
-        raise FileNotFoundError(f"no ONNX file for {model} in {repository} (a CPU-flavour export)")
-    return found[0]
 
 
 def texts_per_pair_textnorm(corpus: Corpus) -> float:
@@ -822,9 +803,9 @@ def bench_serving(
 
     `workdir` receives the servers' logs. Servers are started once, in parallel, and always
     stopped before returning (or raising). `baseline_threads`: torch threads of the baselines
-    (None: every core). `precision`: the export's towers, fp32 or int8 (None: the settings');
-    `baseline_precision`: the baselines' PyTorch model, fp32 or int8 (torch dynamic
-    quantization of its Linear layers)."""
+    (None: every core). `precision`: the export's towers, fp32, int8 or bf16 (None: the settings');
+    `baseline_precision`: the baselines' PyTorch model, fp32, int8 (torch dynamic
+    quantization of its Linear layers) or bf16 (CPU autocast)."""
     _check(systems, SYSTEMS, "systems")
     _check(workloads, WORKLOADS, "workloads")
     _check(textnorm, TEXTNORM, "textnorm")
@@ -907,7 +888,7 @@ def bench_serving(
                     settings.model,
                     workdir,
                     baseline_threads,
-                    int8=baseline_precision == "int8",
+                    precision=baseline_precision,
                 )
             if "litserve" in systems:
                 servers["litserve"] = BaselineServer(
@@ -917,7 +898,7 @@ def bench_serving(
                     settings.model,
                     workdir,
                     baseline_threads,
-                    int8=baseline_precision == "int8",
+                    precision=baseline_precision,
                 )
             for name, server in servers.items():
                 report(f"waiting for {name}", 0, total)

@@ -313,10 +313,14 @@ def bench_serving_cmd(
     ] = None,
     precision: Annotated[
         str | None,
-        typer.Option(help="fp32 | int8: the export's towers [default: settings]"),
+        typer.Option(help="fp32 | int8 | bf16: the export's towers [default: settings]"),
     ] = None,
     baseline_precision: Annotated[
-        str, typer.Option(help="fp32 | int8: the baselines' torch model (int8: dynamic, Linear)")
+        str,
+        typer.Option(
+            help="fp32 | int8 | bf16: the baselines' torch model (int8: dynamic, Linear; "
+            "bf16: CPU autocast)"
+        ),
     ] = "fp32",
     out: Annotated[
         Path, typer.Option(help="results folder: results.json, results.md, throughput.png")
@@ -329,8 +333,8 @@ def bench_serving_cmd(
     p50/p95/p99 and errors at every point (medians of RUNS windows), writes the report
     into OUT and prints its tables. Exit status 1 when a request failed or a system's
     rewards differ from the gateway's by more than 1e-4 (with int8: 5e-3 between systems
-    running the same model, batched differently; 3e-2 between the export and a PyTorch
-    baseline). The towers' precision is the served export's (provenance.json): --precision
+    running the same model, batched differently; int8 or bf16: 3e-2 between the export and a
+    PyTorch baseline). The towers' precision is the served export's (provenance.json): --precision
     chooses the one to export and is refused when REWARD_REPOSITORY serves another."""
     import shlex
 

@@ -27,6 +27,56 @@ def shipped_model() -> str:
     return str(SHIPPED_MODEL_DIR)
 
 
+def shipped_exports_fixture(precision: str):
+    """A module fixture: the shipped CLIP and learned head exported twice, fp32 and
+    `precision`, as {precision: repository}."""
+
+    @pytest.fixture(scope="module")
+    def repos(shipped_model, tmp_path_factory) -> dict[str, Path]:
+        from export.repository import ExportOptions, export_repository
+        from service.settings import SHIPPED_HEAD_DIR
+
+        root = tmp_path_factory.mktemp(precision)
+        out = {}
+        for each in ("fp32", precision):
+            out[each] = root / each
+            options = ExportOptions(precision=each)
+            export_repository(shipped_model, out[each], SHIPPED_HEAD_DIR, options)
+        return out
+
+    return repos
+
+
+def assert_verifies_in_reduced_precision(repo: Path, precision: str) -> None:
+    """`verify` of an int8 or bf16 export: within its precision's tolerances, past fp32's (the
+    reduced precision is in effect), the head graph still exact; the learned head, which reads
+    the reduced-precision embeddings, moved by them yet within its tolerance."""
+    from export.verify import TOLERANCES, verify_repository
+    from service import model_contract as contract
+
+    report = verify_repository(repo, n_prompts=2)
+    assert report.ok, report.max_diff
+    assert report.tolerances["raw"] == contract.RAW_TOLERANCE[precision]
+    fp32 = TOLERANCES["fp32"]
+    assert report.max_diff["raw"] > fp32["raw"]
+    assert report.max_diff["image_embeds"] > fp32["image_embeds"]
+    assert report.max_diff["head_graph"] <= fp32["head_graph"]
+    assert fp32["head"] < report.max_diff["head"] <= report.tolerances["head"]
+
+
+def png_items(images: list, prompt: str) -> list[dict[str, str]]:
+    """/v1/score items: each PIL image as a base64 PNG, all with `prompt`."""
+    import base64
+    import io
+
+    items = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        items.append({"image": base64.b64encode(buf.getvalue()).decode(), "prompt": prompt})
+    return items
+
+
 def assert_error(response, status: int, code: str, field: str | None = None, limit=None) -> dict:
     """The gateway's error shape: status, code, echoed request id, the field and the limit."""
     assert response.status_code == status, response.text

@@ -181,3 +181,7 @@ def test_parity_tolerance_depends_on_what_is_compared_with_what():
     assert parity_tolerance("litserve", "naive", "int8") == RAW_TOLERANCE["fp32"]  # torch fp32
     assert parity_tolerance("litserve", "naive", "fp32", "int8") == RAW_TOLERANCE["int8"]
     assert parity_tolerance("ceiling", "naive", "fp32", "int8") == RAW_TOLERANCE["int8"]
+    # bf16 (OpenVINO) is batch-invariant: two systems running the export agree as in fp32
+    assert parity_tolerance("grpc", "gateway", "bf16") == same_export["fp32"]
+    assert parity_tolerance("naive", "gateway", "bf16") == RAW_TOLERANCE["bf16"]
+    assert parity_tolerance("litserve", "naive", "fp32", "bf16") == RAW_TOLERANCE["bf16"]

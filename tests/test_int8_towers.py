@@ -1,9 +1,7 @@
 """int8 towers (`export --precision int8`, `REWARD_PRECISION=int8`): what is quantized, how far
 it is from the PyTorch fp32 reference, and that a real Triton serves it under its own identity."""
 
-import base64
 import functools
-import io
 import json
 
 import numpy as np
@@ -12,27 +10,20 @@ import onnxruntime as ort
 import pytest
 from scipy.stats import spearmanr
 
-from export.repository import ExportOptions, export_repository
-from export.verify import TOLERANCES, verify_repository
 from service import model_contract as contract
 from service.model_contract import version_dir
-from service.settings import SHIPPED_HEAD_DIR
 from shapes_world.benchmark import build_benchmark
+from tests.conftest import (
+    assert_verifies_in_reduced_precision,
+    png_items,
+    shipped_exports_fixture,
+)
 from tests.serve_stack import client_for, serve_stack
 
 TOWERS = ("image_encoder", "text_encoder")
 
 
-@pytest.fixture(scope="module")
-def repos(shipped_model, tmp_path_factory):
-    """The shipped CLIP and learned head exported twice, fp32 and int8."""
-    root = tmp_path_factory.mktemp("int8")
-    out = {}
-    for precision in ("fp32", "int8"):
-        out[precision] = root / precision
-        options = ExportOptions(precision=precision)
-        export_repository(shipped_model, out[precision], SHIPPED_HEAD_DIR, options)
-    return out
+repos = shipped_exports_fixture("int8")
 
 
 def _graph(repo, model: str) -> onnx.ModelProto:
@@ -93,15 +84,7 @@ def test_int8_is_its_own_export_and_says_so(repos):
 
 
 def test_int8_verifies_within_its_tolerance_and_not_within_fp32s(repos):
-    report = verify_repository(repos["int8"], n_prompts=2)
-    assert report.ok, report.max_diff
-    assert report.tolerances["raw"] == contract.RAW_TOLERANCE["int8"]
-    # quantization is in effect: past the fp32 tolerances, yet well inside int8's
-    assert report.max_diff["raw"] > TOLERANCES["fp32"]["raw"]
-    assert report.max_diff["image_embeds"] > TOLERANCES["fp32"]["image_embeds"]
-    assert report.max_diff["head_graph"] <= TOLERANCES["fp32"]["head_graph"]
-    # the learned head reads the int8 embeddings: within its int8 tolerance, moved by them
-    assert TOLERANCES["fp32"]["head"] < report.max_diff["head"] <= report.tolerances["head"]
+    assert_verifies_in_reduced_precision(repos["int8"], "int8")
 
 
 @functools.cache
@@ -150,11 +133,7 @@ def test_triton_serves_int8_towers_under_their_own_identity(repos, tmp_path):
     scenes = [Scene((Group(n, "red", "circle"),), "grass") for n in (1, 2, 3)]
     images = [render(s, k, 96).image for k, s in enumerate(scenes)]
     prompt = "two red circles on a grass background"
-    items = []
-    for image in images:
-        buf = io.BytesIO()
-        image.save(buf, "PNG")
-        items.append({"image": base64.b64encode(buf.getvalue()).decode(), "prompt": prompt})
+    items = png_items(images, prompt)
     with serve_stack(tmp_path, tmp_path / "repositories", head="", precision="int8") as stack:
         prov = json.loads((stack.repository / "provenance.json").read_text())
         with client_for(stack) as client:
@@ -179,7 +158,7 @@ def test_baselines_int8_flag_quantizes_their_linear_layers(shipped_model):
 
     from loadtest.baselines.naive_server import load_model, pixel_values, raw_rewards, token_ids
 
-    fp32, int8 = load_model(shipped_model), load_model(shipped_model, int8=True)
+    fp32, int8 = load_model(shipped_model), load_model(shipped_model, "int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
     assert any(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
     bench = build_benchmark(seed=3, prompts_per_category=1, images_per_prompt=4)

@@ -14,8 +14,9 @@ LitServe's queue timeout (30 s by default) is disabled: at high concurrency with
 per request a closed-loop client legitimately queues longer, and a 504 there would measure the
 setting, not the server.
 
-``--threads`` overrides torch's thread count in the worker (default: every core); ``--int8``
-quantizes the model's Linear layers (torch dynamic int8, as the naive baseline's ``--int8``).
+``--threads`` overrides torch's thread count in the worker (default: every core);
+``--precision int8 | bf16`` as the naive baseline's (torch dynamic int8 Linear layers, or CPU
+autocast to bfloat16).
 
     python -m loadtest.baselines.litserve_server --model DIR_OR_HUB_ID --port 8200
 """
@@ -46,17 +47,17 @@ Batched = tuple[torch.Tensor, torch.Tensor, list[int]]  # pixels, token ids, ite
 class ClipRewardAPI(ls.LitAPI):
     """Raw CLIP reward of (image, prompt) items; requests batched by LitServe."""
 
-    def __init__(self, model: str, threads: int | None = None, int8: bool = False) -> None:
+    def __init__(self, model: str, threads: int | None = None, precision: str = "fp32") -> None:
         super().__init__(
             max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S, api_path="/v1/score"
         )
         self.model_source = model  # loaded in `setup`, inside the inference worker
         self.threads = threads
-        self.int8 = int8
+        self.precision = precision
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads or all_cores())
-        self.bundle = load_model(self.model_source, self.int8)
+        self.bundle = load_model(self.model_source, self.precision)
 
     # LitServe reads this annotation to type the endpoint's body (so no postponed annotations
     # in this module): FastAPI parses the JSON into a ScoreRequest in the API server process.
@@ -71,7 +72,7 @@ class ClipRewardAPI(ls.LitAPI):
 
     def predict(self, x: Batched) -> tuple[list[float], list[int]]:
         pixels, ids, sizes = x
-        return raw_rewards(self.bundle, pixels, ids), sizes
+        return raw_rewards(self.bundle, pixels, ids, self.precision), sizes
 
     def unbatch(self, output: tuple[list[float], list[int]]) -> list[list[float]]:
         raws, sizes = output
@@ -87,7 +88,7 @@ class ClipRewardAPI(ls.LitAPI):
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = server_arguments(__doc__.splitlines()[0], 8200, argv)
-    api = ClipRewardAPI(args.model, args.threads, args.int8)
+    api = ClipRewardAPI(args.model, args.threads, args.precision)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=False)
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
 

@@ -11,8 +11,10 @@ Torch uses every core. It returns the raw CLIP cosine only (no TextNorm) in the 
 Fields it does not use (``textnorm``, ``request_id``) are accepted and ignored, so the benchmark
 sends every system the same body. ``GET /healthz`` answers once the model is loaded.
 ``--threads`` overrides torch's thread count (default: every core, as torch does by itself).
-``--int8``: the model's Linear layers under torch's dynamic int8 quantization (one line, what a
-user of such a server would try first; the like-for-like baseline of an int8 export).
+``--precision int8``: the model's Linear layers under torch's dynamic int8 quantization;
+``--precision bf16``: inference under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (oneDNN's
+AMX / AVX-512 BF16 kernels). Each is one line, what a user of such a server would try first: the
+like-for-like baselines of an int8 or a bf16 export.
 
     python -m loadtest.baselines.naive_server --model DIR_OR_HUB_ID --port 8100
 """
@@ -72,28 +74,37 @@ def token_ids(bundle: ClipBundle, prompts: Sequence[str]) -> torch.Tensor:
     )["input_ids"]
 
 
+PRECISIONS = ("fp32", "int8", "bf16")
+
+
 @torch.inference_mode()
-def raw_rewards(bundle: ClipBundle, pixels: torch.Tensor, ids: torch.Tensor) -> list[float]:
-    """Cosine of each image with its own prompt (row i with row i)."""
-    image = image_embeddings(bundle.model, pixels)
-    text = text_embeddings(bundle.model, ids)
+def raw_rewards(
+    bundle: ClipBundle, pixels: torch.Tensor, ids: torch.Tensor, precision: str = "fp32"
+) -> list[float]:
+    """Cosine of each image with its own prompt (row i with row i); `precision` bf16: under
+    CPU autocast to bfloat16."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        image = image_embeddings(bundle.model, pixels).float()
+        text = text_embeddings(bundle.model, ids).float()
     return (image * text).sum(dim=-1).tolist()
 
 
-def load_model(model: str, int8: bool = False) -> ClipBundle:
-    """The CLIP checkpoint; with `int8`, every Linear quantized by torch (dynamic: int8
-    weights, activations quantized per call)."""
+def load_model(model: str, precision: str = "fp32") -> ClipBundle:
+    """The CLIP checkpoint; with `precision` int8, every Linear quantized by torch (dynamic:
+    int8 weights, activations quantized per call)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     bundle = load_clip(model)
-    if int8:
+    if precision == "int8":
         bundle.model = torch.ao.quantization.quantize_dynamic(
             bundle.model, {torch.nn.Linear}, dtype=torch.qint8
         )
     return bundle
 
 
-def create_app(model: str, threads: int | None = None, int8: bool = False) -> FastAPI:
+def create_app(model: str, threads: int | None = None, precision: str = "fp32") -> FastAPI:
     torch.set_num_threads(threads or all_cores())
-    bundle = load_model(model, int8)
+    bundle = load_model(model, precision)
     app = FastAPI(title="naive CLIP reward server (baseline)")
 
     @app.get("/healthz")
@@ -105,7 +116,10 @@ def create_app(model: str, threads: int | None = None, int8: bool = False) -> Fa
         # Inline, on the event loop: one request at a time, as such wrappers do.
         images = [decode_image(item.image) for item in body.items]
         raws = raw_rewards(
-            bundle, pixel_values(bundle, images), token_ids(bundle, [i.prompt for i in body.items])
+            bundle,
+            pixel_values(bundle, images),
+            token_ids(bundle, [i.prompt for i in body.items]),
+            precision,
         )
         return {"results": [{"raw": r} for r in raws]}
 
@@ -115,13 +129,18 @@ def create_app(model: str, threads: int | None = None, int8: bool = False) -> Fa
 def server_arguments(
     description: str, default_port: int, argv: Sequence[str] | None
 ) -> argparse.Namespace:
-    """--model, --host, --port, --threads and --int8: the command line of both baselines."""
+    """--model, --host, --port, --threads and --precision: the command line of both baselines."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="CLIP checkpoint directory or hub id")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
-    parser.add_argument("--int8", action="store_true", help="torch dynamic int8 Linear layers")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="int8: torch dynamic int8 Linear layers; bf16: CPU autocast to bfloat16",
+    )
     return parser.parse_args(argv)
 
 
@@ -129,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = server_arguments(__doc__.splitlines()[0], 8100, argv)
     import uvicorn
 
-    app = create_app(args.model, args.threads, args.int8)
+    app = create_app(args.model, args.threads, args.precision)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

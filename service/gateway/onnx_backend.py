@@ -1,12 +1,12 @@
-"""A second reward backend: the exported repository's ONNX files under ONNX Runtime, in process.
+"""A second reward backend: the exported repository's ONNX files, in process.
 
 Same protocol as the Triton client (`RewardBackendProtocol`), same files Triton serves
 (`<repo>/<model>/<version>/model.onnx`, tensor names of `service.model_contract`), so the
-gateway runs for development without a Triton server and tests exercise the real models. Sessions
-run in a
-worker thread (`asyncio.to_thread`) so the event loop never blocks; ONNX Runtime errors come out
-as `BackendError`, calls after `close()` as `BackendUnavailable`. onnxruntime is imported
-lazily: it is needed only when this backend is used.
+gateway runs for development without a Triton server and tests exercise the real models. Each
+model runs under the runtime its repository serves it with (`service.onnx_models`: ONNX Runtime,
+or OpenVINO for a bf16 export's towers). Models run in a worker thread (`asyncio.to_thread`) so
+the event loop never blocks; runtime errors come out as `BackendError`, calls after `close()` as
+`BackendUnavailable`. The runtimes are imported lazily: only when this backend is used.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from service import model_contract as contract
 from service.gateway.backend import BackendError, BackendUnavailable
 from service.gateway.identity import hash_in_config
 from service.model_contract import EXPORT_HASH_PARAMETER
+from service.onnx_models import OnnxModel, open_served_model
 
 _IMAGE = contract.image_encoder(0)
 _TEXT = contract.text_encoder(0)
@@ -28,42 +29,31 @@ _HEAD_INPUTS = tuple(t.name for t in contract.reward_head(0, has_head=False).inp
 
 
 class OnnxBackend:
-    """The three models of an exported repository under ONNX Runtime (CPU); `member`: those of
-    a further ensemble member (`contract.member_model`), 0 the first model."""
+    """The three models of an exported repository (CPU); `member`: those of a further ensemble
+    member (`contract.member_model`), 0 the first model."""
 
     def __init__(
         self, repository: str | Path, *, intra_op_threads: int = 0, member: int = 0
     ) -> None:
-        import onnxruntime as ort
-
         self.repository = Path(repository)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        self._sessions = {}
+        self._models: dict[str, OnnxModel] = {}
         # the models this backend calls (image, text, reward head), by repository name
         self.models = tuple(contract.member_model(role, member) for role in contract.MEMBER_ROLES)
         for spec in (_IMAGE, _TEXT, contract.reward_head(0, has_head=False)):
             model = contract.member_model(spec.name, member)
-            path = contract.version_dir(self.repository, model) / "model.onnx"
-            if not path.is_file():
-                raise ValueError(f"not an exported repository (missing {path})")
-            self._sessions[spec.name] = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        self.reward_outputs = tuple(o.name for o in self._sessions["reward_head"].get_outputs())
+            self._models[spec.name] = open_served_model(self.repository, model, intra_op_threads)
+        self.reward_outputs = self._models["reward_head"].output_names
         self._closed = False
 
     async def _run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._closed:
             raise BackendUnavailable(f"{model}: the ONNX backend is closed")
-        session = self._sessions[model]
-        names = [o.name for o in session.get_outputs()]
+        opened = self._models[model]
         try:
-            values = await asyncio.to_thread(session.run, names, feeds)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{model}: onnxruntime: {exc}") from exc
-        return dict(zip(names, values, strict=True))
+            values = await asyncio.to_thread(opened.run, feeds)
+        except Exception as exc:  # each runtime raises its own exception types
+            raise BackendError(f"{model}: {opened.runtime}: {exc}") from exc
+        return dict(zip(opened.output_names, values, strict=True))
 
     async def encode_images(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images)
