@@ -174,3 +174,22 @@ def test_baselines_bf16_flag_runs_them_under_autocast(shipped_model):
     assert 0 < np.abs(fp32 - bf16).max() <= contract.RAW_TOLERANCE["bf16"]
     with pytest.raises(ValueError, match="precision must be one of"):
         load_model(shipped_model, "fp8")
+
+
+def test_gateway_onnx_backend_runs_bf16_towers_as_triton_does(repos):
+    """`gateway --onnx` on a bf16 repository: the in-process backend runs the towers on OpenVINO
+    too (what Triton runs), not ONNX Runtime's fp32."""
+    import asyncio
+
+    from service.gateway.onnx_backend import OnnxBackend
+
+    images = np.random.default_rng(1).integers(0, 256, (3, 80, 80, 3), dtype=np.uint8)
+    embeds = {
+        p: asyncio.run(OnnxBackend(r, intra_op_threads=1).encode_images(images))
+        for p, r in repos.items()
+    }
+    openvino = open_served_model(repos["bf16"], "image_encoder").run({"IMAGE": images})[0]
+    assert np.abs(embeds["bf16"] - openvino).max() <= SAME_EXPORT_TOLERANCE["bf16"]
+    assert np.abs(embeds["bf16"] - embeds["fp32"]).max() <= TOLERANCES["bf16"]["image_embeds"]
+    if _bf16_in_effect(repos["bf16"]):
+        assert np.abs(embeds["bf16"] - embeds["fp32"]).max() > TOLERANCES["fp32"]["raw"]
