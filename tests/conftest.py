@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.settings import SHIPPED_MODEL_DIR
@@ -62,6 +63,20 @@ def assert_verifies_in_reduced_precision(repo: Path, precision: str) -> None:
     assert report.max_diff["image_embeds"] > fp32["image_embeds"]
     assert report.max_diff["head_graph"] <= fp32["head_graph"]
     assert fp32["head"] < report.max_diff["head"] <= report.tolerances["head"]
+
+
+def served_raw_rewards(repo: Path, images: list, prompts: list[str]) -> np.ndarray:
+    """Raw rewards by an export's own files and runtimes, in process: each uint8 [H, W, 3]
+    image alone, the prompts in one batch (tokenised with the repository's tokenizer.json)."""
+    from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+
+    from service.onnx_models import open_served_model
+
+    ids = ClipTokenizer(repo / "tokenizer.json").encode(list(prompts)).ids
+    image = open_served_model(repo, "image_encoder")
+    img = np.concatenate([image.run({"IMAGE": np.asarray(x)[None]})[0] for x in images])
+    txt = open_served_model(repo, "text_encoder").run({"INPUT_IDS": ids})[0]
+    return (img * txt).sum(axis=1)
 
 
 def png_items(images: list, prompt: str) -> list[dict[str, str]]:

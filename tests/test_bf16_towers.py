@@ -27,6 +27,7 @@ from service.onnx_models import (
 from tests.conftest import (
     assert_verifies_in_reduced_precision,
     png_items,
+    served_raw_rewards,
     shipped_exports_fixture,
 )
 from tests.serve_stack import client_for, serve_stack
@@ -130,7 +131,8 @@ def test_triton_serves_bf16_towers_under_their_own_identity(repos, tmp_path):
     assert body["provenance"]["exporter"]["precision"] == "bf16"
     assert body["provenance"]["export_sha256"] == prov["export_sha256"]
     served = np.array([r["raw"] for r in body["results"]])
-    expected = {p: _raw_rewards(r, images, prompt) for p, r in repos.items()}
+    arrays = [np.asarray(i.convert("RGB")) for i in images]
+    expected = {p: served_raw_rewards(r, arrays, [prompt] * 3) for p, r in repos.items()}
     assert np.abs(served - expected["bf16"]).max() <= SAME_EXPORT_TOLERANCE["bf16"]
     assert np.abs(served - expected["fp32"]).max() <= contract.RAW_TOLERANCE["bf16"]
     if _bf16_in_effect(repo):
@@ -144,19 +146,6 @@ def _triton_log(serve_pid: int) -> str:
     logs = sorted((DEFAULT_RUNTIME_DIR / "logs").glob(f"tritonserver-{serve_pid}-*.log"))
     assert logs, f"no Triton log of serve {serve_pid} in {DEFAULT_RUNTIME_DIR / 'logs'}"
     return "\n".join(p.read_text(errors="replace") for p in logs)
-
-
-def _raw_rewards(repo, images, prompt: str) -> np.ndarray:
-    """Raw rewards by the repository's own files and runtimes, in process."""
-    from textnorm_reward_client.clip_tokenizer import ClipTokenizer
-
-    ids = ClipTokenizer(repo / "tokenizer.json").encode([prompt]).ids
-    image = open_served_model(repo, "image_encoder")
-    text = open_served_model(repo, "text_encoder")
-    arrays = [np.asarray(i.convert("RGB"))[None] for i in images]
-    img = np.concatenate([image.run({"IMAGE": a})[0] for a in arrays])
-    txt = text.run({"INPUT_IDS": ids})[0]
-    return img @ txt[0]
 
 
 def test_baselines_bf16_flag_runs_them_under_autocast(shipped_model):

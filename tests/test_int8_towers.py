@@ -1,12 +1,10 @@
 """int8 towers (`export --precision int8`, `REWARD_PRECISION=int8`): what is quantized, how far
 it is from the PyTorch fp32 reference, and that a real Triton serves it under its own identity."""
 
-import functools
 import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from scipy.stats import spearmanr
 
@@ -16,6 +14,7 @@ from shapes_world.benchmark import build_benchmark
 from tests.conftest import (
     assert_verifies_in_reduced_precision,
     png_items,
+    served_raw_rewards,
     shipped_exports_fixture,
 )
 from tests.serve_stack import client_for, serve_stack
@@ -87,26 +86,6 @@ def test_int8_verifies_within_its_tolerance_and_not_within_fp32s(repos):
     assert_verifies_in_reduced_precision(repos["int8"], "int8")
 
 
-@functools.cache
-def _tokenizer(source: str):
-    from export.clip_model import load_clip
-
-    return load_clip(source).tokenizer
-
-
-def _raw_rewards(repo, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
-    from export.clip_model import tokenize
-
-    prov = json.loads((repo / "provenance.json").read_text())
-    tokenizer = _tokenizer(prov["model"]["source"])
-    image_s, text_s = (
-        ort.InferenceSession(str(version_dir(repo, m) / "model.onnx")) for m in TOWERS
-    )
-    img = np.concatenate([image_s.run(None, {"IMAGE": x[None]})[0] for x in images])
-    txt = text_s.run(None, {"INPUT_IDS": tokenize(tokenizer, prompts).numpy()})[0]
-    return (img * txt).sum(axis=1)
-
-
 def test_int8_ranks_benchmark_images_as_fp32_does(repos):
     """Per prompt, the order of its images by raw reward: what a reward's AUROC and an RL
     advantage depend on (README: AUROC within 0.002 of fp32 on the held-out benchmark)."""
@@ -115,8 +94,8 @@ def test_int8_ranks_benchmark_images_as_fp32_does(repos):
     for prompt in bench:
         images = [np.asarray(item.image(size=64)) for item in prompt.items]
         prompts = [prompt.prompt] * len(images)
-        fp32 = _raw_rewards(repos["fp32"], images, prompts)
-        int8 = _raw_rewards(repos["int8"], images, prompts)
+        fp32 = served_raw_rewards(repos["fp32"], images, prompts)
+        int8 = served_raw_rewards(repos["int8"], images, prompts)
         assert np.abs(int8 - fp32).max() <= contract.RAW_TOLERANCE["int8"]
         rhos.append(spearmanr(fp32, int8).statistic)
     assert min(rhos) >= 0.95 and np.mean(rhos) >= 0.98, rhos
@@ -145,9 +124,9 @@ def test_triton_serves_int8_towers_under_their_own_identity(repos, tmp_path):
     arrays = [np.asarray(image.convert("RGB")) for image in images]
     # In process, each image alone: the gateway's batch (three images; the prompt padded to
     # its token bucket) quantizes activations together, which moves a reward by ~1e-3.
-    int8 = _raw_rewards(stack.repository, arrays, [prompt] * len(images))
+    int8 = served_raw_rewards(stack.repository, arrays, [prompt] * len(images))
     assert np.abs(served - int8).max() <= 5e-3
-    fp32 = _raw_rewards(fp32_repo, arrays, [prompt] * len(images))
+    fp32 = served_raw_rewards(fp32_repo, arrays, [prompt] * len(images))
     assert np.abs(served - fp32).max() <= contract.RAW_TOLERANCE["int8"]
 
 
