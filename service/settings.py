@@ -246,9 +246,9 @@ class Settings(BaseSettings):
     max_backend_calls: int = Field(
         default=64,
         ge=1,
-        description="backend calls of requests in flight (waiting to be merged or out) across "
-        "all requests; at least the max batch, so waiting callers can fill one merged call "
-        "(16 capped ViT-B/32 image batches at 16; measured in the README)",
+        description="calls out to the backend at once (merged calls, or every call with "
+        "merging off), across all requests and models; callers waiting to be merged hold no "
+        "slot (README, admission control)",
     )
     merged_calls_in_flight: int = Field(
         default=1,

@@ -1,5 +1,6 @@
 """Shared test helpers."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,15 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def clean_reward_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No REWARD_* variable of the developer's shell: Settings() are the defaults."""
+    for name in list(os.environ):
+        if name.startswith("REWARD_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
 
 
 @pytest.fixture(scope="session")

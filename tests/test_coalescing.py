@@ -10,7 +10,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.gateway.backend import BackendError, BackendTimeout, GuardedBackend
+from service.gateway.app import guarded_backend
+from service.gateway.backend import BackendError, BackendTimeout, CallBound, GuardedBackend
 from service.gateway.coalescing import CoalescingBackend
 from service.gateway.identity import IdentityCheck
 from service.gateway.metrics import GatewayMetrics
@@ -125,40 +126,102 @@ def test_a_lone_call_goes_at_once_and_merging_off_sends_every_call_alone():
     assert bounded(run(2)) == [1, 4]
 
 
-def test_with_the_default_settings_waiting_callers_fill_a_merged_call_to_the_max_batch():
-    """The overall bound on calls in flight (`max_backend_calls`) counts callers still waiting
-    to be merged, so below the max batch it caps every merged call: at 16, a ViT-B/32's image
-    batches under 32 clients averaged 6.7 rows and the gateway lost a fifth of its throughput
-    (README, admission control). Built as the gateway builds it (app.create_app)."""
+@pytest.mark.parametrize("max_backend_calls", [None, 1])
+def test_waiting_callers_fill_a_merged_call_to_the_max_batch_whatever_the_bound_on_calls(
+    clean_reward_env: pytest.MonkeyPatch, max_backend_calls: int | None
+) -> None:
+    """Callers waiting to be merged hold no slot of the bound on calls out
+    (`max_backend_calls`): when they did, a bound below the max batch capped every merged call
+    (at 16, a ViT-B/32's image batches under 32 clients averaged 6.7 rows; README, admission
+    control). Built as the gateway builds it (`app.guarded_backend`), with the default
+    settings and with a bound of one call."""
+    if max_backend_calls is not None:
+        clean_reward_env.setenv("REWARD_MAX_BACKEND_CALLS", str(max_backend_calls))
     settings = Settings()
-    callers = 2 * settings.max_batch
+    max_batch = 32
+    callers = 2 * max_batch
 
-    async def run() -> tuple[list[int], list[np.ndarray]]:
+    async def run() -> tuple[list[int], list[int], list[np.ndarray]]:
         inner = Gated()
-        merged = CoalescingBackend(
+        metrics = GatewayMetrics()
+        guard = guarded_backend(
             inner,
-            max_rows=settings.max_batch,
-            max_bytes=1 << 30,
-            max_in_flight=settings.merged_calls_in_flight,
-        )
-        guard = GuardedBackend(
-            merged,
+            settings,
             identity=IdentityCheck("h", ("image_encoder",)),
-            timeout_s=5.0,
-            max_batch=settings.max_batch,
+            max_batch=max_batch,
             embed_dim=D,
-            metrics=GatewayMetrics(),
-            max_calls=settings.max_backend_calls,
+            metrics=metrics,
+            calls=CallBound(settings.max_backend_calls, metrics),
         )
         tasks = [asyncio.create_task(guard.encode_images(x)) for x in images_of(*range(callers))]
-        await asyncio.sleep(0.2)  # every caller past the guard: out, or waiting for a slot
+        queues = guard.backend.queues
+        while sum(len(q.waiting) for q in queues.values()) + sum(inner.calls) < callers:
+            await asyncio.sleep(0.01)  # every caller arrived: out, or waiting to be merged
+        out_before = list(inner.calls)
         await inner.release()
-        return inner.calls, await asyncio.gather(*tasks)
+        return out_before, inner.calls, await asyncio.gather(*tasks)
 
-    calls, outs = bounded(run())
-    assert max(calls) == settings.max_batch, calls
-    assert sum(calls) == callers
+    out_before, calls, outs = bounded(run())
+    # one merged call out (merged_calls_in_flight; the first callers, as the identity check
+    # let them through), then the waiting callers in full merged calls
+    first = out_before[0]
+    assert len(out_before) == 1 and first < max_batch, out_before
+    rest = callers - first
+    assert calls[1:] == [max_batch] * (rest // max_batch) + (
+        [rest % max_batch] if rest % max_batch else []
+    )
     assert [o[:, 0].tolist() for o in outs] == [[k] for k in range(callers)]
+
+
+def test_the_bound_on_calls_out_is_shared_by_every_model_of_the_export(
+    clean_reward_env: pytest.MonkeyPatch,
+) -> None:
+    """Two models (an ensemble's members) with a bound of one call: never two calls out."""
+
+    class Counted(Gated):
+        out = most = 0
+
+        async def encode_images(self, images: np.ndarray) -> np.ndarray:
+            Counted.out += 1
+            Counted.most = max(Counted.most, Counted.out)
+            try:
+                return await super().encode_images(images)
+            finally:
+                Counted.out -= 1
+
+    async def run() -> list[list[int]]:
+        metrics = GatewayMetrics()
+        calls = CallBound(1, metrics)
+        settings = Settings()
+        models = [Counted(), Counted()]
+        guards = [
+            guarded_backend(
+                inner,
+                settings,
+                identity=IdentityCheck("h", ("image_encoder",)),
+                max_batch=8,
+                embed_dim=D,
+                metrics=metrics,
+                calls=calls,
+                member=k > 0,
+            )
+            for k, inner in enumerate(models)
+        ]
+        for inner in models:
+            await inner.release()
+        tasks = [g.encode_images(x) for g in guards for x in images_of(1, 2, 3)]
+        await asyncio.gather(*tasks)
+        assert (
+            metrics.registry.get_sample_value(
+                "reward_gateway_admission_limit", {"limit": "backend_calls"}
+            )
+            == 1
+        )
+        return [inner.calls for inner in models]
+
+    per_model = bounded(run())
+    assert Counted.most == 1
+    assert [sum(c) for c in per_model] == [3, 3]
 
 
 def test_merged_calls_respect_max_rows_and_bytes_and_never_mix_shapes():

@@ -301,14 +301,6 @@ def test_schema_settings_are_real_settings() -> None:
     assert {f"REWARD_{k.upper()}" for k in knobs} <= setting_env_names()
 
 
-@pytest.fixture
-def clean_reward_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name.startswith("REWARD_"):
-            monkeypatch.delenv(name)
-    return monkeypatch
-
-
 def test_gateway_settings_parse_from_the_rendered_env(clean_reward_env: pytest.MonkeyPatch) -> None:
     """The settings object reads the chart's env to the values given (types and formatting)."""
     env = gateway_env(manifests(with_key({"gateway": {"settings": EVERY_SETTING}})))

@@ -47,6 +47,8 @@ from service.gateway.backend import (
     MAX_CALL_BYTES,
     BackendError,
     BackendUnavailable,
+    BoundedBackend,
+    CallBound,
     GuardedBackend,
     RewardBackendProtocol,
     request_call_slots,
@@ -162,6 +164,40 @@ def _vocabulary(settings: Settings) -> Vocabulary | None:
         raise ValueError(f"cannot read the contrastive vocabulary: {exc}") from None
 
 
+def guarded_backend(
+    backend: RewardBackendProtocol,
+    settings: Settings,
+    *,
+    identity: IdentityCheck,
+    max_batch: int,
+    embed_dim: int,
+    metrics: GatewayMetrics,
+    calls: CallBound,
+    member: bool = False,
+) -> GuardedBackend:
+    """One model's backend as the gateway calls it: the guard rails, then the merging of
+    concurrent requests' calls, then `calls` (the bound on calls out at once, shared by every
+    model of the export), then the backend. Waiting to be merged takes no slot of `calls`."""
+    merged = CoalescingBackend(
+        BoundedBackend(backend, calls),
+        max_rows=max_batch,
+        max_bytes=MAX_CALL_BYTES,
+        max_in_flight=settings.merged_calls_in_flight,
+        timeout_s=settings.backend_timeout_s,
+        metrics=metrics,
+    )
+    return GuardedBackend(
+        merged,
+        identity=identity,
+        identity_interval_s=settings.identity_check_interval_s,
+        timeout_s=settings.backend_timeout_s,
+        max_batch=max_batch,
+        embed_dim=embed_dim,
+        metrics=metrics,
+        member=member,
+    )
+
+
 def create_app(
     settings: Settings,
     backend: RewardBackendProtocol,
@@ -192,26 +228,15 @@ def create_app(
     info = ProvenanceInfo(provenance, tokenizer, settings.truncate_long_prompts)
     metrics = GatewayMetrics()
     max_batch = info.max_batch or 64
-
-    def merged(each: RewardBackendProtocol) -> CoalescingBackend:
-        return CoalescingBackend(
-            each,
-            max_rows=max_batch,
-            max_bytes=MAX_CALL_BYTES,
-            max_in_flight=settings.merged_calls_in_flight,
-            timeout_s=settings.backend_timeout_s,
-            metrics=metrics,
-        )
-
-    guarded = GuardedBackend(
-        merged(backend),
+    calls = CallBound(settings.max_backend_calls, metrics)  # one bound for every model
+    guarded = guarded_backend(
+        backend,
+        settings,
         identity=IdentityCheck.from_provenance(provenance),
-        identity_interval_s=settings.identity_check_interval_s,
-        timeout_s=settings.backend_timeout_s,
         max_batch=max_batch,
         embed_dim=info.embed_dim,
         metrics=metrics,
-        max_calls=settings.max_backend_calls,
+        calls=calls,
     )
     if len(members) != len(info.members):
         raise ValueError(
@@ -234,10 +259,15 @@ def create_app(
             model.name,
             model.checkpoint_sha256,
             model.embed_dim,
-            guarded.for_member(
-                merged(member),
-                IdentityCheck(guarded.identity.expected, tuple(names.values())),
-                model.embed_dim,
+            guarded_backend(
+                member,
+                settings,
+                identity=IdentityCheck(guarded.identity.expected, tuple(names.values())),
+                max_batch=max_batch,
+                embed_dim=model.embed_dim,
+                metrics=metrics,
+                calls=calls,
+                member=True,
             ),
         )
         for member, (model, names) in zip(members, info.members, strict=True)

@@ -10,12 +10,17 @@ development and tests) implement it. Every implementation raises only these erro
 
 `GuardedBackend` wraps any implementation for the gateway: every call gets a timeout (a hung
 backend becomes `BackendTimeout`, 504, never a hung request), inference calls take a slot of
-the overall bound (`max_calls`) and of their request's (`request_call_slots`, a context
-variable the route sets) before they go out, batches are split to the exported
+their request's bound (`request_call_slots`, a context variable the route sets) before they
+go out, batches are split to the exported
 model's maximum batch size (image batches also to at most MAX_CALL_BYTES, far below gRPC's 2 GB
 message limit) and sent concurrently (so Triton's dynamic batcher can merge them),
 outputs are checked for shape and finiteness (`BackendError` otherwise), unexpected exceptions
 become `BackendError`, and each call's round-trip time is recorded in the metrics.
+
+`BoundedBackend` bounds the calls that actually go out to the backend (`CallBound`, one for
+all models of the export). The gateway stacks them guard → merging
+(`coalescing.CoalescingBackend`) → bound → backend (`app.guarded_backend`): callers waiting to
+be merged hold no slot, so they can fill a merged call to the max batch whatever the bound.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextvars import ContextVar
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -98,12 +103,68 @@ class RewardBackendProtocol(Protocol):
     async def close(self) -> None: ...
 
 
-class _CallSlots:
-    """The overall bound on inference calls in flight, shared by every member's guard."""
+class CallBound:
+    """The overall bound on inference calls out to the backend at once, shared by every
+    model of the export (its slots and their use are exported as the `backend_calls` budget)."""
 
-    def __init__(self, limit: int) -> None:
-        self.semaphore = asyncio.Semaphore(limit)
+    def __init__(self, limit: int, metrics: GatewayMetrics) -> None:
+        self.limit = limit
         self.in_flight = 0
+        self._semaphore = asyncio.Semaphore(limit)
+        self._metrics = metrics
+        metrics.admission_limit.labels("backend_calls").set(limit)
+        metrics.admission_in_use.labels("backend_calls").set(0)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._semaphore:
+            self.in_flight += 1
+            self._metrics.admission_in_use.labels("backend_calls").set(self.in_flight)
+            try:
+                yield
+            finally:
+                self.in_flight -= 1
+                self._metrics.admission_in_use.labels("backend_calls").set(self.in_flight)
+
+
+class BoundedBackend:
+    """A backend whose inference calls each take a slot of `bound` while they are out;
+    everything else is the wrapped backend's."""
+
+    def __init__(self, backend: RewardBackendProtocol, bound: CallBound) -> None:
+        self.backend = backend
+        self.bound = bound
+
+    def __getattr__(self, name: str) -> Any:  # models, model_stats, connect, ...
+        return getattr(self.backend, name)
+
+    async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        async with self.bound.slot():
+            return await self.backend.encode_images(images)
+
+    async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
+        async with self.bound.slot():
+            return await self.backend.encode_texts(ids)
+
+    async def rewards(
+        self,
+        image_embeds: np.ndarray,
+        prompt_embeds: np.ndarray,
+        prompt_mask: np.ndarray,
+        scale: np.ndarray,
+        lam: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        async with self.bound.slot():
+            return await self.backend.rewards(image_embeds, prompt_embeds, prompt_mask, scale, lam)
+
+    async def ready(self) -> bool:
+        return await self.backend.ready()
+
+    async def export_hashes(self, models: Sequence[str]) -> dict[str, str | None]:
+        return await self.backend.export_hashes(models)
+
+    async def close(self) -> None:
+        await self.backend.close()
 
 
 class GuardedBackend:
@@ -120,11 +181,10 @@ class GuardedBackend:
         metrics: GatewayMetrics,
         identity_interval_s: float = 10.0,
         max_call_bytes: int = MAX_CALL_BYTES,
-        max_calls: int = 1024,
-        shared_calls: _CallSlots | None = None,
+        member: bool = False,
     ) -> None:
-        """`shared_calls`: another guard's overall bound on calls in flight (a further
-        ensemble member's guard shares the first's; see `for_member`)."""
+        """`member`: the backend of a further ensemble member (the first model's guard
+        reports a mismatch of any model in the metrics)."""
         self.backend = backend
         self.identity = identity
         self.identity_interval_s = identity_interval_s
@@ -136,30 +196,7 @@ class GuardedBackend:
         self._checked_at: float | None = None  # monotonic time of the last identity answer
         self._mismatch: str | None = None  # the last answer's problem
         self._identity_lock = asyncio.Lock()
-        self.max_calls = max_calls
-        self._member = shared_calls is not None
-        self._calls = shared_calls or _CallSlots(max_calls)  # calls in flight, all requests
-        if not self._member:
-            metrics.admission_limit.labels("backend_calls").set(max_calls)
-            metrics.admission_in_use.labels("backend_calls").set(0)
-
-    def for_member(
-        self, backend: RewardBackendProtocol, identity: IdentityCheck, embed_dim: int
-    ) -> GuardedBackend:
-        """The same guard rails around a further ensemble member's models (its own identity
-        check and embedding size); inference calls share this guard's overall bound."""
-        return GuardedBackend(
-            backend,
-            identity=identity,
-            timeout_s=self.timeout_s,
-            max_batch=self.max_batch,
-            embed_dim=embed_dim,
-            metrics=self.metrics,
-            identity_interval_s=self.identity_interval_s,
-            max_call_bytes=self.max_call_bytes,
-            max_calls=self.max_calls,
-            shared_calls=self._calls,
-        )
+        self._member = member
 
     async def verify_identity(self, force: bool = False) -> None:
         """Raise ModelMismatch unless the backend serves the provenance's export.
@@ -188,26 +225,13 @@ class GuardedBackend:
             and time.monotonic() - self._checked_at < self.identity_interval_s
         )
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """One backend-call slot of the current request (if it has a bound), then one of all."""
-        request_slots = _REQUEST_SLOTS.get()
-        calls = self._calls
-        async with request_slots or contextlib.nullcontext(), calls.semaphore:
-            calls.in_flight += 1
-            self.metrics.admission_in_use.labels("backend_calls").set(calls.in_flight)
-            try:
-                yield
-            finally:
-                calls.in_flight -= 1
-                self.metrics.admission_in_use.labels("backend_calls").set(calls.in_flight)
-
     async def _inference(self, call: str, coro_fn, *args):
-        """An inference call within the slots; the timeout covers the wait for a slot too (a
-        hung backend holds every slot: the waiters must not wait beyond their deadline)."""
+        """An inference call within a slot of its request's bound (if it has one); the timeout
+        covers the wait for the slot too (a hung backend holds every slot: the waiters must
+        not wait beyond their deadline)."""
 
         async def bounded():
-            async with self._slot():
+            async with _REQUEST_SLOTS.get() or contextlib.nullcontext():
                 return await coro_fn(*args)
 
         return await self._call(call, bounded())
