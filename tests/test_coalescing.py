@@ -176,24 +176,14 @@ def test_waiting_callers_fill_a_merged_call_to_the_max_batch_whatever_the_bound_
 def test_the_bound_on_calls_out_is_shared_by_every_model_of_the_export(
     clean_reward_env: pytest.MonkeyPatch,
 ) -> None:
-    """Two models (an ensemble's members) with a bound of one call: never two calls out."""
+    """Two models (an ensemble's members) with a bound of one call: while one model's call is
+    out, the other's waits, and the in-use gauge says one."""
 
-    class Counted(Gated):
-        out = most = 0
-
-        async def encode_images(self, images: np.ndarray) -> np.ndarray:
-            Counted.out += 1
-            Counted.most = max(Counted.most, Counted.out)
-            try:
-                return await super().encode_images(images)
-            finally:
-                Counted.out -= 1
-
-    async def run() -> list[list[int]]:
+    async def run() -> tuple[list[list[int]], list[float | None], list[np.ndarray]]:
         metrics = GatewayMetrics()
-        calls = CallBound(1, metrics)
         settings = Settings()
-        models = [Counted(), Counted()]
+        models = [Gated(), Gated()]
+        calls = CallBound(1, metrics)
         guards = [
             guarded_backend(
                 inner,
@@ -207,21 +197,28 @@ def test_the_bound_on_calls_out_is_shared_by_every_model_of_the_export(
             )
             for k, inner in enumerate(models)
         ]
+
+        def in_use() -> float | None:
+            labels = {"limit": "backend_calls"}
+            return metrics.registry.get_sample_value("reward_gateway_admission_in_use", labels)
+
+        tasks = [asyncio.create_task(g.encode_images(x)) for g in guards for x in images_of(1, 2)]
+        while not any(inner.calls for inner in models):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the other model's merged call waits for the one slot
+        out = [len(inner.calls) for inner in models]
+        seen = [in_use()]
         for inner in models:
             await inner.release()
-        tasks = [g.encode_images(x) for g in guards for x in images_of(1, 2, 3)]
-        await asyncio.gather(*tasks)
-        assert (
-            metrics.registry.get_sample_value(
-                "reward_gateway_admission_limit", {"limit": "backend_calls"}
-            )
-            == 1
-        )
-        return [inner.calls for inner in models]
+        outs = await asyncio.gather(*tasks)
+        seen.append(in_use())
+        return [out, [sum(inner.calls) for inner in models]], seen, outs
 
-    per_model = bounded(run())
-    assert Counted.most == 1
-    assert [sum(c) for c in per_model] == [3, 3]
+    (out, rows), seen, outs = bounded(run())
+    assert sorted(out) == [0, 1]  # one model's call out, the other's not sent
+    assert seen == [1, 0]
+    assert rows == [2, 2]
+    assert [int(o[0, 0]) for o in outs] == [1, 2, 1, 2]
 
 
 def test_merged_calls_respect_max_rows_and_bytes_and_never_mix_shapes():

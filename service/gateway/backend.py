@@ -168,7 +168,10 @@ class BoundedBackend:
 
 
 class GuardedBackend:
-    """Identity checks, timeouts, batch splitting, output checks and timing around a backend."""
+    """Identity checks, timeouts, batch splitting, output checks and timing around a backend.
+
+    The overall bound on calls out is not here but below the merging (`BoundedBackend`; the
+    gateway builds the whole stack with `app.guarded_backend`)."""
 
     def __init__(
         self,
