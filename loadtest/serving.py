@@ -1061,7 +1061,7 @@ async def _measure(
                     total,
                 )
                 workload = Workload(point.workload, corpus, cold, seed=point.concurrency)
-                primed_errors = 0
+                primed_errors: list[str] = []
                 if point.workload == "rl" and name in ("gateway", "grpc"):
                     primed_errors = await _prime(target, corpus, mode)
                 loop = await closed_loop(
@@ -1076,7 +1076,8 @@ async def _measure(
                     max_warmup_s=request_timeout_s,
                 )
                 summary = summarise(loop, runs, point.images)
-                summary["errors"] += primed_errors
+                summary["errors"] += len(primed_errors)
+                summary["error_samples"] = [*primed_errors, *summary["error_samples"]][:5]
                 measured.append(
                     {
                         "system": name,
@@ -1113,14 +1114,15 @@ async def _measure(
             await target.aclose()
 
 
-async def _prime(target: HttpTarget | GrpcTarget, corpus: Corpus, mode: Mode) -> int:
-    """Send every pool prompt once (RL steady state: caches hold the pool); errors returned."""
-    errors = 0
+async def _prime(target: HttpTarget | GrpcTarget, corpus: Corpus, mode: Mode) -> list[str]:
+    """Send every pool prompt once (RL steady state: caches hold the pool); one line per
+    failed request returned (counted as the point's errors, like the measured ones)."""
+    errors: list[str] = []
     for i, prompt in enumerate(corpus.prompts):
         try:
             await target.send(target.prepare([(i, prompt)], mode, True))
-        except Exception:
-            errors += 1
+        except Exception as exc:
+            errors.append(f"priming: {type(exc).__name__}: {str(exc)[:300]}")
     return errors
 
 
