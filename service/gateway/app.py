@@ -47,7 +47,6 @@ from service.gateway.backend import (
     MAX_CALL_BYTES,
     BackendError,
     BackendUnavailable,
-    BoundedBackend,
     CallBound,
     GuardedBackend,
     RewardBackendProtocol,
@@ -176,15 +175,17 @@ def guarded_backend(
     member: bool = False,
 ) -> GuardedBackend:
     """One model's backend as the gateway calls it: the guard rails, then the merging of
-    concurrent requests' calls, then `calls` (the bound on calls out at once, shared by every
-    model of the export), then the backend. Waiting to be merged takes no slot of `calls`."""
+    concurrent requests' calls, which takes a slot of `calls` (the bound on calls out at once,
+    shared by every model of the export) for each call it sends, then the backend. Waiting to
+    be merged takes no slot."""
     merged = CoalescingBackend(
-        BoundedBackend(backend, calls),
+        backend,
         max_rows=max_batch,
         max_bytes=MAX_CALL_BYTES,
         max_in_flight=settings.merged_calls_in_flight,
         timeout_s=settings.backend_timeout_s,
         metrics=metrics,
+        bound=calls,
     )
     return GuardedBackend(
         merged,

@@ -17,10 +17,10 @@ message limit) and sent concurrently (so Triton's dynamic batcher can merge them
 outputs are checked for shape and finiteness (`BackendError` otherwise), unexpected exceptions
 become `BackendError`, and each call's round-trip time is recorded in the metrics.
 
-`BoundedBackend` bounds the calls that actually go out to the backend (`CallBound`, one for
-all models of the export). The gateway stacks them guard → merging
-(`coalescing.CoalescingBackend`) → bound → backend (`app.guarded_backend`): callers waiting to
-be merged hold no slot, so they can fill a merged call to the max batch whatever the bound.
+`CallBound` bounds the calls that actually go out to the backend (one for all models of the
+export); `coalescing.CoalescingBackend` takes its slots for the calls it sends
+(`app.guarded_backend` stacks guard → merging → backend): callers waiting to be merged hold no
+slot, so they can fill a merged call to the max batch whatever the bound.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextvars import ContextVar
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -127,51 +127,11 @@ class CallBound:
                 self._metrics.admission_in_use.labels("backend_calls").set(self.in_flight)
 
 
-class BoundedBackend:
-    """A backend whose inference calls each take a slot of `bound` while they are out;
-    everything else is the wrapped backend's."""
-
-    def __init__(self, backend: RewardBackendProtocol, bound: CallBound) -> None:
-        self.backend = backend
-        self.bound = bound
-
-    def __getattr__(self, name: str) -> Any:  # models, model_stats, connect, ...
-        return getattr(self.backend, name)
-
-    async def encode_images(self, images: np.ndarray) -> np.ndarray:
-        async with self.bound.slot():
-            return await self.backend.encode_images(images)
-
-    async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
-        async with self.bound.slot():
-            return await self.backend.encode_texts(ids)
-
-    async def rewards(
-        self,
-        image_embeds: np.ndarray,
-        prompt_embeds: np.ndarray,
-        prompt_mask: np.ndarray,
-        scale: np.ndarray,
-        lam: np.ndarray,
-    ) -> dict[str, np.ndarray]:
-        async with self.bound.slot():
-            return await self.backend.rewards(image_embeds, prompt_embeds, prompt_mask, scale, lam)
-
-    async def ready(self) -> bool:
-        return await self.backend.ready()
-
-    async def export_hashes(self, models: Sequence[str]) -> dict[str, str | None]:
-        return await self.backend.export_hashes(models)
-
-    async def close(self) -> None:
-        await self.backend.close()
-
-
 class GuardedBackend:
     """Identity checks, timeouts, batch splitting, output checks and timing around a backend.
 
-    The overall bound on calls out is not here but below the merging (`BoundedBackend`; the
-    gateway builds the whole stack with `app.guarded_backend`)."""
+    The overall bound on calls out is not here but in the merging, on the calls it sends
+    (`CallBound`; the gateway builds the whole stack with `app.guarded_backend`)."""
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ wraps a backend and merges them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections import deque
@@ -35,7 +36,12 @@ from typing import Any, cast
 
 import numpy as np
 
-from service.gateway.backend import BackendError, BackendTimeout, RewardBackendProtocol
+from service.gateway.backend import (
+    BackendError,
+    BackendTimeout,
+    CallBound,
+    RewardBackendProtocol,
+)
 from service.gateway.metrics import GatewayMetrics
 
 Output = np.ndarray | dict[str, np.ndarray]
@@ -208,8 +214,12 @@ class CoalescingBackend:
         max_in_flight: int,
         timeout_s: float | None = None,
         metrics: GatewayMetrics | None = None,
+        bound: CallBound | None = None,
     ) -> None:
+        """`bound`: a slot of it is taken by every call sent (merged or, with merging off,
+        alone), never by a caller waiting to be merged."""
         self.backend = backend
+        self.bound = bound
         self.timeout_s = timeout_s
         self.metrics = metrics
         self.max_rows = max(1, max_rows)
@@ -226,7 +236,7 @@ class CoalescingBackend:
         if queue is None:
             queue = self.queues[key] = CallQueue(
                 method,
-                getattr(self.backend, method),
+                functools.partial(self._send, method),
                 max_rows=self.max_rows,
                 max_bytes=self.max_bytes,
                 max_in_flight=self.max_in_flight,
@@ -236,9 +246,13 @@ class CoalescingBackend:
             )
         return queue
 
+    async def _send(self, method: str, *arrays: np.ndarray) -> Output:
+        async with self.bound.slot() if self.bound else contextlib.nullcontext():
+            return await getattr(self.backend, method)(*arrays)
+
     async def _call(self, method: str, *arrays: np.ndarray) -> Output:
         if self.max_in_flight <= 0:
-            return await getattr(self.backend, method)(*arrays)
+            return await self._send(method, *arrays)
         return await self._queue(method, arrays).call(*arrays)
 
     async def encode_images(self, images: np.ndarray) -> np.ndarray:
