@@ -1,8 +1,8 @@
 """The Helm chart (helm/textnorm-reward), offline: lint and render through helm-python-sdk (Helm's
-own Go SDK, no helm binary, no cluster), every manifest against Kubernetes' JSON schemas
-(kubernetes-validate, strict), and the chart's contract with the product: the gateway's env vars
-are real `REWARD_*` settings, its probe paths answer on a real gateway app, Triton's probes,
-Services and GPU set-up are the ones the deployment needs.
+own Go SDK, no helm binary, no cluster; in a child process, tests/helm_sdk.py), every manifest
+against Kubernetes' JSON schemas (kubernetes-validate, strict), and the chart's contract with the
+product: the gateway's env vars are real `REWARD_*` settings, its probe paths answer on a real
+gateway app, Triton's probes, Services and GPU set-up are the ones the deployment needs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
@@ -27,6 +26,7 @@ from service.gateway import check_bind, create_app
 from service.gateway.onnx_backend import OnnxBackend
 from service.gateway.provenance import load_provenance
 from service.settings import SHIPPED_MODEL_DIR, Settings
+from tests import helm_sdk as helm
 from tests.conftest import REPO_ROOT
 
 CHART = REPO_ROOT / "helm" / "textnorm-reward"
@@ -91,8 +91,7 @@ def set_path(dotted: str, value: Any) -> dict[str, Any]:
 
 def render(values: dict[str, Any]) -> dict[str, str]:
     """`helm template` of the chart: {template path: rendered text}."""
-    with helm.Chart.load(CHART) as chart:
-        return chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    return helm.render(CHART, values, name=RELEASE, namespace=NAMESPACE)
 
 
 def manifests(values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -158,6 +157,19 @@ def lint_errors(values: dict[str, Any]) -> list[str]:
     """Findings of `helm lint --strict` at warning level or above."""
     report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
     return report["errors"] + [m["error"] for m in report["messages"] if m["severity"] >= 2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _helm_child() -> Iterator[None]:
+    """The helm-python child process (tests/helm_sdk.py) is stopped when these tests end."""
+    yield
+    helm.close()
+
+
+def test_the_go_library_stays_out_of_the_test_process() -> None:
+    """Rendering works, yet this process has not imported helm-python (the child has)."""
+    assert find(manifests(with_key()), "Deployment", f"{FULLNAME}-gateway")
+    assert "helm_python" not in sys.modules
 
 
 # -- lint and render -------------------------------------------------------------------------------
@@ -293,8 +305,7 @@ def test_gateway_env_names_are_real_settings(profile: str) -> None:
 
 
 def test_schema_settings_are_real_settings() -> None:
-    with helm.Chart.load(CHART) as chart:
-        schema = chart.schema
+    schema = helm.schema(CHART)
     assert schema is not None
     knobs = schema["properties"]["gateway"]["properties"]["settings"]["properties"]
     assert set(knobs) == set(EVERY_SETTING)
