@@ -307,6 +307,9 @@ def bench_serving_cmd(
     seconds: Annotated[float, typer.Option(min=0.5, help="length of each timed window")] = 5.0,
     runs: Annotated[int, typer.Option(min=1, help="timed windows per point (median)")] = 3,
     warmup: Annotated[float, typer.Option(min=0.0, help="warm-up seconds per point")] = 2.0,
+    warmup_answers: Annotated[
+        int, typer.Option(min=1, help="answers every client gets before the windows start")
+    ] = 3,
     image_px: Annotated[int, typer.Option(min=32, max=1024, help="PNG side")] = 224,
     baseline_threads: Annotated[
         int | None, typer.Option(min=1, help="torch threads of the baselines [all cores]")
@@ -354,6 +357,7 @@ def bench_serving_cmd(
         seconds=seconds,
         runs=runs,
         warmup_s=warmup,
+        warmup_answers=warmup_answers,
         image_px=image_px,
         baseline_threads=baseline_threads,
         precision=precision,

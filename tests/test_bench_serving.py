@@ -10,13 +10,14 @@ claims; every ratio is img/s ÷ the baseline's img/s; no server is left running.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
 import pytest
 
 from loadtest.report import write_report
-from loadtest.serving import LABELS, bench_serving
+from loadtest.serving import LABELS, Mode, bench_serving, closed_loop
 from service.triton_server import group_alive, pid_alive
 from tests.conftest import run_cli
 
@@ -185,3 +186,50 @@ def test_parity_tolerance_depends_on_what_is_compared_with_what():
     assert parity_tolerance("grpc", "gateway", "bf16") == same_export["fp32"]
     assert parity_tolerance("naive", "gateway", "bf16") == RAW_TOLERANCE["bf16"]
     assert parity_tolerance("litserve", "naive", "fp32", "bf16") == RAW_TOLERANCE["bf16"]
+
+
+class _SleepyTarget:
+    """A stand-in target for the closed loop alone: each call takes `delay_s`."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def prepare(self, items, mode, repeats):
+        return items
+
+    async def send(self, prepared) -> list[float]:
+        await asyncio.sleep(self.delay_s)
+        return [0.0] * len(prepared)
+
+
+class _OneItem:
+    repeats = True
+
+    def items(self, n: int) -> list[tuple[int, str]]:
+        return [(0, "a red circle")] * n
+
+
+@pytest.mark.parametrize("warmup_answers", [1, 3])
+def test_the_windows_start_after_every_client_had_its_warmup_answers(warmup_answers):
+    """With no warm-up time, the windows wait for `warmup_answers` answers per client (the
+    default 3; one round was not enough at C = 32 on a ViT-B/32), not more than one round
+    beyond them, and every record before the windows belongs to the warm-up."""
+    concurrency, delay = 4, 0.05
+    loop = asyncio.run(
+        closed_loop(
+            _SleepyTarget(delay),
+            _OneItem(),
+            Mode("on", "auto"),
+            images=1,
+            concurrency=concurrency,
+            seconds=0.2,
+            runs=1,
+            warmup_s=0.0,
+            max_warmup_s=30.0,
+            warmup_answers=warmup_answers,
+        )
+    )
+    before = [r for r in loop.records if r.end <= loop.t0]
+    assert warmup_answers * concurrency <= len(before) <= (warmup_answers + 1) * concurrency
+    assert loop.t0 - min(r.start for r in loop.records) >= warmup_answers * delay
+    assert all(r.ok for r in loop.records)
