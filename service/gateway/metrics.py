@@ -109,7 +109,8 @@ class GatewayMetrics:
         )
         self.admission_limit = Gauge(
             "reward_gateway_admission_limit",
-            "each admission budget's limit (past it: 429 with Retry-After)",
+            "each admission budget's limit (past it: 429 with Retry-After; backend_calls, "
+            "the calls out to Triton, queues instead)",
             ["limit"],
             registry=r,
         )
