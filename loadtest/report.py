@@ -132,6 +132,13 @@ def _title(results: dict[str, Any], workload: str, images: int, textnorm: str) -
     return f"{what} · {images} {plural} per request · {tn}"
 
 
+def _warmup(meta: dict[str, Any]) -> str:
+    """How a point warmed up: seconds, and answers per client (1 before the setting existed)."""
+    return (
+        f"≥ {meta.get('warmup_s', 2.0):g} s and {meta.get('warmup_answers', 1)} answers per client"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole `results.md`: how it was measured, then every table."""
     meta = results["meta"]
@@ -148,7 +155,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['cores']} cores ({meta['cpu']}; baselines with "
         f"{meta.get('baseline_threads', '?')} torch threads), {meta['started']}. "
         f"Medians of {meta['runs']} windows of "
-        f"{meta['seconds']:g} s after warm-up; closed-loop clients (C = concurrency); "
+        f"{meta['seconds']:g} s after warm-up ({_warmup(meta)}); "
+        "closed-loop clients (C = concurrency); "
         f"{meta['image_px']}-px PNGs; every item carries its own prompt."
     )
     parity = results.get("parity") or {}

@@ -35,7 +35,7 @@ compute it), so they are measured once per point and shown under both settings.
 
 Measurement, per (system, point): C closed-loop clients back to back. Warm-up until every
 client has had ``warmup_answers`` answers (default 3: at C = 32 on a ViT-B/32 one request takes
-≈ 2 s, and after a single round the gateway's first window still ran 10–40 % slow) and
+≈ 2 s, and after a single round the gateway's first window ran 10–40 % slow in 2 runs of 3) and
 ``warmup_s`` passed; then ``runs`` consecutive windows of
 ``seconds``; then the clients finish their last request (drain, not counted). Images/s of a
 window credits each request by the fraction of its own duration inside the window (for closed
@@ -342,6 +342,9 @@ class RequestFailed(RuntimeError):
 
 
 # -- load generator targets ------------------------------------------------------------------------
+IDLE_CLOSE_S = 3.0  # the load generator's keep-alive: below every server's (uvicorn: 5 s)
+
+
 class HttpTarget:
     """`POST /v1/score` of the gateway or a baseline (same JSON either way).
 
@@ -355,7 +358,9 @@ class HttpTarget:
         self.name, self.url, self.corpus = name, url, corpus
         self.session = aiohttp.ClientSession(
             base_url=url,
-            connector=aiohttp.TCPConnector(limit=connections),
+            # Idle connections are dropped before uvicorn's default 5 s keep-alive (the
+            # baselines keep it) can close one just as it is reused ("Server disconnected").
+            connector=aiohttp.TCPConnector(limit=connections, keepalive_timeout=IDLE_CLOSE_S),
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         )
 
@@ -478,7 +483,7 @@ async def closed_loop(
     runs: int,
     warmup_s: float,
     max_warmup_s: float,
-    warmup_answers: int = 1,
+    warmup_answers: int,
 ) -> LoopResult:
     """`concurrency` clients back to back: warm-up (`warmup_s` and `warmup_answers` answers per
     client, or `max_warmup_s`), `runs` windows of `seconds`, drain."""

@@ -365,6 +365,7 @@ def _run_uvicorn(app, settings: Settings) -> None:
         port=settings.port,
         log_level="info",
         access_log=settings.access_log,
+        timeout_keep_alive=settings.keep_alive_s,
     )
 
 

@@ -206,6 +206,16 @@ class Settings(BaseSettings):
         description="uvicorn's line per request (at hundreds of requests/s a measurable cost; "
         "requests are counted and timed in /metrics either way)",
     )
+    keep_alive_s: int = Field(
+        default=75,
+        ge=1,
+        description="seconds an idle client connection is kept open (uvicorn's keep-alive "
+        "timeout). Longer than the clients' own idle limits (aiohttp 15 s, httpx 5 s) and "
+        "than a trainer's pause between RL steps, so the server never closes a pooled "
+        "connection just as a client reuses it (uvicorn's 5 s default did: a request sent "
+        "on it fails with 'Server disconnected'); 75 s as nginx, above a cloud load "
+        "balancer's usual 60 s",
+    )
     backend_timeout_s: float = Field(
         default=30.0,
         gt=0,

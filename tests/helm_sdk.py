@@ -82,6 +82,8 @@ class _Child:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 _child: _Child | None = None
@@ -152,7 +154,7 @@ def _serve() -> None:
     for line in sys.stdin:
         try:
             answer = {"ok": handle(json.loads(line))}
-        except helm.HelmError as err:
+        except Exception as err:  # a helm error, or a bad request: answered, the child lives on
             answer = {"error": [type(err).__name__, str(err)]}
         answers.write(json.dumps(answer) + "\n")
         answers.flush()

@@ -83,7 +83,9 @@ def test_report_files_and_the_table(bench):
     results, paths = bench
     assert json.loads(paths["json"].read_text())["points"] == results["points"]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    lines = paths["markdown"].read_text().splitlines()
+    markdown = paths["markdown"].read_text()
+    assert "after warm-up (≥ 0.5 s and 3 answers per client)" in markdown  # how it was measured
+    lines = markdown.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| system |"))
     table = []
     for line in lines[start:]:

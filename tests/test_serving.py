@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -553,6 +555,25 @@ def test_bad_requests_get_4xx_naming_the_field(client, stack):
     health = httpx.get(f"{stack.url}/healthz", trust_env=False)  # open: no key
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert score(client, [{**good, "contrastive": CONTRASTIVE}])[0]["raw"] > 0  # still serving
+
+
+def test_an_idle_connection_outlives_uvicorns_default_keep_alive(stack):
+    """A trainer's pooled connection, idle between RL steps for longer than uvicorn's default
+    5 s keep-alive, is still open when it is reused (keep_alive_s, default 75 s): the server
+    never closes it just as the client sends on it."""
+    host, port = urllib.parse.urlsplit(stack.url).netloc.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() and conn.sock is not None
+        sock = conn.sock
+        time.sleep(6.5)
+        conn.request("GET", "/healthz")  # on the same socket, or RemoteDisconnected
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+        assert conn.sock is sock
+    finally:
+        conn.close()
 
 
 # -- 6. Triton dies: 503, watchdog restart, recovery -----------------------------------------------
