@@ -287,6 +287,7 @@ EVERY_SETTING: dict[str, Any] = {
     "max_contrastive_prompts": 16,
     "truncate_long_prompts": True,
     "backend_timeout_s": 12.5,
+    "keep_alive_s": 90,
     "retry_after_s": 3,
     "embedding_cache_entries": 1000,
     "max_prompt_sets": 50,
