@@ -4,8 +4,10 @@
 returned. `results.md` has one table per workload × images per request × TextNorm: one row per
 system (columns: img/s and p50 / p99 latency at each concurrency, and the errors), the ceiling
 rows (at batch = images per request × concurrency), then the ratio rows (img/s ÷ naive,
-÷ LitServe, ÷ the best image + prompt ceiling, at the same point). It is meant to be pasted
-into the README as is. The plot shows the best image + prompt ceiling as a dashed line.
+÷ LitServe, ÷ the best image + prompt ceiling, at the same point), and below it where the
+CPU was spent (server CPU ms per image, the stack split into gateway and Triton). It is meant
+to be pasted into the README as is. The plot shows the best image + prompt ceiling as a dashed
+line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest.cpu_time import IDLE_SERVERS, LOAD_GENERATOR
 from loadtest.serving import BASELINES, LABELS, SERVED, best_ceiling
 
 CEILING_ROWS = ("pair", "image", "pair_textnorm")
@@ -117,6 +120,52 @@ def table(results: dict[str, Any], workload: str, images: int, textnorm: str) ->
     return rows
 
 
+def cpu_table(
+    results: dict[str, Any], workload: str, images: int, textnorm: str
+) -> list[list[str]]:
+    """CPU milliseconds per image in the windows, per system and concurrency: the server's
+    total, split by role where it has several ("gateway + triton"); the header first. Only the
+    header when the results predate the CPU readings."""
+    levels = results["meta"]["concurrency"]
+    rows = [["system", *(f"C={c} server CPU ms/img" for c in levels)]]
+    here = [
+        p
+        for p in results["points"]
+        if (p["workload"], p["images"], p["textnorm"]) == (workload, images, textnorm)
+        and p.get("cpu_ms_per_img")
+    ]
+    for system in SERVED:
+        at = {p["concurrency"]: p["cpu_ms_per_img"] for p in here if p["system"] == system}
+        if at:
+            rows.append([LABELS[system], *(_cpu_cell(at.get(c)) for c in levels)])
+    return rows
+
+
+def _cpu_cell(per_role: dict[str, float] | None) -> str:
+    if not per_role:
+        return "–"
+    server = {r: ms for r, ms in per_role.items() if r not in (IDLE_SERVERS, LOAD_GENERATOR)}
+    total = _ms(sum(server.values()))
+    if len(server) == 1:
+        return total
+    return f"{total} = " + " + ".join(f"{_ms(ms)} {role}" for role, ms in server.items())
+
+
+def _bystanders_line(results: dict[str, Any]) -> str | None:
+    """What shared the cores with the system measured: the other servers, the clients."""
+    points = [p for p in results["points"] if p.get("cpu_cores")]
+    if not points:
+        return None
+    idle = [p["cpu_cores"][IDLE_SERVERS] for p in points]
+    client = [p["cpu_ms_per_img"][LOAD_GENERATOR] for p in points]
+    paused = "baselines not measured paused" if results["meta"].get("pause_idle") else "none paused"
+    return (
+        f"Meanwhile the servers not measured ({paused}) kept {max(idle):.3f} cores busy at "
+        f"most, and the load generator itself (this process, on the same cores) used "
+        f"{_ms(min(client))}–{_ms(max(client))} ms of CPU per image."
+    )
+
+
 def _markdown_table(rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |"]
     lines.append("| --- |" + " ---: |" * (len(rows[0]) - 1))
@@ -191,8 +240,16 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "img/s credits each request by the share of its duration inside a window; p50 / p99 "
         "pool the requests started in the windows; errors count every failed request of the "
-        "point (warm-up and drain included). The baselines never compute TextNorm.",
+        "point (warm-up and drain included). The baselines never compute TextNorm. Server "
+        "CPU ms/img: the CPU seconds the server's processes used in the windows per image "
+        "answered (the stack split into `gateway`, its own process, and `triton`, everything "
+        "it started).",
     ]
+    if meta.get("pause_idle"):
+        out[-1] += (
+            " While a system or the ceiling is measured, the baselines not measured are "
+            "paused (SIGSTOP to their process group): idle, LitServe's workers poll."
+        )
     for workload, images, textnorm in sections(results):
         out += ["", f"### {_title(results, workload, images, textnorm)}", ""]
         out.append(_markdown_table(table(results, workload, images, textnorm)))
@@ -200,6 +257,13 @@ def markdown(results: dict[str, Any]) -> str:
             p["measured_under"] == "on" and p["textnorm"] == "off" for p in results["points"]
         ):
             out += ["", "Baselines: the TextNorm-on measurement (they ignore TextNorm)."]
+        cpu = cpu_table(results, workload, images, textnorm)
+        if len(cpu) > 1:
+            out += ["", "CPU per image answered in the windows (ms):", ""]
+            out.append(_markdown_table(cpu))
+    line = _bystanders_line(results)
+    if line:
+        out += ["", line]
     return "\n".join(out) + "\n"
 
 

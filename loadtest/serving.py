@@ -43,7 +43,10 @@ loops this is completions/s without the edge error of short windows or of batch 
 the point's figure is the median over windows. p50/p95/p99 latencies pool every request that
 started inside the windows. Errors (non-2xx, wrong result count, exceptions) are counted over
 the whole point, warm-up and drain included, and never dropped. Ratios: img/s ÷ naive's and ÷
-LitServe's at the same point, and ÷ the best ``pair`` ceiling.
+LitServe's at the same point, and ÷ the best ``pair`` ceiling. CPU: the server processes' CPU
+seconds over the windows (`loadtest.cpu_time`), per image answered in them and as cores kept
+busy, by role: ``gateway`` and ``triton`` for the stack, ``server`` for a baseline, and the
+``load generator`` itself.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ import numpy as np
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
 from loadtest.baselines import LITSERVE_MODULE, NAIVE_MODULE
+from loadtest.cpu_time import CpuReader, point_reader, used_s
 from service.contrastive import contrastive_prompts
 from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS, RAW_TOLERANCE
 from service.triton_server import free_ports
@@ -252,8 +256,36 @@ class BaselineServer(_Process):
     def wait_ready(self, timeout_s: float) -> None:
         self._wait_http(self.url + self.health, timeout_s)
 
+    def pause(self) -> None:
+        """Freeze the server and its workers (SIGSTOP to its process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()  # a stopped process would not act on SIGTERM
         self._stop(signal.SIGTERM, group_first=True, grace_s=20)
+
+
+@contextlib.contextmanager
+def others_paused(servers: dict[str, Any], measured: str | None) -> Iterator[None]:
+    """Every baseline server but `measured` frozen for the block (None: all of them).
+
+    Idle, LitServe's workers poll their queues and kept 0.12 of a core busy (0.17 under
+    load), taken from whichever system was measured beside it; an idle naive server used
+    0.004. The stack is never paused: Triton's Python backend watches its stubs' heartbeats,
+    and idle it used 0.014 (`cpu_time`'s ``idle servers`` role shows what is left)."""
+    paused = [s for name, s in servers.items() if name in BASELINES and name != measured]
+    for server in paused:
+        server.pause()
+    try:
+        yield
+    finally:
+        for server in paused:
+            server.resume()
 
 
 # -- the workloads ---------------------------------------------------------------------------------
@@ -471,6 +503,7 @@ class LoopResult:
     t0: float  # start of the first window
     t1: float  # end of the last window
     error_samples: list[str] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per role in the windows
 
 
 async def closed_loop(
@@ -484,9 +517,11 @@ async def closed_loop(
     warmup_s: float,
     max_warmup_s: float,
     warmup_answers: int,
+    cpu: CpuReader | None = None,
 ) -> LoopResult:
     """`concurrency` clients back to back: warm-up (`warmup_s` and `warmup_answers` answers per
-    client, or `max_warmup_s`), `runs` windows of `seconds`, drain."""
+    client, or `max_warmup_s`), `runs` windows of `seconds`, drain. `cpu`: read at the start and
+    the end of the windows (the CPU seconds each role used in them are returned)."""
     records: list[_Record] = []
     samples: list[str] = []
     answered = [0] * concurrency
@@ -515,13 +550,15 @@ async def closed_loop(
             if elapsed >= warmup_s and (warm or elapsed >= max_warmup_s):
                 break
             await asyncio.sleep(0.02)
+        cpu_before = cpu() if cpu else {}
         t0 = time.perf_counter()
         await asyncio.sleep(seconds * runs)
         t1 = time.perf_counter()
+        cpu_s = used_s(cpu_before, cpu()) if cpu else {}
     finally:
         stopping = True
         await asyncio.gather(*tasks, return_exceptions=True)  # drain: in-flight calls finish
-    return LoopResult(records, t0, t1, samples)
+    return LoopResult(records, t0, t1, samples, cpu_s)
 
 
 def _percentiles(latencies_s: Sequence[float]) -> dict[str, float | None]:
@@ -565,6 +602,18 @@ def summarise(loop: LoopResult, runs: int, images: int) -> dict[str, Any]:
         "errors": sum(not r.ok for r in loop.records),
         "error_samples": loop.error_samples,
         "windows": windows,
+        **_cpu_summary(loop, sum(w["img_s"] * w["seconds"] for w in windows)),
+    }
+
+
+def _cpu_summary(loop: LoopResult, images_in_windows: float) -> dict[str, Any]:
+    """Per role: CPU milliseconds per image answered in the windows, and cores kept busy."""
+    if not loop.cpu_s or images_in_windows <= 0:
+        return {"cpu_ms_per_img": {}, "cpu_cores": {}}
+    span = loop.t1 - loop.t0
+    return {
+        "cpu_ms_per_img": {r: s * 1000 / images_in_windows for r, s in loop.cpu_s.items()},
+        "cpu_cores": {r: s / span for r, s in loop.cpu_s.items()},
     }
 
 
@@ -808,6 +857,7 @@ def bench_serving(
     baseline_threads: int | None = None,
     precision: str | None = None,
     baseline_precision: str = "fp32",
+    pause_idle: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure every system at every point; the results as a JSON-ready dict (see module doc).
@@ -816,7 +866,8 @@ def bench_serving(
     stopped before returning (or raising). `baseline_threads`: torch threads of the baselines
     (None: every core). `precision`: the export's towers, fp32, int8 or bf16 (None: the settings');
     `baseline_precision`: the baselines' PyTorch model, fp32, int8 (torch dynamic
-    quantization of its Linear layers) or bf16 (CPU autocast)."""
+    quantization of its Linear layers) or bf16 (CPU autocast). `pause_idle`: freeze the
+    baselines not measured at a point, and all of them while the ceiling is (`others_paused`)."""
     _check(systems, SYSTEMS, "systems")
     _check(workloads, WORKLOADS, "workloads")
     _check(textnorm, TEXTNORM, "textnorm")
@@ -858,6 +909,7 @@ def bench_serving(
         "runs": runs,
         "warmup_s": warmup_s,
         "warmup_answers": warmup_answers,
+        "pause_idle": pause_idle,
         "image_px": image_px,
         "rules": dict(RULE),
         "cores": all_cores(),
@@ -936,6 +988,7 @@ def bench_serving(
                     runs=runs,
                     warmup_s=warmup_s,
                     warmup_answers=warmup_answers,
+                    pause_idle=pause_idle,
                     request_timeout_s=request_timeout_s,
                     report=report,
                     total=total,
@@ -1012,6 +1065,7 @@ async def _measure(
     runs: int,
     warmup_s: float,
     warmup_answers: int,
+    pause_idle: bool,
     request_timeout_s: float,
     report: Progress,
     total: int,
@@ -1033,6 +1087,12 @@ async def _measure(
                 name, servers[name].url, corpus, connections, request_timeout_s
             )
     ceiling = Ceiling(repository, all_cores()) if "ceiling" in systems and repository else None
+    pids = {name: server.proc.pid for name, server in servers.items()}
+    cpu_readers: dict[str, CpuReader] = {name: point_reader(name, pids) for name in targets}
+
+    def paused(measured: str | None) -> contextlib.AbstractContextManager:
+        return others_paused(servers, measured) if pause_idle else contextlib.nullcontext()
+
     done = 0
     try:
         parity = await _parity(targets, ceiling, corpus)
@@ -1050,7 +1110,9 @@ async def _measure(
         if ceiling is not None:
             for variant, batch in plan:
                 report(f"ceiling {variant} batch {batch}", done, total)
-                ceiling_results.append(ceiling.measure(variant, batch, corpus, seconds, before))
+                with paused(None):
+                    measure = ceiling.measure(variant, batch, corpus, seconds, before)
+                ceiling_results.append(measure)
                 done += 1
         cold = ColdPrompts()
         measured: list[dict[str, Any]] = []
@@ -1076,20 +1138,22 @@ async def _measure(
                 )
                 workload = Workload(point.workload, corpus, cold, seed=point.concurrency)
                 primed_errors: list[str] = []
-                if point.workload == "rl" and name in ("gateway", "grpc"):
-                    primed_errors = await _prime(target, corpus, mode)
-                loop = await closed_loop(
-                    target,
-                    workload,
-                    mode,
-                    point.images,
-                    point.concurrency,
-                    seconds,
-                    runs,
-                    warmup_s,
-                    max_warmup_s=request_timeout_s,
-                    warmup_answers=warmup_answers,
-                )
+                with paused(name):
+                    if point.workload == "rl" and name in ("gateway", "grpc"):
+                        primed_errors = await _prime(target, corpus, mode)
+                    loop = await closed_loop(
+                        target,
+                        workload,
+                        mode,
+                        point.images,
+                        point.concurrency,
+                        seconds,
+                        runs,
+                        warmup_s,
+                        max_warmup_s=request_timeout_s,
+                        warmup_answers=warmup_answers,
+                        cpu=cpu_readers[name],
+                    )
                 summary = summarise(loop, runs, point.images)
                 summary["errors"] += len(primed_errors)
                 summary["error_samples"] = [*primed_errors, *summary["error_samples"]][:5]
@@ -1109,9 +1173,10 @@ async def _measure(
         if ceiling is not None and runs > before:
             for k, (variant, batch) in enumerate(plan):
                 report(f"ceiling {variant} batch {batch} (second pass)", done, total)
-                ceiling_results[k] = ceiling.measure(
-                    variant, batch, corpus, seconds, runs - before, ceiling_results[k]
-                )
+                with paused(None):
+                    ceiling_results[k] = ceiling.measure(
+                        variant, batch, corpus, seconds, runs - before, ceiling_results[k]
+                    )
                 done += 1
         for c in ceiling_results:
             del c["latencies_s"]

@@ -325,6 +325,13 @@ def bench_serving_cmd(
             "bf16: CPU autocast)"
         ),
     ] = "fp32",
+    pause_idle: Annotated[
+        bool,
+        typer.Option(
+            help="freeze the baselines not measured at a point (idle, LitServe's workers poll "
+            "and take CPU from the system measured)"
+        ),
+    ] = True,
     out: Annotated[
         Path, typer.Option(help="results folder: results.json, results.md, throughput.png")
     ] = Path("loadtest-results/bench-serving"),
@@ -362,6 +369,7 @@ def bench_serving_cmd(
         baseline_threads=baseline_threads,
         precision=precision,
         baseline_precision=baseline_precision,
+        pause_idle=pause_idle,
     )
     bar = Progress(
         "[progress.description]{task.description}",

@@ -5,7 +5,8 @@ ceiling; RL prompts, 1 image per request, concurrency 1 and 4, one 1 s window �
 every system scored images with no errors; the baselines return the gateway's raw rewards for
 the same images and prompts (same checkpoint; our preprocessing is bit-exact with the HF
 processor) within 1e-4; the report files exist and the table has the rows and columns it
-claims; every ratio is img/s ÷ the baseline's img/s; no server is left running.
+claims; every ratio is img/s ÷ the baseline's img/s; each server's CPU time per image is
+read by role and fits the machine's cores; no server is left running.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from loadtest.report import write_report
-from loadtest.serving import LABELS, Mode, bench_serving, closed_loop
+from loadtest.cpu_time import IDLE_SERVERS, LOAD_GENERATOR, own_and_descendants_s, used_s
+from loadtest.report import cpu_table, write_report
+from loadtest.serving import LABELS, Mode, all_cores, bench_serving, closed_loop
 from service.triton_server import group_alive, pid_alive
 from tests.conftest import run_cli
 
@@ -152,6 +158,70 @@ def test_ratios_are_img_s_over_the_baseline(bench):
         } <= found
 
 
+ROLES = {
+    "gateway": {"gateway", "triton", IDLE_SERVERS, LOAD_GENERATOR},
+    "naive": {"server", IDLE_SERVERS, LOAD_GENERATOR},
+    "litserve": {"server", IDLE_SERVERS, LOAD_GENERATOR},
+}
+
+
+def test_each_servers_cpu_per_image_is_read_by_role_and_fits_the_cores(bench):
+    results, paths = bench
+    cores = all_cores()
+    for system in SERVED:
+        for c in LEVELS:
+            p = _point(results, system, c)
+            per_img, busy = p["cpu_ms_per_img"], p["cpu_cores"]
+            assert set(per_img) == set(busy) == ROLES[system], (system, c)
+            server = [r for r in per_img if r not in (IDLE_SERVERS, LOAD_GENERATOR)]
+            # the model runs in the server: it used CPU (Triton's share, for the stack)
+            assert per_img["triton" if system == "gateway" else "server"] > 0, (system, c)
+            # the same seconds two ways: per image × images/s = cores busy (one window: the
+            # median img/s is the window's)
+            for role in per_img:
+                assert per_img[role] / 1000 * p["img_s"] == pytest.approx(busy[role], rel=1e-6)
+            # no process tree keeps more cores busy than the machine has
+            assert sum(busy[r] for r in server) <= cores * 1.1, (system, c, busy)
+            # the baselines not measured were paused: idle, LitServe alone polls 0.12 cores
+            assert busy[IDLE_SERVERS] < 0.05, (system, c, busy)
+    rows = {r[0]: r[1:] for r in cpu_table(results, "rl", 1, "on")[1:]}
+    for k, c in enumerate(LEVELS):
+        gateway = _point(results, "gateway", c)["cpu_ms_per_img"]
+        total, parts = rows[LABELS["gateway"]][k].split(" = ")
+        assert float(total) == pytest.approx(gateway["gateway"] + gateway["triton"], rel=0.06)
+        assert parts.endswith(" triton") and " gateway + " in parts
+        naive = _point(results, "naive", c)["cpu_ms_per_img"]["server"]
+        assert float(rows[LABELS["naive"]][k]) == pytest.approx(naive, rel=0.06)
+    markdown = paths["markdown"].read_text()
+    assert "server CPU ms/img" in markdown and "baselines not measured paused" in markdown
+
+
+def test_a_process_trees_cpu_counts_its_children_and_not_after_they_exit():
+    """`own_and_descendants_s` credits a busy child to the descendants (not the parent), and
+    `used_s` counts a role that vanished between two readings as 0, never negative."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+    parent = (
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {burn!r} + "
+        "'time.sleep(60)'])\ntime.sleep(60)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while own_and_descendants_s(server.pid)[1] < 0.5:
+            assert time.monotonic() < deadline, "the child's CPU time never showed"
+            time.sleep(0.05)
+        own, descendants = own_and_descendants_s(server.pid)
+        assert 0.5 <= descendants < 1.0
+        assert own < 0.3  # the parent only started Python and its child, then slept
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
+    assert used_s({"triton": 5.0, "gateway": 1.0}, {"triton": 0.5, "gateway": 1.5}) == {
+        "triton": 0.0,  # Triton restarted: its new processes' counters began at 0
+        "gateway": 0.5,
+    }
+
+
 def test_no_server_is_left_running(bench):
     pids = bench[0]["meta"]["pids"]
     assert {"stack", "naive", "litserve", "tritonserver"} <= set(pids)
@@ -235,3 +305,24 @@ def test_the_windows_start_after_every_client_had_its_warmup_answers(warmup_answ
     assert warmup_answers * concurrency <= len(before) <= (warmup_answers + 1) * concurrency
     assert loop.t0 - min(r.start for r in loop.records) >= warmup_answers * delay
     assert all(r.ok for r in loop.records)
+
+
+def test_the_cpu_reader_is_read_at_the_edges_of_the_windows():
+    """What closed_loop reports as CPU seconds is the reader's change over exactly the
+    windows: a reader counting wall time gives their length, warm-up and drain excluded."""
+    loop = asyncio.run(
+        closed_loop(
+            _SleepyTarget(0.05),
+            _OneItem(),
+            Mode("on", "auto"),
+            images=1,
+            concurrency=2,
+            seconds=0.3,
+            runs=2,
+            warmup_s=0.3,
+            max_warmup_s=30.0,
+            warmup_answers=1,
+            cpu=lambda: {"clock": time.perf_counter()},
+        )
+    )
+    assert loop.cpu_s["clock"] == pytest.approx(loop.t1 - loop.t0, abs=0.02)
