@@ -4,10 +4,15 @@ On a shared machine throughput alone does not say where the cores went. `bench s
 these counters at the start and the end of a point's windows and reports CPU milliseconds per
 image for each role of the system measured: ``gateway`` (the `serve` launcher's own process:
 FastAPI, JSON, base64, PNG decode, the gRPC client) and ``triton`` (everything it started:
-tritonserver and its Python backend stubs, where ONNX Runtime runs), or ``server`` for a
-baseline (its process and every worker it forked); and two roles that should stay small:
-``idle servers`` (the servers not measured, which share the cores) and ``load generator``
-(this process: what the clients themselves cost).
+tritonserver and its Python backend stubs, where ONNX Runtime or OpenVINO run), or only
+``triton`` for the direct gRPC path, or ``server`` for a baseline (its process and every worker
+it forked); and two roles that should stay small: ``idle servers`` (the servers not measured,
+and the idle gateway of a gRPC point, which share the cores) and ``load generator`` (the
+benchmark's own process: what the clients themselves cost).
+
+A process that exits inside the windows takes its CPU seconds with it (only live processes are
+read): its role is undercounted, never overcounted. Servers run for the whole benchmark, so
+this only happens when one is restarted, such as Triton by the supervisor.
 """
 
 from __future__ import annotations
@@ -44,12 +49,17 @@ def point_reader(measured: str, server_pids: Mapping[str, int]) -> CpuReader:
 
     def read() -> dict[str, float]:
         roles: dict[str, float] = {}
+        idle = sum(sum(own_and_descendants_s(p)) for n, p in server_pids.items() if n != own)
         if own == "stack":
-            roles["gateway"], roles["triton"] = own_and_descendants_s(server_pids[own])
+            gateway, triton = own_and_descendants_s(server_pids[own])
+            if measured == "gateway":
+                roles["gateway"] = gateway
+            else:  # the direct gRPC path: the gateway only waits
+                idle += gateway
+            roles["triton"] = triton
         else:
             roles["server"] = sum(own_and_descendants_s(server_pids[own]))
-        others = (sum(own_and_descendants_s(p)) for n, p in server_pids.items() if n != own)
-        roles[IDLE_SERVERS] = sum(others)
+        roles[IDLE_SERVERS] = idle
         roles[LOAD_GENERATOR] = _busy_s(psutil.Process())
         return roles
 
@@ -57,8 +67,7 @@ def point_reader(measured: str, server_pids: Mapping[str, int]) -> CpuReader:
 
 
 def used_s(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """CPU seconds each role used between two readings (a process that was replaced, such as a
-    restarted Triton, restarts its counter: the role then counts 0, never negative)."""
+    """CPU seconds each role used between two readings, never negative (module docstring)."""
     return {role: max(0.0, after[role] - before.get(role, 0.0)) for role in after}
 
 

@@ -161,7 +161,7 @@ def _bystanders_line(results: dict[str, Any]) -> str | None:
     paused = "baselines not measured paused" if results["meta"].get("pause_idle") else "none paused"
     return (
         f"Meanwhile the servers not measured ({paused}) kept {max(idle):.3f} cores busy at "
-        f"most, and the load generator itself (this process, on the same cores) used "
+        f"most, and the load generator itself (the benchmark's process, on the same cores) used "
         f"{_ms(min(client))}–{_ms(max(client))} ms of CPU per image."
     )
 

@@ -45,8 +45,8 @@ started inside the windows. Errors (non-2xx, wrong result count, exceptions) are
 the whole point, warm-up and drain included, and never dropped. Ratios: img/s ÷ naive's and ÷
 LitServe's at the same point, and ÷ the best ``pair`` ceiling. CPU: the server processes' CPU
 seconds over the windows (`loadtest.cpu_time`), per image answered in them and as cores kept
-busy, by role: ``gateway`` and ``triton`` for the stack, ``server`` for a baseline, and the
-``load generator`` itself.
+busy, by role: ``gateway`` and ``triton`` for the stack (``triton`` alone for gRPC), ``server``
+for a baseline, the ``idle servers`` (those not measured) and the ``load generator`` itself.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ import numpy as np
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
 from loadtest.baselines import LITSERVE_MODULE, NAIVE_MODULE
-from loadtest.cpu_time import CpuReader, point_reader, used_s
+from loadtest.cpu_time import STACK_SYSTEMS, CpuReader, point_reader, used_s
 from service.contrastive import contrastive_prompts
 from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS, RAW_TOLERANCE
 from service.triton_server import free_ports
@@ -1139,7 +1139,7 @@ async def _measure(
                 workload = Workload(point.workload, corpus, cold, seed=point.concurrency)
                 primed_errors: list[str] = []
                 with paused(name):
-                    if point.workload == "rl" and name in ("gateway", "grpc"):
+                    if point.workload == "rl" and name in STACK_SYSTEMS:
                         primed_errors = await _prime(target, corpus, mode)
                     loop = await closed_loop(
                         target,
