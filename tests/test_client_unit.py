@@ -361,19 +361,35 @@ def test_async_chunking_keeps_item_order():
     assert len(service.calls("/v1/score")) == 3
 
 
+def in_chunk_order(calls: list[tuple]) -> list[tuple]:
+    """Calls in the order of the caller's items: a request's chunks (`<id>.<k>`, sent
+    concurrently, so they arrive in any order) by k; separate requests as they came."""
+
+    def split(call: tuple) -> tuple[str, int]:
+        rid = call[2]["request_id"]
+        base, dot, k = rid.rpartition(".")
+        return (base, int(k)) if dot and k.isdigit() else (rid, 0)
+
+    first: dict[str, int] = {}
+    for call in calls:
+        first.setdefault(split(call)[0], len(first))
+    return sorted(calls, key=lambda c: (first[split(c)[0]], split(c)[1]))
+
+
 def test_chunks_respect_the_request_pixel_and_byte_limits():
     service = FakeService(limits={**RAW_LIMITS, "max_items_per_request": 64,
                                   "max_request_pixels": 2 * 16 * 16})  # fmt: skip
     pixels = [np.full((16, 16, 3), i, np.uint8) for i in range(5)]
     with service.client() as client:
         result = client.score(pixels, "x")
-    assert [len(s[2]["items"]) for s in service.calls("/v1/score")] == [2, 2, 1]
+    sent = in_chunk_order(service.calls("/v1/score"))
+    assert [len(s[2]["items"]) for s in sent] == [2, 2, 1]
     assert np.allclose(result.rewards("raw"), [reward_of(p) for p in pixels])
     service = FakeService(limits={**RAW_LIMITS, "max_items_per_request": 64,
                                   "max_request_bytes": 4000})  # fmt: skip
     with service.client() as client:
         client.score(pixels, "x")  # 1 KiB of base64 per image: 3 fit in 90 % of 4000
-    assert [len(s[2]["items"]) for s in service.calls("/v1/score")] == [3, 2]
+    assert [len(s[2]["items"]) for s in in_chunk_order(service.calls("/v1/score"))] == [3, 2]
     assert all(len(json.dumps(s[2])) <= 4000 for s in service.calls("/v1/score"))
 
 
@@ -390,7 +406,8 @@ def test_a_group_over_the_limit_gets_client_side_advantages_with_the_service_for
     assert big.advantages_computed_by == "client"
     assert np.allclose(big.advantage_array(), expected, atol=1e-12)
     assert np.isclose(big.reward_std, values.std()) and big.prompt == "x"
-    sent = [i for s in service.calls("/v1/score/group")[1:] for i in s[2]["images"]]
+    chunks = in_chunk_order(service.calls("/v1/score/group")[1:])
+    sent = [i for s in chunks for i in s[2]["images"]]
     whole = {"prompt": "x", "images": sent, "advantages": True, "request_id": "r"}
     on_server = service.answer("/v1/score/group", whole).json()["advantages"]
     assert np.allclose(big.advantages, on_server, atol=1e-9)  # what one request would give
@@ -455,7 +472,7 @@ def test_unknown_prompt_set_is_registered_on_the_replica_that_lacks_it():
 
 # -- image inputs ---------------------------------------------------------------------------------
 def sent_images(service: FakeService) -> list:
-    return [i["image"] for s in service.calls("/v1/score") for i in s[2]["items"]]
+    return [i["image"] for s in in_chunk_order(service.calls("/v1/score")) for i in s[2]["items"]]
 
 
 def test_arrays_go_raw_and_files_and_pil_as_base64_with_the_same_pixels():
@@ -498,7 +515,7 @@ def test_a_service_without_limits_gets_png_and_the_fallback_item_limit(tmp_path)
         client.score([*pixels, path], "x")
     sent = sent_images(service)
     assert all(isinstance(s, str) for s in sent)  # PNG base64
-    assert [len(s[2]["items"]) for s in service.calls("/v1/score")] == [64, 7]
+    assert [len(s[2]["items"]) for s in in_chunk_order(service.calls("/v1/score"))] == [64, 7]
     for wire, expected in zip(sent, [*pixels, pixels[0]], strict=True):
         assert np.array_equal(decode(wire), expected)
 
