@@ -936,7 +936,7 @@ def bench_serving(
                 meta["model"] = prov["model"]["source"]
                 meta["head"] = (prov.get("head") or {}).get("source")
             report("starting servers", 0, total)
-            if {"gateway", "grpc"} & set(systems):
+            if set(STACK_SYSTEMS) & set(systems):
                 servers["stack"] = Stack(
                     workdir,
                     ready_timeout_s,
