@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from loadtest.processes import group_pids, named_child, rss_bytes
 from loadtest.serving import Corpus  # the benchmark's corpus: item i is image i, prompt i
 from loadtest.tcp_delay_proxy import DelayProxy
 from service.triton_server import TritonServer, free_ports
@@ -83,37 +84,6 @@ def mismatch(got: dict[str, float | None], want: dict[str, float | None]) -> str
         if not (math.isfinite(a) and abs(a - b) <= TOLERANCE):
             return f"{name}: {a!r} vs reference {b!r}"
     return None
-
-
-# -- processes ---------------------------------------------------------------------------------
-def rss_bytes(pids: list[int]) -> int:
-    """Resident memory of `pids`, summed (0 for a process that is gone)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-    return total
-
-
-def _processes(field: int, value: int) -> list[int]:
-    """Live processes whose /proc/PID/stat field (after the name: 1 ppid, 2 pgid) is `value`."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            stat = (entry / "stat").read_text()
-            fields_ = stat[stat.rindex(")") + 2 :].split()
-            if fields_[0] != "Z" and int(fields_[field]) == value:
-                out.append(int(entry.name))
-    return out
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Every process of process group `pgid` (Triton and its Python-backend stubs)."""
-    return _processes(2, pgid)
 
 
 def _gateway_env(settings: dict[str, str]) -> dict[str, str]:
@@ -461,10 +431,6 @@ def default_repository() -> Path:
     return ensure_repository(Settings(head=""))  # type: ignore[arg-type]
 
 
-def _children(ppid: int) -> list[int]:
-    return _processes(1, ppid)
-
-
 class ServeProcess:
     """`python -m service.cli serve --repository`: gateway and bundled Triton in one launcher,
     whose supervisor (TritonWatchdog) restarts a Triton that exits or stops answering."""
@@ -506,11 +472,7 @@ class ServeProcess:
         """The launcher's running tritonserver child (None while there is none)."""
         if self.proc is None:
             return None
-        for pid in _children(self.proc.pid):
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
-                    return pid
-        return None
+        return named_child(self.proc.pid, "tritonserver")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

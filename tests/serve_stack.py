@@ -17,12 +17,12 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.processes import children
 from service.triton_server import free_ports
 from tests.conftest import REPO_ROOT
 from tests.test_serving import (
     _TRITON_LINE,
     Stack,
-    _children,
     _kill_group,
     _serve_env,
     _stop,
@@ -63,7 +63,7 @@ def serve_stack(tmp: Path, repositories: Path, **settings: str) -> Iterator[Stac
         stack = Stack(proc, url, found.group(1), Path(found.group(3)), log_path, set())
         assert stack.triton_pid() == int(found.group(2))
     except BaseException:
-        for pid in [*_children(proc.pid), proc.pid]:
+        for pid in [*children(proc.pid), proc.pid]:
             _kill_group(pid)
         proc.wait()
         raise

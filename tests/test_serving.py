@@ -40,6 +40,7 @@ import pytest
 from PIL import Image
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
+from loadtest.processes import children, named_child
 from service.gateway.triton_backend import executions_by_batch_size
 from service.model_contract import MAX_PROMPTS
 from service.settings import SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR
@@ -93,40 +94,10 @@ class Stack:
 
     def triton_pid(self) -> int | None:
         """PID of the launcher's running tritonserver child (None while there is none)."""
-        for pid in _children(self.proc.pid):
-            if _comm(pid) == "tritonserver" and not _zombie(pid):
-                self.triton_pids.add(pid)
-                return pid
-        return None
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # pid (comm) state ppid ...: comm may hold spaces, so split after its closing parenthesis
-    return [text[text.index("(") + 1 : text.rindex(")")], *text[text.rindex(")") + 2 :].split()]
-
-
-def _comm(pid: int) -> str | None:
-    stat = _stat(pid)
-    return stat[0] if stat else None
-
-
-def _zombie(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is None or stat[1] == "Z"
-
-
-def _children(ppid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _stat(int(entry.name))
-            if stat is not None and stat[2] == str(ppid):
-                out.append(int(entry.name))
-    return out
+        pid = named_child(self.proc.pid, "tritonserver")
+        if pid is not None:
+            self.triton_pids.add(pid)
+        return pid
 
 
 def _serve_env(tmp: Path, gateway_port: int, triton_ports: list[int]) -> dict[str, str]:
@@ -235,7 +206,7 @@ def stack(tmp_path_factory):
         stack = Stack(proc, url, grpc_url, repository, log_path, {pid})
         assert stack.triton_pid() == pid  # the line names the launcher's tritonserver child
     except BaseException:
-        for pid in [*_children(proc.pid), proc.pid]:
+        for pid in [*children(proc.pid), proc.pid]:
             _kill_group(pid)
         proc.wait()
         raise
