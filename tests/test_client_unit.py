@@ -741,3 +741,34 @@ def test_a_service_error_crosses_process_boundaries_as_itself():
 
 def _raise_service_error(body: dict) -> None:
     raise RewardServiceError(422, body, request_id="r-2")
+
+
+@pytest.mark.parametrize("eps", [0, -1e-6, 2.0, float("nan")])
+def test_advantage_eps_outside_the_services_range_is_refused_before_anything_is_sent(eps):
+    service = FakeService()
+    with service.client() as client, pytest.raises(ValueError, match="advantage_eps"):
+        client.score_group("x", images(2), advantage_eps=eps)
+
+    async def run_async() -> None:
+        async with service.async_client() as aclient:
+            with pytest.raises(ValueError, match="advantage_eps"):
+                await aclient.score_group("x", images(2), advantage_eps=eps)
+
+    asyncio.run(run_async())
+    assert service.calls("/v1/score/group") == []
+
+
+def test_the_tokenizer_names_special_tokens_in_any_case_that_would_break_its_cache_key():
+    from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+
+    tok = ClipTokenizer(REPO_ROOT / "models" / "shapes-clip" / "tokenizer.json")
+    exact = "three red triangles<|endoftext|> on grass"
+    shouted = "three red triangles<|ENDOFTEXT|> on grass"
+    # Why: equal normalised text (the cache key), different token ids (the special token is
+    # matched in the raw text only: the exact one ends the prompt early).
+    assert tok.normalise(exact) == tok.normalise(shouted)
+    assert not np.array_equal(tok.encode([exact]).ids, tok.encode([shouted]).ids)
+    assert tok.special_token_in(exact) == tok.special_token_in(shouted) == "<|endoftext|>"
+    assert tok.special_token_in("a <|StartOfText|>") == "<|startoftext|>"
+    assert tok.special_token_in("three red triangles on a grass background") is None
+    assert tok.special_token_in("a <| endoftext |> look-alike") is None

@@ -65,6 +65,11 @@ class ClipTokenizer:
         self._normalised: OrderedDict[str, str] = OrderedDict()
         self._tokens: OrderedDict[str, list[int]] = OrderedDict()
         self.memo_entries = memo_entries
+        # Special tokens are matched in the raw text, before normalisation: a prompt holding
+        # one in another letter case normalises like one holding it exactly, but tokenises
+        # unlike it, so `normalise` could not key the embedding cache for either.
+        added = self._tok.get_added_tokens_decoder().values()
+        self._special = {self.normalise(t.content): t.content for t in added if t.special}
 
     def _remember(self, memo: OrderedDict, key: str, value):
         memo[key] = value
@@ -80,6 +85,12 @@ class ClipTokenizer:
         normalizer = self._tok.normalizer
         value = normalizer.normalize_str(prompt) if normalizer is not None else prompt
         return self._remember(self._normalised, prompt, value)
+
+    def special_token_in(self, prompt: str) -> str | None:
+        """The special token (such as <|endoftext|>) `prompt` holds in any letter case, if
+        any: no prompt needs one, and the gateway refuses such prompts."""
+        text = self.normalise(prompt)
+        return next((token for key, token in self._special.items() if key in text), None)
 
     def _token_lists(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt with the start and end tokens, untruncated."""

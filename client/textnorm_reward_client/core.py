@@ -33,6 +33,7 @@ from textnorm_reward_client.results import (
     GroupResult,
     ScoreResult,
     ServiceLimits,
+    check_advantage_eps,
     group_advantages,
 )
 
@@ -340,7 +341,8 @@ class ClientCore:
         items = image_inputs.expand(images)
         if not items:
             raise ValueError("no images given")
-        group = {"advantages": advantages, "advantage_of": advantage_of, "eps": advantage_eps}
+        eps = check_advantage_eps(advantage_eps)
+        group = {"advantages": advantages, "advantage_of": advantage_of, "eps": eps}
         return ScoreCall(
             self, items, [prompt] * len(items), prompt, textnorm, request_id,
             self._deadline(deadline_s), group,

@@ -52,6 +52,7 @@ from textnorm_reward_client.results import (
     GroupResult,
     ScoreResult,
     ServiceLimits,
+    check_advantage_eps,
     group_advantages,
 )
 
@@ -113,6 +114,9 @@ class GrpcRewardClient:
     def _tokens(
         self, prompt: str, contrastive: Sequence[str]
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        for text in (prompt, *contrastive):
+            if (token := self.tokenizer.special_token_in(text)) is not None:
+                raise ValueError(f"{text!r} holds the tokenizer's special token {token}")
         seen = {self.tokenizer.normalise(prompt)}
         kept = []
         for text in (t.strip() for t in contrastive):
@@ -285,6 +289,7 @@ class GrpcRewardClient:
         deadline_s: float | None = None,
     ) -> GroupResult:
         """One prompt × N images; advantages with the gateway's formula (computed here)."""
+        check_advantage_eps(advantage_eps)
         scored = self.score(
             images, prompt, contrastive, textnorm=textnorm, request_id=request_id,
             deadline_s=deadline_s,

@@ -151,6 +151,14 @@ class GroupResult(ScoreResult):
         )
 
 
+def check_advantage_eps(eps: float) -> float:
+    """`eps` as the service takes it: 0 < eps ≤ 1 (a group whose rewards are all equal has
+    std 0, and 0 / 0 is no advantage)."""
+    if not (isinstance(eps, int | float) and 0 < eps <= 1):
+        raise ValueError(f"advantage_eps must be a number in (0, 1], got {eps!r}")
+    return float(eps)
+
+
 def group_advantages(values: list[float | None], eps: float, name: str) -> dict[str, Any]:
     """The service's formula: (r − mean) / (std + eps) over the group, population std (ddof 0).
 

@@ -70,7 +70,7 @@ from service.gateway.prompt_sets import (
 )
 from service.gateway.provenance import MODEL_ENSEMBLE_REWARDS, ProvenanceInfo
 from service.gateway.raw_images import RAW_DTYPES
-from service.gateway.request_body import OffloadedJsonRoute
+from service.gateway.request_body import OffloadedJsonRoute, loads_strict
 from service.gateway.request_ids import (
     HEADER,
     adopt_body_request_id,
@@ -708,14 +708,11 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
         request body: all sets or none; each gets a content-hash id."""
         rid = current_request_id(request)
         raw = await request.body()
-        try:
+        try:  # malformed JSON: ApiError 400; a repeated prompt: PromptSetFormatError, 422
             data = await asyncio.get_running_loop().run_in_executor(
-                state.pool, lambda: json.loads(raw, object_pairs_hook=reject_duplicate_keys)
+                state.pool, lambda: loads_strict(raw, reject_duplicate_keys)
             )
             sets = parse_prompt_sets(data)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            message = f"request body is not valid JSON: {exc}"
-            raise ApiError(400, "malformed_json", message) from None
         except PromptSetFormatError as exc:
             raise ApiError(422, "invalid_prompt_sets", str(exc), field="body") from None
         prepared: list[PromptSet] = []

@@ -6,7 +6,10 @@ parser hundreds of milliseconds, which on the event loop would stall /healthz an
 request), and hands the parsed value to FastAPI, which validates it against the route's model
 as usual. The parse is strict JSON (RFC 8259): a key repeated in one object and the
 non-standard constants NaN / Infinity are 400s, not silently last-wins or a float the schema
-never allowed. The body's sha256 is kept on `request.state.body_sha256` (the idempotency key).
+never allowed; so are an integer longer than Python converts (`sys.get_int_max_str_digits`)
+and a string holding an unpaired UTF-16 surrogate escape ("\\ud800": valid JSON syntax, but
+not Unicode text, which the tokenizer and the response encoder cannot take), named by its
+path. The body's sha256 is kept on `request.state.body_sha256` (the idempotency key).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
+import sys
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -25,6 +31,10 @@ from service.gateway.errors import ApiError
 
 class _Invalid(ValueError):
     pass
+
+
+# An escape of a UTF-16 surrogate (\uD800-\uDFFF): a cheap test of whether a body can hold one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -40,18 +50,75 @@ def _no_constants(name: str) -> Any:
     raise _Invalid(f"{name} is not JSON")
 
 
-def parse_json(body: bytes) -> tuple[Any, str]:
-    """(the parsed body, its sha256), or ApiError 400 `malformed_json`."""
-    digest = hashlib.sha256(body).hexdigest()
+def loads_strict(
+    body: bytes, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
+) -> Any:
+    """`body` parsed as strict JSON (module docstring), or ApiError 400 `malformed_json`.
+
+    `object_pairs_hook` (default: a repeated key is malformed JSON) may raise its own errors,
+    which propagate."""
     try:
-        value = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        value = json.loads(
+            body,
+            object_pairs_hook=object_pairs_hook or _unique_keys,
+            parse_constant=_no_constants,
+            parse_int=_bounded_int,
+        )
     except json.JSONDecodeError as exc:
         message = f"request body is not valid JSON ({exc.msg} at character {exc.pos})"
         raise ApiError(400, "malformed_json", message, field="body") from None
     except (_Invalid, UnicodeDecodeError, RecursionError) as exc:
         message = f"request body is not valid JSON: {str(exc)[:200]}"
         raise ApiError(400, "malformed_json", message, field="body") from None
-    return value, digest
+    if _SURROGATE_ESCAPE.search(body) and (where := _unpaired_surrogate(value)) is not None:
+        raise ApiError(
+            400,
+            "malformed_json",
+            f"{where}: holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff alone), "
+            "which is not Unicode text",
+            field=where,
+        )
+    return value
+
+
+def parse_json(body: bytes) -> tuple[Any, str]:
+    """(the parsed body, its sha256), or ApiError 400 `malformed_json`."""
+    return loads_strict(body), hashlib.sha256(body).hexdigest()
+
+
+def _bounded_int(text: str) -> int:
+    limit = sys.get_int_max_str_digits()
+    if limit and len(text.lstrip("-")) > limit:
+        raise _Invalid(f"an integer of {len(text)} digits (Python converts at most {limit})")
+    return int(text)
+
+
+def _not_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unpaired_surrogate(value: Any) -> str | None:
+    """The path of the first string (or key) in `value` that is not Unicode text, if any."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            if _not_unicode(node):
+                return path or "body"
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+        elif isinstance(node, dict):
+            children = []
+            for key, child in node.items():
+                if _not_unicode(key):  # never echo the key itself: it cannot be encoded
+                    return f"{path or 'body'} (a key)"
+                children.append((f"{path}.{key}" if path else key, child))
+            stack.extend(reversed(children))
+    return None
 
 
 def _is_json(request: Request) -> bool:

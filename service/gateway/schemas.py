@@ -113,7 +113,7 @@ class GroupRequest(_Request):
     advantage_of: RewardField = Field(
         default="textnorm", description="the reward the advantages are computed from"
     )
-    advantage_eps: float = Field(default=1e-6, ge=0, le=1.0, allow_inf_nan=False)
+    advantage_eps: float = Field(default=1e-6, gt=0, le=1.0, allow_inf_nan=False)
 
 
 class PromptSetCreate(_Request):

@@ -144,16 +144,28 @@ class Scorer:
             raise ApiError(
                 422, "empty_prompt", f"{field_name}: the prompt is empty", field=field_name
             )
-        if len(prompt) > self.max_prompt_chars:
+        self._check_text(prompt, field_name)
+        return prompt
+
+    def _check_text(self, text: str, field_name: str) -> None:
+        """A prompt's length, and no tokenizer special token in it (in any letter case: the
+        tokenizer matches them before normalising, so the cache key would not be exact)."""
+        if len(text) > self.max_prompt_chars:
             raise ApiError(
                 422,
                 "prompt_too_many_characters",
-                f"{field_name}: {len(prompt)} characters, over the limit of "
-                f"{self.max_prompt_chars}",
+                f"{field_name}: {len(text)} characters, over the limit of {self.max_prompt_chars}",
                 field=field_name,
                 limit=self.max_prompt_chars,
             )
-        return prompt
+        if (token := self.tokenizer.special_token_in(text)) is not None:
+            raise ApiError(
+                422,
+                "special_token_in_prompt",
+                f"{field_name}: holds the tokenizer's special token {token} (in some letter "
+                "case); prompts are plain text",
+                field=field_name,
+            )
 
     def check_contrastive_list(self, prompts: list[str], field_name: str) -> None:
         if len(prompts) > self.max_contrastive:
@@ -166,15 +178,7 @@ class Scorer:
                 limit=self.max_contrastive,
             )
         for j, text in enumerate(prompts):
-            if len(text) > self.max_prompt_chars:
-                raise ApiError(
-                    422,
-                    "prompt_too_many_characters",
-                    f"{field_name}[{j}]: {len(text)} characters, over the limit of "
-                    f"{self.max_prompt_chars}",
-                    field=f"{field_name}[{j}]",
-                    limit=self.max_prompt_chars,
-                )
+            self._check_text(text, f"{field_name}[{j}]")
 
     def _set_for_id(self, set_id: str, prompt: str, field_name: str) -> PromptSet:
         found = self.registry.get(set_id)

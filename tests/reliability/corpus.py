@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -333,6 +334,32 @@ def build_cases() -> list[Case]:
             code="prompt_too_long",
             field="items[0].prompt",
         ),
+        Case(  # special tokens match before normalising: a cache key must not pair these
+            "prompt-special-token-other-case",
+            score(item(prompt="three red triangles<|ENDOFTEXT|> on a grass background")),
+            code="special_token_in_prompt",
+            field="items[0].prompt",
+        ),
+        Case(
+            "contrastive-special-token",
+            score(item(contrastive=[CONTRASTIVE[0], "two red triangles<|endoftext|>"])),
+            code="special_token_in_prompt",
+            field="items[0].contrastive[1]",
+        ),
+        Case(
+            "prompt-lone-surrogate",
+            raw=raw_score_with(prompt="three red \\ud800 triangles"),
+            status=400,
+            code="malformed_json",
+            field="items[0].prompt",
+        ),
+        Case(
+            "contrastive-lone-surrogate",
+            raw=raw_score_with(contrastive='["two red \\udfff triangles"]'),
+            status=400,
+            code="malformed_json",
+            field="items[0].contrastive[0]",
+        ),
         Case(
             "contrastive-over-max-chars",
             score(item(contrastive=["b" * (MAX_PROMPT_CHARS + 1)])),
@@ -388,6 +415,12 @@ def build_cases() -> list[Case]:
             code="malformed_json",
             field="body",
         ),
+        Case(  # a group of equal rewards has std 0: 0 / 0 is no advantage
+            "group-advantage-eps-zero",
+            {"prompt": PROMPT, "images": [GOOD], "advantage_eps": 0},
+            path="/v1/score/group",
+            field="advantage_eps",
+        ),
         # prompt sets
         Case(
             "prompt-set-create-empty-contrastive",
@@ -412,6 +445,21 @@ def build_cases() -> list[Case]:
         ),
         # the body itself
         Case("not-json", raw=b"items=1", status=400, code="malformed_json"),
+        Case(  # over CPython's int-conversion limit (4300 digits)
+            "json-integer-5000-digits",
+            raw=b'{"items": ' + b"7" * 5000 + b"}",
+            status=400,
+            code="malformed_json",
+            field="body",
+        ),
+        Case(
+            "prompt-set-import-lone-surrogate",
+            raw=b'{"three red triangles": ["two red \\ud800 triangles"]}',
+            path="/v1/prompt-sets/import",
+            status=400,
+            code="malformed_json",
+            field="three red triangles[0]",
+        ),
         Case("json-truncated", raw=b'{"items": [', status=400, code="malformed_json"),
         Case(
             "invalid-utf8",
@@ -518,8 +566,15 @@ def build_cases() -> list[Case]:
     return cases
 
 
+def raw_score_with(prompt: str = PROMPT, contrastive: str | None = None) -> bytes:
+    """A one-item score body written by hand, so a string can hold what json.dumps would not
+    write: `prompt` and `contrastive` (a JSON list) go in verbatim."""
+    listed = contrastive if contrastive is not None else json.dumps(CONTRASTIVE)
+    return (
+        f'{{"items": [{{"image": "{GOOD}", "prompt": "{prompt}", "contrastive": {listed}}}]}}'
+    ).encode()
+
+
 def raw_item() -> bytes:
     """The one JSON item spliced into raw bodies at `ITEM`."""
-    import json
-
     return json.dumps(item()).encode()
