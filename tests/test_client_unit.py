@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -772,3 +773,106 @@ def test_the_tokenizer_names_special_tokens_in_any_case_that_would_break_its_cac
     assert tok.special_token_in("a <|StartOfText|>") == "<|startoftext|>"
     assert tok.special_token_in("three red triangles on a grass background") is None
     assert tok.special_token_in("a <| endoftext |> look-alike") is None
+
+
+def test_the_async_client_reads_its_inputs_when_the_call_is_made_not_when_awaited():
+    import torch
+
+    service = FakeService()
+    batch = np.full((2, 8, 8, 3), 10, np.uint8)
+    nhwc = torch.full((2, 8, 8, 3), 10, dtype=torch.uint8)
+    tensor = nhwc.permute(0, 3, 1, 2)  # NCHW over channels-last memory: converting is a view
+
+    async def run() -> list:
+        async with service.async_client() as client:
+            pending = [client.score(batch, "p"), client.score(tensor, "p")]
+            batch[:] = 200  # the trainer reuses its buffers before awaiting
+            nhwc.fill_(200)
+            return await asyncio.gather(*pending)
+
+    want = reward_of(np.full((8, 8, 3), 10, np.uint8))
+    for result in asyncio.run(run()):
+        assert np.allclose(result.rewards("raw"), want)
+
+
+def test_async_calls_waiting_for_a_slot_are_not_timed_out_nor_their_url_benched():
+    service = FakeService()
+    ids = [f"call-{i}" for i in range(6)]
+    service.delay_for = dict.fromkeys(ids, 0.2)  # 6 × 0.2 s through one slot: 1.2 s > timeout_s
+
+    async def run(**kwargs) -> list:
+        async with service.async_client(max_concurrency=1, timeout_s=0.5, **kwargs) as client:
+            await client.limits()
+            calls = [client.score(images(1), "p", request_id=i) for i in ids]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert sorted(c[4] for c in service.calls("/v1/score")) == ids  # each sent once, no retry
+    # With a deadline, the calls still waiting for the slot when it passes were never sent:
+    # deadline_exceeded, not `unreachable` (which would bench a healthy URL).
+    service.seen.clear()
+    results = asyncio.run(run(deadline_s=0.5))
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert failed and {e.code for e in failed} == {"deadline_exceeded"}
+    never_sent = [e for e in failed if e.attempts == 0]
+    assert never_sent and len(service.calls("/v1/score")) == len(ids) - len(never_sent)
+
+
+class _Trickle(httpx.SyncByteStream):
+    """An answer that comes a byte every 0.1 s for 3 s: httpx's per-read timeout never fires."""
+
+    def __iter__(self):
+        for _ in range(30):
+            time.sleep(0.1)
+            yield b" "
+
+
+def test_a_sync_attempt_trickling_past_its_limit_frees_its_thread_for_the_retry():
+    service = FakeService()
+    service.script["/v1/score"] = [httpx.Response(200, stream=_Trickle())]
+    with service.client(max_concurrency=1, timeout_s=0.5) as client:
+        result = client.score(images(1), "p")
+    assert np.allclose(result.rewards("raw"), reward_of(images(1)[0]))
+    first, retry = service.calls("/v1/score")
+    assert retry[3] - first[3] < 1.5  # sent at the first one's limit, not after its 3 s
+
+
+def test_a_sync_call_waiting_for_a_sender_past_its_deadline_was_never_sent():
+    service = FakeService()
+    service.delay_for = {"slow": 0.8}
+    with service.client(max_concurrency=1) as client:
+        client.limits()
+        slow = threading.Thread(
+            target=client.score, args=(images(1), "p"), kwargs={"request_id": "slow"}
+        )
+        slow.start()
+        while not service.calls("/v1/score"):
+            time.sleep(0.01)
+        with pytest.raises(RewardServiceError) as caught:
+            client.score(images(1), "p", request_id="waits", deadline_s=0.3)
+        slow.join()
+    assert caught.value.code == "deadline_exceeded" and caught.value.attempts == 0
+    assert [c[4] for c in service.calls("/v1/score")] == ["slow"]
+
+
+def test_the_grpc_backoff_never_sleeps_past_the_calls_deadline():
+    from textnorm_reward_client.grpc_client import GrpcRewardClient, _service_error
+    from tritonclient.utils import InferenceServerException
+
+    tries = []
+
+    class Down:  # a Triton that is always unavailable
+        def infer(self, *args, client_timeout=None, **kwargs):
+            tries.append(time.monotonic())
+            raise InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
+
+    client = object.__new__(GrpcRewardClient)  # only what _infer reads
+    client._next = itertools.repeat(Down())
+    client.timeout_s, client.model, client.version = 60.0, "score", "1"
+    client.retry = RetryPolicy(attempts=4, backoff_base_s=2.0, backoff_max_s=10.0)
+    start = time.monotonic()
+    with pytest.raises(InferenceServerException) as caught:
+        client._infer([], "rid", start + 1.0)
+    assert time.monotonic() - start < 1.0 and len(tries) >= 1
+    assert _service_error(caught.value, "rid").code == "deadline_exceeded"

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from textnorm_reward_client.client import _ClientBase
-from textnorm_reward_client.core import Flow, Send, Sleep, T
+from textnorm_reward_client.core import Flow, NotSent, Send, Sleep, T
 from textnorm_reward_client.results import GroupResult, ScoreResult, ServiceLimits
 
 
@@ -19,6 +19,8 @@ class AsyncRewardClient(_ClientBase):
     """async with AsyncRewardClient("http://reward:8000", api_key=KEY) as client:
     result = await client.score(images, prompts)
     """
+
+    _OWN_INPUTS = True  # a call's inputs are read when it is made, not when it is awaited
 
     def _make_http(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
         self._slots: asyncio.Semaphore | None = None  # made on first use, in the running loop
@@ -30,23 +32,31 @@ class AsyncRewardClient(_ClientBase):
     async def _send(self, send: Send) -> httpx.Response | httpx.TransportError:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
-        # httpx's timeout applies per phase (connect, write, each read): a server that
-        # trickles its answer could hold one attempt past its limit. The attempt as a whole,
-        # waiting for a slot included, is cut at `timeout_now()` (timeout_s, or what the
-        # call's deadline leaves).
-        limit = send.timeout_now()
+        # Waiting for one of this client's own slots is not the server's doing: only the
+        # call's deadline bounds it (NotSent past it), and the attempt's timeout starts once
+        # it holds a slot.
         try:
-            return await asyncio.wait_for(self._send_in_slot(send), limit)
+            await asyncio.wait_for(self._slots.acquire(), send.wait_limit())
         except TimeoutError:
-            return httpx.TimeoutException(f"no complete answer within {limit:.3g} s")
-
-    async def _send_in_slot(self, send: Send) -> httpx.Response | httpx.TransportError:
-        assert self._slots is not None
-        async with self._slots:
+            return NotSent(f"the call's deadline passed while all {self.max_concurrency} "
+                           "of this client's connections were busy")  # fmt: skip
+        try:
+            # httpx's timeout applies per phase (connect, write, each read): a server that
+            # trickles its answer could hold one attempt past its limit, so the attempt as a
+            # whole is cut at `timeout_now()` (timeout_s, or what the call's deadline leaves).
+            limit = send.timeout_now()
             try:
-                return await self._http.request(send.method, send.url, **self._request_args(send))
-            except httpx.TransportError as exc:
-                return exc
+                return await asyncio.wait_for(self._request(send), limit)
+            except TimeoutError:
+                return httpx.TimeoutException(f"no complete answer within {limit:.3g} s")
+        finally:
+            self._slots.release()
+
+    async def _request(self, send: Send) -> httpx.Response | httpx.TransportError:
+        try:
+            return await self._http.request(send.method, send.url, **self._request_args(send))
+        except httpx.TransportError as exc:
+            return exc
 
     async def _drive(self, flow: Flow[T]) -> T:
         outcome: Any = None

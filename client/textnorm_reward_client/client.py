@@ -12,6 +12,7 @@ registers the set there — under the same id — and sends the request again.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -20,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from textnorm_reward_client.core import ClientCore, Flow, RetryPolicy, Send, Sleep, T
+from textnorm_reward_client.core import ClientCore, Flow, NotSent, RetryPolicy, Send, Sleep, T
 from textnorm_reward_client.errors import RewardServiceError
 from textnorm_reward_client.results import GroupResult, ScoreResult, ServiceLimits
 
@@ -47,6 +48,8 @@ class _ClientBase:
     max_items_per_request: a cap below the service's limit (None: the service's).
     transport: an httpx transport (tests; unix sockets).
     """
+
+    _OWN_INPUTS = False  # copy the caller's arrays when a call is made (ClientCore)
 
     def __init__(
         self,
@@ -76,6 +79,7 @@ class _ClientBase:
             raw_tensors=raw_tensors,
             resize=resize,
             max_items_per_request=max_items_per_request,
+            own_inputs=self._OWN_INPUTS,
         )
         self.headers = dict(headers or {})
         if api_key:
@@ -118,23 +122,49 @@ class RewardClient(_ClientBase):
 
     # -- driving flows -------------------------------------------------------------------------
     def _send(self, send: Send) -> httpx.Response | httpx.TransportError:
-        # The attempt as a whole is cut at `timeout_now()` (timeout_s, or what the deadline
-        # leaves): httpx's timeout is per phase and restarts with every byte read, so a server
-        # that trickles its answer could hold it far longer. An abandoned attempt ends in its
-        # thread at httpx's own timeout; one still queued is cancelled.
+        running = threading.Event()
+        future = self._senders.submit(self._send_now, send, running)
+        # Waiting for a sender thread (several threads calling at once, or attempts abandoned
+        # at their limit still finishing) is not the server's doing: only the call's deadline
+        # bounds it (NotSent past it), and the attempt's timeout starts once it runs.
+        if not running.wait(send.wait_limit()) and future.cancel():
+            return NotSent(f"the call's deadline passed while all {self.max_concurrency} "
+                           "of this client's sender threads were busy")  # fmt: skip
         limit = send.timeout_now()
-        future = self._senders.submit(self._send_now, send)
         try:
             return future.result(timeout=limit)
-        except FutureTimeout:
-            future.cancel()
+        except FutureTimeout:  # the thread ends the attempt itself (`_send_now`)
             return httpx.TimeoutException(f"no complete answer within {limit:.3g} s")
 
-    def _send_now(self, send: Send) -> httpx.Response | httpx.TransportError:
+    def _send_now(
+        self, send: Send, running: threading.Event
+    ) -> httpx.Response | httpx.TransportError:
+        """One attempt, cut at `timeout_now()` as a whole: httpx's timeout is per phase and
+        restarts with every byte read, so a server that trickles its answer could hold this
+        thread far longer. The answer is read in chunks, and dropped past the limit."""
+        running.set()
+        limit = send.timeout_now()
+        end = time.monotonic() + limit
         try:
-            return self._http.request(send.method, send.url, **self._request_args(send))
+            request = self._http.build_request(send.method, send.url, **self._request_args(send))
+            response = self._http.send(request, stream=True)
+            try:
+                body = bytearray()
+                for chunk in response.iter_bytes():  # decoded (gzip ...), as httpx reads it
+                    body += chunk
+                    if time.monotonic() > end:
+                        message = f"no complete answer within {limit:.3g} s"
+                        return httpx.ReadTimeout(message, request=request)
+            finally:
+                response.close()
         except httpx.TransportError as exc:
             return exc
+        headers = httpx.Headers(response.headers)
+        for name in ("content-encoding", "content-length", "transfer-encoding"):
+            headers.pop(name, None)  # they described the bytes on the wire
+        return httpx.Response(
+            response.status_code, headers=headers, content=bytes(body), request=request
+        )
 
     def _drive(self, flow: Flow[T]) -> T:
         outcome: Any = None

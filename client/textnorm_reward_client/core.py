@@ -58,6 +58,16 @@ class Send:
             return self.timeout_s
         return max(0.001, min(self.timeout_s, self.deadline - time.monotonic()))
 
+    def wait_limit(self) -> float | None:
+        """How long the attempt may wait for one of the client's own connections before it is
+        sent: what the call's deadline leaves (None: no deadline, no limit)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+
+class NotSent(httpx.TransportError):
+    """An attempt that never left the client: the call's deadline passed while it waited for
+    one of the client's own connections (`max_concurrency`). The server is not to blame."""
+
 
 @dataclass(frozen=True)
 class Sleep:
@@ -178,7 +188,11 @@ class ClientCore:
         raw_tensors: bool,
         resize: bool,
         max_items_per_request: int | None,
+        own_inputs: bool = False,
     ) -> None:
+        """`own_inputs`: copy array and tensor inputs when a call is made, so the caller may
+        reuse its buffers before the call is done (the async client)."""
+        self.own_inputs = own_inputs
         self.endpoints = Endpoints(urls, retry.failover_cooldown_s)
         self.timeout_s, self.deadline_s, self.retry = timeout_s, deadline_s, retry
         self.raw_tensors, self.resize = raw_tensors, resize
@@ -200,14 +214,17 @@ class ClientCore:
     ) -> Flow[dict[str, Any]]:
         attempts = attempts or self.retry.attempts
         tries, reregistered = 0, 0
+        last: RewardServiceError | None = None  # the previous attempt's failure
         while True:
             url = pin or self.endpoints.pick()
             pin = None
             if deadline is not None and time.monotonic() >= deadline:
-                raise self._deadline_error(request_id, tries, None)
+                raise self._deadline_error(request_id, tries, last)
             tries += 1
             send = Send(method, url + path, body, request_id, deadline, self.timeout_s)
             outcome = yield send
+            if isinstance(outcome, NotSent):
+                raise self._deadline_error(request_id, tries - 1, last)
             if isinstance(outcome, httpx.TransportError):
                 self.endpoints.failed(url)
                 failure = client_error(
@@ -255,6 +272,7 @@ class ClientCore:
                 if outcome.status_code not in self.retry.retry_statuses:
                     raise failure
                 wait_floor = retry_after_s(outcome)
+            last = failure
             if tries >= attempts:
                 raise failure
             delay = self.retry.delay(tries, wait_floor)
@@ -316,7 +334,7 @@ class ClientCore:
         request_id: str | None,
         deadline_s: float | None,
     ) -> ScoreCall:
-        items = image_inputs.expand(images)
+        items = image_inputs.expand(images, copy=self.own_inputs)
         prompts = [prompts] * len(items) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(items):
             raise ValueError(f"{len(items)} images but {len(prompts)} prompts")
@@ -338,7 +356,7 @@ class ClientCore:
         request_id: str | None,
         deadline_s: float | None,
     ) -> ScoreCall:
-        items = image_inputs.expand(images)
+        items = image_inputs.expand(images, copy=self.own_inputs)
         if not items:
             raise ValueError("no images given")
         eps = check_advantage_eps(advantage_eps)

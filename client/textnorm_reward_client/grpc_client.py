@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from textnorm_reward_client import images as image_inputs
@@ -152,13 +152,22 @@ class GrpcRewardClient:
         return c, lam, source
 
     def _infer(self, inputs: list[grpcclient.InferInput], request_id: str, deadline: float | None):
-        stop = stop_after_attempt(self.retry.attempts)
-        if deadline is not None:
-            stop = stop | stop_after_delay(max(0.0, deadline - time.monotonic()))
+        def wait(state: RetryCallState) -> float:
+            """The backoff, or DEADLINE_EXCEEDED when it would end past the call's deadline
+            (checked here, not by a stop: the sleep must not cross the deadline)."""
+            delay = self.retry.delay(state.attempt_number, None)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise InferenceServerException(
+                    f"the call's deadline passed after {state.attempt_number} attempt(s); "
+                    f"last answer: {state.outcome.exception() if state.outcome else None}",
+                    status="StatusCode.DEADLINE_EXCEEDED",
+                )
+            return delay
+
         for attempt in Retrying(
             retry=retry_if_exception(_retryable),
-            stop=stop,
-            wait=lambda state: self.retry.delay(state.attempt_number, None),
+            stop=stop_after_attempt(self.retry.attempts),
+            wait=wait,
             reraise=True,
         ):
             with attempt:

@@ -45,8 +45,9 @@ def is_pil_image(x: object) -> bool:
     return _module(x).startswith("PIL.") and hasattr(x, "save") and hasattr(x, "size")
 
 
-def _tensor_to_hwc_uint8(t: Any) -> np.ndarray:
-    """[3, H, W] or [N, 3, H, W] tensor (uint8, or float in [0, 1]) → uint8 channels-last."""
+def _tensor_to_hwc_uint8(t: Any, copy: bool = False) -> np.ndarray:
+    """[3, H, W] or [N, 3, H, W] tensor (uint8, or float in [0, 1]) → uint8 channels-last
+    (`copy`: never sharing the tensor's memory)."""
     t = t.detach()
     if t.ndim not in (3, 4) or t.shape[-3] != 3:
         raise ValueError(f"a torch image must be [3, H, W] or [N, 3, H, W], got {tuple(t.shape)}")
@@ -55,55 +56,62 @@ def _tensor_to_hwc_uint8(t: Any) -> np.ndarray:
     elif str(t.dtype) != "torch.uint8":
         raise ValueError(f"a torch image must be uint8 or float in [0, 1], got {t.dtype}")
     order = (0, 2, 3, 1) if t.ndim == 4 else (1, 2, 0)
-    return t.byte().permute(*order).contiguous().cpu().numpy()
+    # uint8 channels-last on the CPU: permute + contiguous is a view of the caller's tensor
+    copy = copy and not t.is_floating_point() and t.device.type == "cpu"
+    out = t.byte().permute(*order).contiguous().cpu().numpy()
+    return out.copy() if copy else out
 
 
-def _array_to_uint8(a: Any) -> np.ndarray:
+def _array_to_uint8(a: Any, copy: bool = False) -> np.ndarray:
     import numpy as np
 
     a = np.asarray(a)
     if a.ndim not in (3, 4) or a.shape[-1] != 3:
         raise ValueError(f"an image array must be [H, W, 3] or [N, H, W, 3], got {a.shape}")
     if a.dtype == np.uint8:
-        return a
+        return a.copy() if copy else a
     if a.dtype.kind == "f":
         return np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     raise ValueError(f"an image array must be uint8 or float in [0, 1], got {a.dtype}")
 
 
-def expand(images: Any) -> list[Any]:
+def expand(images: Any, copy: bool = False) -> list[Any]:
     """One entry per item: encoded bytes, a Path, a PIL image, or a uint8 [H, W, 3] array.
 
-    Tensors are converted here, on the caller's thread (one device→host copy per batch); uint8
-    numpy inputs are kept as views, not copied."""
+    Tensors are converted here, on the caller's thread (one device→host copy per batch). uint8
+    numpy and CPU tensor inputs are kept as views unless `copy` (the async client: its caller
+    may reuse the buffers before the call is awaited); PIL images are copied then too."""
     if isinstance(images, ENCODED + (str, Path)) or is_pil_image(images):
-        return [_one(images)]
+        return [_one(images, copy)]
     if is_torch_tensor(images) or is_numpy_array(images) or hasattr(images, "__array__"):
-        batch = _tensor_to_hwc_uint8(images) if is_torch_tensor(images) else _array_to_uint8(images)
+        if is_torch_tensor(images):
+            batch = _tensor_to_hwc_uint8(images, copy)
+        else:
+            batch = _array_to_uint8(images, copy)
         return list(batch) if batch.ndim == 4 else [batch]
     if not isinstance(images, list | tuple):
-        return [_one(images)]  # not a sequence of images: refused there, with the type named
+        return [_one(images, copy)]  # not a sequence of images: refused there, type named
     out: list[Any] = []
     for image in images:
-        out += [image] if not _batch_like(image) else expand(image)
-    return [_one(i) for i in out]
+        out += expand(image, copy) if _batch_like(image) else [_one(image, copy)]
+    return out
 
 
 def _batch_like(x: object) -> bool:
     return (is_torch_tensor(x) or is_numpy_array(x)) and len(x.shape) == 4  # type: ignore[attr-defined]
 
 
-def _one(x: Any) -> Any:
+def _one(x: Any, copy: bool = False) -> Any:
     if isinstance(x, ENCODED):
         return bytes(x)
     if isinstance(x, str | Path):
         return Path(x)
     if is_pil_image(x):
-        return x
+        return x.copy() if copy else x
     if is_torch_tensor(x):
-        return _tensor_to_hwc_uint8(x)
+        return _tensor_to_hwc_uint8(x, copy)
     if is_numpy_array(x) or hasattr(x, "__array__"):
-        array = _array_to_uint8(x)
+        array = _array_to_uint8(x, copy)
         if array.ndim != 3:
             raise ValueError(f"one image must be [H, W, 3], got {array.shape}")
         return array
