@@ -105,7 +105,9 @@ def load_checkpoint(
     generators: dict[str, torch.Generator],
     numpy_rng: np.random.Generator,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, RNG states in place; returns trainer_state.json."""
+    """Restore weights, optimizer, RNG states in place; returns trainer_state.json, with
+    `reseeded`: the torch generators whose state was saved on another device type (a resume
+    may change --device), seeded from their seed and the step instead."""
     from diffusers import UNet2DConditionModel
 
     loaded = UNet2DConditionModel.from_pretrained(str(path / "unet"), low_cpu_mem_usage=False)
@@ -114,8 +116,14 @@ def load_checkpoint(
     tensors = load_file(path / "trainer_state.safetensors")
     device = next(unet.parameters()).device
     load_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, state["param_groups"])
+    state["reseeded"] = []
     for name, g in generators.items():
-        g.set_state(tensors[f"rng.{name}"])
+        saved = tensors[f"rng.{name}"]
+        if saved.numel() == g.get_state().numel():
+            g.set_state(saved)
+        else:  # saved on another device type (CPU and CUDA states differ in kind and size):
+            g.manual_seed(g.initial_seed() + 7919 * state["step"])  # continue, not bit-exact
+            state["reseeded"].append(name)
     numpy_rng.bit_generator.state = state["numpy_rng"]
     return state
 

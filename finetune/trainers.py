@@ -170,6 +170,12 @@ class Trainer:
         latest = rd.latest_checkpoint(self.run)
         if latest is not None:
             state = rd.load_checkpoint(latest[1], self.unet, self.opt, self.gens, self.rng)
+            if state["reseeded"]:
+                print(
+                    f"resuming on {self.cfg.device}: the {', '.join(state['reseeded'])} random "
+                    "states were saved on another device and are reseeded (the run continues, "
+                    "not bit-exactly)"
+                )
             self.tracker.load_state(state["tracker"])
             self.provenance = state.get("provenance")
             self.step = state["step"]

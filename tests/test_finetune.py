@@ -143,6 +143,29 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path) -> None:
     assert rd.checkpoint_dir(tmp_path, 3).is_dir()
 
 
+def test_a_checkpoint_from_another_device_type_resumes_with_reseeded_generators(tmp_path) -> None:
+    """A CUDA generator's state (seed + offset, 16 bytes) cannot be set on a CPU generator
+    (5,056 bytes), nor the reverse: `--device` may change on resume, so those are reseeded."""
+    from safetensors.torch import load_file, save_file
+
+    unet = load_generator(SHIPPED_GENERATOR_DIR)[0]
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    gens = {"sample": torch.Generator().manual_seed(3), "train": torch.Generator().manual_seed(4)}
+    rng = np.random.default_rng(0)
+    path = rd.save_checkpoint(tmp_path, 6, unet, opt, gens, rng, {"tracker": {}})
+    tensors = load_file(path / "trainer_state.safetensors")
+    tensors["rng.sample"] = torch.tensor([3, 0, 0, 0, 0, 0, 0, 0] * 2, dtype=torch.uint8)  # CUDA's
+    save_file(tensors, path / "trainer_state.safetensors")
+    train_state = gens["train"].get_state()
+
+    fresh = {"sample": torch.Generator().manual_seed(3), "train": torch.Generator().manual_seed(4)}
+    state = rd.load_checkpoint(path, unet, opt, fresh, np.random.default_rng(1))
+    assert state["reseeded"] == ["sample"] and state["step"] == 6
+    assert torch.equal(fresh["train"].get_state(), train_state)  # same device type: restored
+    expected = torch.Generator().manual_seed(3 + 7919 * 6)  # from its seed and the step
+    assert torch.equal(fresh["sample"].get_state(), expected.get_state())
+
+
 # -- the judge ----------------------------------------------------------------------------------
 def test_shipped_judge_reads_attributes_of_fresh_renders() -> None:
     judge = load_judge(SHIPPED_JUDGE_DIR)
