@@ -181,6 +181,14 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         default=128 * 1024 * 1024, ge=1, description="HTTP request body size in bytes"
     )
+    body_read_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a request body may go without a byte arriving before it is "
+        "refused with 408 (nginx's client_body_timeout): an upload that stalls (a crashed or "
+        "cut-off client) would otherwise hold its admission slot and reserved bytes until the "
+        "socket closes, which uvicorn's keep-alive timeout does not cover mid-body",
+    )
     max_prompt_chars: int = Field(
         default=2_000, ge=1, description="characters per prompt (before tokenisation)"
     )
@@ -230,13 +238,14 @@ class Settings(BaseSettings):
     max_requests_in_flight: int = Field(
         default=64,
         ge=1,
-        description="scoring requests (/v1/score, /v1/score/group) admitted at once; more are "
-        "refused at once with 429 (never queued)",
+        description="requests with a body to work on (/v1/score, /v1/score/group, POST "
+        "/v1/prompt-sets and its import) admitted at once; more are refused at once with 429 "
+        "(never queued)",
     )
     max_body_bytes_in_flight: int = Field(
         default=256 * 1024 * 1024,
         ge=1,
-        description="request-body bytes of admitted scoring requests, summed (from "
+        description="request-body bytes of admitted requests, summed (from "
         "Content-Length before the body is read, else as it streams in); raised to "
         "max_request_bytes if lower, so one maximal request always fits",
     )

@@ -571,3 +571,109 @@ def test_a_ticket_takes_nothing_once_released():
     with pytest.raises(RequestFinished):
         ticket.reserve("decoded_bytes", 300)
     assert admission.in_use == dict.fromkeys(budgets, 0)
+
+
+def _stall_after_headers(url: str, path: str, length: int) -> socket.socket:
+    """A client that sends a POST's headers announcing `length` bytes, then nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n".encode()
+    )
+    return sock
+
+
+def test_a_stalled_upload_gets_408_and_gives_back_what_it_reserved(provenance, onnx_backend):
+    settings = {
+        "body_read_timeout_s": 1.0,
+        "max_request_bytes": 1_000_000,
+        "max_body_bytes_in_flight": 1_000_000,
+    }
+    with serving(provenance, onnx_backend, **settings) as gw:
+        sock = _stall_after_headers(gw.url, "/v1/score", 999_990)
+        with sock:
+            wait_for(lambda: gw.in_use("body_bytes") == 999_990, "the stalled body reserved")
+            refused = post(gw.url, "/v1/score", {"items": [item(IMAGE)]})  # no room meanwhile
+            assert_overloaded(refused, "body_bytes_in_flight", 1)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, "closed without an answer"
+                answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.split()[1] == b"408", head
+        assert b'"body_timeout"' in body and b'"field":"body"' in body
+        wait_for(lambda: gw.in_use("body_bytes") == 0 and gw.in_use("requests") == 0, "release")
+        assert post(gw.url, "/v1/score", {"items": [item(IMAGE)]}).status_code == 200
+
+
+def test_prompt_set_uploads_share_the_admission_budgets(provenance, onnx_backend):
+    with serving(provenance, onnx_backend, max_requests_in_flight=1) as gw:
+        with _stall_after_headers(gw.url, "/v1/prompt-sets/import", 1000):
+            wait_for(lambda: gw.in_use("requests") == 1, "the import admitted")
+            for path, body in (
+                ("/v1/prompt-sets/import", {TRUE_PROMPT: SHORT_SET}),
+                ("/v1/prompt-sets", {"prompt": TRUE_PROMPT, "contrastive": SHORT_SET}),
+                ("/v1/score", {"items": [item(IMAGE)]}),
+            ):
+                assert_overloaded(post(gw.url, path, body), "requests_in_flight", 1)
+        wait_for(lambda: gw.in_use("requests") == 0, "the slot released at the disconnect")
+        created = post(gw.url, "/v1/prompt-sets", {"prompt": TRUE_PROMPT, "contrastive": SHORT_SET})
+        assert created.status_code == 201, created.text
+
+
+def test_without_keys_a_new_bearer_token_per_request_shares_the_one_bucket(
+    provenance, onnx_backend
+):
+    limits = {"rate_limit_per_key_rps": 0.01, "rate_limit_burst": 2}
+    with gateway(provenance, onnx_backend, **limits) as c:
+        statuses = [
+            c.get("/v1/models", headers={"Authorization": f"Bearer random-{i}"}).status_code
+            for i in range(4)
+        ]
+    assert statuses == [200, 200, 429, 429]
+
+
+def test_request_ids_are_scoped_per_api_key(provenance, onnx_backend):
+    keys = {"api_keys": ["key-a", "key-b"]}
+    body = {"items": [item(IMAGE)], "request_id": "step-1-0"}
+    other = {"items": [item(IMAGE, "a blue square")], "request_id": "step-1-0"}
+    with gateway(provenance, onnx_backend, **keys) as c:
+        b = c.post("/v1/score", json=other, headers={"Authorization": "Bearer key-b"})
+        a = c.post("/v1/score", json=body, headers={"Authorization": "Bearer key-a"})
+        again_b = c.post("/v1/score", json=body, headers={"Authorization": "Bearer key-b"})
+    assert b.status_code == 200 and a.status_code == 200, (b.text, a.text)
+    assert again_b.status_code == 409  # within one key, a re-used id is still a conflict
+
+
+def test_a_waiter_gets_its_owners_answer_even_when_evicted_meanwhile():
+    from service.gateway.idempotency import IdempotencyCache
+    from service.gateway.metrics import GatewayMetrics
+
+    cache = IdempotencyCache(1, GatewayMetrics())  # room for one answer
+    runs = {"X": 0}
+
+    async def run_all():
+        go = asyncio.Event()
+
+        async def compute_x():
+            runs["X"] += 1
+            n = runs["X"]
+            await go.wait()
+            return f"answer #{n} for X"
+
+        async def compute_y():
+            await go.wait()
+            return "answer for Y"
+
+        owner = asyncio.ensure_future(cache.run("/v1/score", "X", "sha", compute_x))
+        await asyncio.sleep(0)
+        retry = asyncio.ensure_future(cache.run("/v1/score", "X", "sha", compute_x))
+        other = asyncio.ensure_future(cache.run("/v1/score", "Y", "sha-y", compute_y))
+        await asyncio.sleep(0.01)
+        go.set()  # X and Y finish together: Y's answer evicts X's before the retry wakes
+        return await asyncio.gather(owner, retry, other)
+
+    first, retried, _ = asyncio.run(run_all())
+    assert retried == first == "answer #1 for X" and runs["X"] == 1

@@ -288,6 +288,7 @@ EVERY_SETTING: dict[str, Any] = {
     "truncate_long_prompts": True,
     "backend_timeout_s": 12.5,
     "keep_alive_s": 90,
+    "body_read_timeout_s": 45.5,
     "retry_after_s": 3,
     "embedding_cache_entries": 1000,
     "max_prompt_sets": 50,

@@ -15,6 +15,7 @@ in its body and its `X-Request-ID` header; every /v1 success carries the provena
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -42,7 +43,7 @@ from service.contrastive import (
 from service.contrastive.errors import quote_prompt
 from service.contrastive.prompt_sets import reject_duplicate_keys
 from service.gateway.admission import Admission
-from service.gateway.auth import KeyRateLimit, configured_keys
+from service.gateway.auth import KeyRateLimit, bearer_token, configured_keys
 from service.gateway.backend import (
     MAX_CALL_BYTES,
     BackendError,
@@ -345,6 +346,7 @@ def create_app(
         keys=configured_keys(settings.api_keys),
         max_request_bytes=settings.max_request_bytes,
         admission=state.admission,
+        body_read_timeout_s=settings.body_read_timeout_s,
     )
     v1 = APIRouter(
         prefix="/v1",
@@ -405,9 +407,11 @@ async def _idempotent(
     with the request's bound on backend calls in flight."""
     client_id = body_id or valid_request_id(request.headers.get(HEADER))
     digest = getattr(request.state, "body_sha256", None) or ""
+    token = bearer_token(request.headers.get("authorization")) if state.settings.api_keys else None
+    tenant = hashlib.sha256(token.encode("utf-8")).hexdigest() if token else ""
     assert state.idempotency is not None
     with request_call_slots(state.settings.max_backend_calls_per_request):
-        return await state.idempotency.run(endpoint, client_id, digest, compute)
+        return await state.idempotency.run(endpoint, client_id, digest, compute, tenant)
 
 
 def _service_limits(state: GatewayState) -> ServiceLimits:

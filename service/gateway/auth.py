@@ -109,12 +109,15 @@ class KeyRateLimit:
         self.app = app
         self.rate = settings.rate_limit_per_key_rps
         self.burst = settings.rate_limit_burst
+        self.keyed = bool(configured_keys(settings.api_keys))
         self.metrics = metrics
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
 
     def _bucket(self, token: str | None) -> TokenBucket:
-        ident = hashlib.sha256((token or "").encode("utf-8")).hexdigest()
+        # Without keys a token proves nothing: a client sending a new one each time must not
+        # get a new bucket each time.
+        ident = hashlib.sha256((token or "").encode("utf-8")).hexdigest() if self.keyed else ""
         with self._lock:
             bucket = self._buckets.get(ident)
             if bucket is None:

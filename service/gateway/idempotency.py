@@ -2,7 +2,8 @@
 
 A client retries a request (after a timeout, a 429, a lost connection) with the same
 `request_id` and the same body. The gateway keeps the last `entries` successful responses by
-(endpoint, request id) with the sha256 of the body that produced them:
+(endpoint, API key, request id) with the sha256 of the body that produced them (ids are the
+client's own, so each key has its own: one tenant cannot claim another's ids):
 
 - same id, same body, answered before → the stored response (the work is not redone, and the
   reward is the one already returned);
@@ -26,7 +27,7 @@ from service.gateway.errors import ApiError
 from service.gateway.metrics import GatewayMetrics
 
 T = TypeVar("T")
-Key = tuple[str, str]  # (endpoint, request id)
+Key = tuple[str, str, str]  # (endpoint, tenant: the API key's sha256 or "", request id)
 
 
 class IdempotencyCache(Generic[T]):
@@ -50,13 +51,18 @@ class IdempotencyCache(Generic[T]):
         )
 
     async def run(
-        self, endpoint: str, rid: str | None, digest: str, compute: Callable[[], Awaitable[T]]
+        self,
+        endpoint: str,
+        rid: str | None,
+        digest: str,
+        compute: Callable[[], Awaitable[T]],
+        tenant: str = "",
     ) -> T:
-        """The response for (endpoint, rid) with body sha256 `digest`: stored, awaited, or
-        computed now (and stored when it succeeds). `rid` None (no client id): computed."""
+        """The response for (endpoint, tenant, rid) with body sha256 `digest`: stored, awaited,
+        or computed now (and stored when it succeeds). `rid` None (no client id): computed."""
         if rid is None or self.entries <= 0:
             return await compute()
-        key = (endpoint, rid)
+        key = (endpoint, tenant, rid)
         while True:
             if key in self._done:
                 seen, response = self._done[key]
@@ -70,10 +76,12 @@ class IdempotencyCache(Generic[T]):
             seen, future = self._pending[key]
             if seen != digest:
                 raise self._conflict(rid)
-            if await asyncio.shield(future) is None:
-                # That one failed: look again, so that only the first waiter scores anew and
-                # the others wait for it (a failure under overload must not multiply the work).
-                continue
+            answer = await asyncio.shield(future)
+            if answer is not None:  # its answer, even if evicted from _done meanwhile
+                self.metrics.idempotent_replays.inc()
+                return answer
+            # That one failed: look again, so that only the first waiter scores anew and the
+            # others wait for it (a failure under overload must not multiply the work).
         future = asyncio.get_running_loop().create_future()
         self._pending[key] = (digest, future)
         result: T | None = None

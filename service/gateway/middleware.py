@@ -6,17 +6,20 @@ For every HTTP request, before any route runs:
 - paths under `/v1/` need a valid Bearer key when keys are configured (401 otherwise), checked
   before the body is read, so an unauthenticated client cannot make the gateway parse anything;
 - a body over `max_request_bytes` is refused: at once from `Content-Length`, or while it
-  streams in (chunked uploads);
-- a scoring request (`ADMITTED_PATHS`) is admitted (`service.gateway.admission`): a request
-  slot and its `Content-Length` bytes are reserved before the body is read (without a length,
-  the bytes as they stream in), else 429 with Retry-After at once; the ticket is on
-  `scope["state"]["admission"]` for the route's image reservations, released after the response;
+  streams in (chunked uploads); a body that goes `body_read_timeout_s` without a byte is
+  refused with 408 (a stalled upload must not keep what it reserved);
+- a request whose body the gateway works on (`ADMITTED_PATHS`: scoring, prompt sets) is
+  admitted (`service.gateway.admission`): a request slot and its `Content-Length` bytes are
+  reserved before the body is read (without a length, the bytes as they stream in), else 429
+  with Retry-After at once; the ticket is on `scope["state"]["admission"]` for the route's
+  image reservations, released after the response;
 - the request is counted and timed by route template and status;
 - an exception nothing else handled becomes a JSON 500 without a traceback (logged).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -35,7 +38,10 @@ CLIENT_CLOSED_REQUEST = 499  # status recorded in /metrics for a client that dis
 
 log = logging.getLogger("service.gateway")
 
-ADMITTED_PATHS = frozenset({"/v1/score", "/v1/score/group"})
+# POST routes whose body takes gateway memory and work: they share the admission budgets.
+ADMITTED_PATHS = frozenset(
+    {"/v1/score", "/v1/score/group", "/v1/prompt-sets", "/v1/prompt-sets/import"}
+)
 
 
 class GatewayMiddleware:
@@ -48,8 +54,10 @@ class GatewayMiddleware:
         keys: list[bytes],
         max_request_bytes: int,
         admission: Admission | None = None,
+        body_read_timeout_s: float = 60.0,
     ) -> None:
         self.admission = admission
+        self.body_read_timeout_s = body_read_timeout_s
         self.app = app
         self.routes = routes  # filled by create_app once every route exists
         self.metrics = metrics
@@ -178,11 +186,25 @@ class GatewayMiddleware:
         limit = self.max_request_bytes
         received = 0
         streamed = ticket is not None and ticket.streamed
+        timeout = self.body_read_timeout_s
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later reads wait for a disconnect: no deadline on those
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    "body_timeout",
+                    f"body: no bytes for {timeout:g} s, the upload stalled",
+                    field="body",
+                    limit=timeout,
+                ) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 chunk = len(message.get("body", b""))
                 received += chunk
                 if streamed and received <= limit:
