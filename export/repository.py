@@ -322,7 +322,7 @@ def _write_gpu_image_encoder(
 
 
 def _write_score_model(
-    root: Path, spec: contract.ModelSpec, batching: Batching, eos_token_id: int
+    root: Path, spec: contract.ModelSpec, batching: Batching, eos_token_id: int, vocab_size: int
 ) -> Configs:
     """The BLS pipeline model (Python backend on CPU in both flavours; it only routes)."""
     version = root / spec.name / contract.BUILD_VERSION
@@ -331,6 +331,7 @@ def _write_score_model(
     params = {
         "text_max_batch": str(batching.max_batch_size),
         "eos_token_id": str(eos_token_id),
+        "vocab_size": str(vocab_size),  # ids past it are refused (the text tower's rows)
         "token_bucket": "4",  # as the gateway's default (settings.text_token_bucket)
         "text_cache_entries": "50000",
     }
@@ -531,7 +532,13 @@ def export_repository(
         if calibration_bytes:
             (root / contract.CALIBRATION_FILE).write_bytes(calibration_bytes)  # what was checked
         score_spec = contract.score(dim, head is not None)
-        configs |= _write_score_model(root, score_spec, batching, bundle.tokenizer.eos_token_id)
+        configs |= _write_score_model(
+            root,
+            score_spec,
+            batching,
+            bundle.tokenizer.eos_token_id,
+            bundle.model.config.text_config.vocab_size,
+        )
         if engines:
             (root / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
         # The gateway tokenizes with this copy: the repository alone is enough to serve.

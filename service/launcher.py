@@ -13,10 +13,12 @@ export's ONNX files under ONNX Runtime in process (`OnnxBackend`), where no trit
 2. Start the bundled `tritonserver` on loopback ports (`TritonServer`), wait until it is ready.
 3. Serve the gateway with uvicorn; uvicorn turns SIGINT/SIGTERM into a graceful shutdown, after
    which Triton is stopped by PID (its whole process group: no orphans).
-A watchdog thread restarts Triton on the same ports if it dies, or if it hangs (N consecutive
-failed readiness probes: `triton_probe_*` settings), with a backoff; meanwhile the gateway
-answers 503/504 with Retry-After and `/readyz` is false, and service resumes without restarting
-the gateway. Restarts are counted in `/metrics` by cause (`reward_gateway_triton_restarts_total`).
+A watchdog thread restarts Triton on the same ports if it dies, if it hangs (N consecutive
+failed readiness probes: `triton_probe_*` settings), or if one of its Python-backend stubs
+died (Triton still reports ready then, and fails every call to that model), with a backoff;
+meanwhile the gateway answers 503/504 with Retry-After and `/readyz` is false, and service
+resumes without restarting the gateway. Restarts are counted in `/metrics` by cause
+(`reward_gateway_triton_restarts_total`).
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def curl_example(settings: Settings) -> str:
     )
 
 
-RESTART_CAUSES = ("exited", "hung")
+RESTART_CAUSES = ("exited", "hung", "stub_died")
 
 
 class TritonWatchdog(threading.Thread):
@@ -168,9 +170,12 @@ class TritonWatchdog(threading.Thread):
     `GET /v2/health/ready` within `probe_timeout_s`. After `failures_before_restart`
     consecutive failed probes (a SIGSTOP-ed or deadlocked server: the process is there, the
     answers are not) it is killed (SIGKILL of its process group: a stopped process ignores
-    SIGTERM) and started again on the same ports. A failed restart is retried after
+    SIGTERM) and started again on the same ports. A ready server must also keep every
+    Python-backend stub it started (counted with psutil): Triton 2.51 does not restart a stub
+    that died (killed for memory, a crash) and keeps answering ready while every call to that
+    model fails, so fewer stubs than before is a restart too. A failed restart is retried after
     `backoff_s`, doubling up to `max_backoff_s`. Each restart calls `on_restart(cause)` with
-    cause "exited" or "hung" (the launcher counts them in /metrics).
+    cause "exited", "hung" or "stub_died" (the launcher counts them in /metrics).
 
     It must stay alive as long as Triton runs: the server gets SIGKILL when the thread that
     started it ends (`TritonServer(die_with_parent=True)`)."""
@@ -196,6 +201,7 @@ class TritonWatchdog(threading.Thread):
         self.restarts = 0
         self.restarts_by_cause = dict.fromkeys(RESTART_CAUSES, 0)
         self.failed_probes = 0  # consecutive, of the running server
+        self.stubs: int | None = None  # Python-backend stubs the running server has had
         self.restart_waits: list[float] = []  # the backoff after each failed restart
 
     @classmethod
@@ -225,7 +231,7 @@ class TritonWatchdog(threading.Thread):
             return "exited"
         if self.server.is_ready(timeout=self.probe_timeout_s):
             self.failed_probes = 0
-            return None
+            return self._stub_cause()
         self.failed_probes += 1
         log.warning(
             "tritonserver (pid %s) failed readiness probe %d of %d",
@@ -237,20 +243,38 @@ class TritonWatchdog(threading.Thread):
             return None
         return "hung"
 
+    def _stub_cause(self) -> str | None:
+        """ "stub_died" when the ready server has fewer live stubs than it has had."""
+        live = self.server.python_stubs()
+        if live is None or self.stubs is None or live >= self.stubs:
+            self.stubs = live if self.stubs is None or live is None else max(live, self.stubs)
+            return None
+        log.warning(
+            "tritonserver (pid %s) has %d of its %d Python-backend stubs left: a model "
+            "instance died and Triton does not restart it",
+            self.server.pid,
+            live,
+            self.stubs,
+        )
+        return "stub_died"
+
     def _watch(self) -> None:
         wait = self.interval_s
         backoff = self.backoff_s
         pending: str | None = None  # the cause of a restart that has not succeeded yet
+        self.stubs = self.server.python_stubs()  # the started server's, ready: all of them
         while not self._stopping.wait(wait):
             wait = self.interval_s
             cause = pending or self._cause()
             if cause is None:
                 continue
-            if cause == "hung" and self.server.running():
+            if cause in ("hung", "stub_died") and self.server.running():
                 log.warning(
-                    "tritonserver (pid %s) is hung (%d failed readiness probes): killing it",
+                    "tritonserver (pid %s) is %s: killing it",
                     self.server.pid,
-                    self.failed_probes,
+                    f"hung ({self.failed_probes} failed readiness probes)"
+                    if cause == "hung"
+                    else "missing a Python-backend stub",
                 )
                 self.server.kill()
             elif pending is None:
@@ -264,6 +288,7 @@ class TritonWatchdog(threading.Thread):
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             pending, self.failed_probes, backoff = None, 0, self.backoff_s
+            self.stubs = self.server.python_stubs()  # start() returned: it is ready
             self.restarts += 1
             self.restarts_by_cause[cause] += 1
             log.info("tritonserver restarted (pid %s); cause: %s", self.server.pid, cause)

@@ -49,6 +49,8 @@ from types import TracebackType
 from service.model_contract import BUNDLED_CONFIG_NAME
 from service.settings import CACHE_DIR
 
+STUB_NAME = "triton_python_backend_stub"  # the process of each Python-backend model instance
+
 DEFAULT_RUNTIME_DIR = CACHE_DIR / "triton-runtime"
 LOOPBACK = "127.0.0.1"
 
@@ -252,6 +254,28 @@ class TritonServer:
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def python_stubs(self) -> int | None:
+        """Live Python-backend stub processes of the running server, one per model instance
+        (None: not running, or psutil, of the `triton` extra, missing)."""
+        try:
+            import psutil
+        except ImportError:
+            return None
+        try:
+            children = psutil.Process(self.pid).children(recursive=True) if self.pid else None
+        except psutil.Error:
+            return None
+        if children is None:
+            return None
+        live = 0
+        for child in children:
+            try:
+                if child.name() == STUB_NAME and child.status() != psutil.STATUS_ZOMBIE:
+                    live += 1
+            except psutil.Error:  # exited while being read
+                continue
+        return live
 
     def command(self, backends: Path, binary: Path) -> list[str]:
         http, grpc, metrics = self._port(0), self._port(1), self._port(2)

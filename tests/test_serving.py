@@ -382,7 +382,10 @@ def test_true_prompt_textnorm_beats_one_attribute_off_prompts(client):
 
 
 # -- 3. Triton's `score` model over gRPC = REST ----------------------------------------------------
-def score_over_grpc(grpc, tokenizer, images: np.ndarray, prompt_sets, scale, lam) -> dict:
+def score_over_grpc(
+    grpc, tokenizer, images: np.ndarray, prompt_sets, scale, lam, token_edits=()
+) -> dict:
+    """`token_edits`: ((item, row, column, id), ...) written over the tokenised ids."""
     import tritonclient.grpc as grpcclient
 
     n = len(images)
@@ -391,6 +394,8 @@ def score_over_grpc(grpc, tokenizer, images: np.ndarray, prompt_sets, scale, lam
     for i, texts in enumerate(prompt_sets):
         ids[i, : len(texts)] = tokenizer.encode(texts).ids
         mask[i, : len(texts)] = True
+    for item, row, column, value in token_edits:
+        ids[item, row, column] = value
     arrays = {
         "IMAGE": images,
         "INPUT_IDS": ids,
@@ -663,3 +668,11 @@ def test_grpc_score_model_refuses_inputs_that_would_give_wrong_rewards(grpc, sta
         score_over_grpc(grpc, tokenizer, image, texts, -1.0, 1.0)
     with pytest.raises(InferenceServerException, match="ENSEMBLE_LAMBDA"):
         score_over_grpc(grpc, tokenizer, image, texts, 5.0, float("nan"))
+    # A negative id would wrap round to another token in the tower's Gather: refused.
+    with pytest.raises(InferenceServerException, match="INPUT_IDS must be token ids in") as neg:
+        score_over_grpc(grpc, tokenizer, image, texts, 5.0, 1.0, [(0, 1, 1, -5)])
+    assert neg.value.status() == "StatusCode.INVALID_ARGUMENT"
+    # An id past the vocabulary: refused too (the tower's own error reached callers as INTERNAL).
+    with pytest.raises(InferenceServerException, match="INPUT_IDS must be token ids in") as past:
+        score_over_grpc(grpc, tokenizer, image, texts, 5.0, 1.0, [(0, 1, 1, 10**6)])
+    assert past.value.status() == "StatusCode.INVALID_ARGUMENT", past.value

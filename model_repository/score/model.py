@@ -27,6 +27,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.text_batch = int(params.get("text_max_batch", "64"))
         self.eos = int(params["eos_token_id"])
+        self.vocab = int(params["vocab_size"])
         self.bucket = int(params.get("token_bucket", "16"))
         self.cache_entries = int(params.get("text_cache_entries", "50000"))
         self.cache = OrderedDict()  # a row's tokens up to its end token (bytes) → embedding
@@ -84,6 +85,11 @@ class TritonPythonModel:
         # give a silently wrong reward instead of computing it.
         if not mask[:, 0].all():
             raise ValueError("PROMPT_MASK[:, 0] must be true: row 0 is the true prompt")
+        # The text tower's Gather wraps negative ids round to other tokens, and fails on ids
+        # past the vocabulary with an error that reaches a BLS caller as INTERNAL (Triton 2.51
+        # keeps a composed model's message, not its code): both are the caller's error here.
+        if (ids < 0).any() or (ids >= self.vocab).any():
+            raise ValueError(f"INPUT_IDS must be token ids in [0, {self.vocab})")
         if not (np.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError("TEXTNORM_SCALE must be finite and > 0")
         if not (np.isfinite(lam).all() and (lam >= 0).all()):

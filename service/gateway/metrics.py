@@ -12,7 +12,7 @@
 - `reward_gateway_admission_in_use{limit}` / `reward_gateway_admission_limit{limit}` (each
   admission budget), `reward_gateway_refusals_total{cause}` (each refusal cause) and
   `reward_gateway_idempotent_replays_total`;
-- `reward_gateway_triton_restarts_total{cause}` (exited / hung) and
+- `reward_gateway_triton_restarts_total{cause}` (exited / hung / stub_died) and
   `reward_gateway_rate_limited_total` (per-key rate limit 429s).
 """
 
@@ -132,7 +132,8 @@ class GatewayMetrics:
         # -- security helper (issue 13): supervision and per-key rate limits -------------------
         self.triton_restarts = Counter(
             "reward_gateway_triton_restarts",
-            "restarts of the bundled Triton by the `serve` supervisor, by cause (exited, hung)",
+            "restarts of the bundled Triton by the `serve` supervisor, by cause (exited, hung, "
+            "stub_died)",
             ["cause"],
             registry=r,
         )

@@ -82,6 +82,10 @@ def _translate(exc: BaseException, what: str) -> Exception:
         return BackendTimeout(f"{what}: [{code}] {message}")
     if code in _UNAVAILABLE_CODES or "failed to connect" in (message or "").lower():
         return BackendUnavailable(f"{what}: [{code}] {message}")
+    if "stub process" in (message or "").lower() and "not healthy" in (message or "").lower():
+        # A Python-backend process died: Triton must be restarted (`serve`'s watchdog does),
+        # so the request is worth retrying there, not a 502 about this request.
+        return BackendUnavailable(f"{what}: a Triton Python-backend process died ({message})")
     if "unknown model" in (message or "").lower() and "version" in (message or "").lower():
         return ModelMismatch(f"{what}: Triton serves another export ([{code}] {message})")
     return BackendError(f"{what}: [{code}] {message}")

@@ -127,3 +127,35 @@ def test_hung_then_killed_triton_is_restarted(stack):
         print(
             f"SIGSTOP: error answer after {answered:.2f} s, scoring again after {recovered:.1f} s"
         )
+
+
+def test_a_dead_python_backend_stub_is_a_503_then_a_restart(stack):
+    """Triton keeps answering ready when a model's stub process dies, and fails every call to
+    that model: the gateway answers 503 with Retry-After (a retry can succeed once Triton is
+    restarted, not a 502), and the watchdog, counting the stubs, restarts it."""
+    import psutil
+
+    with client_for(stack, timeout=4 * BACKEND_TIMEOUT_S) as client:
+        wait_until(lambda: client.get("/readyz").status_code == 200, 60, "ready")
+        before = client.post("/v1/score", json={"items": [ITEM]})
+        assert before.status_code == 200, before.text
+        triton = stack.triton_pid()
+        assert triton is not None
+        stack.triton_pids.add(triton)
+        stubs = {
+            p.cmdline()[1].split("/")[-3]: p
+            for p in psutil.Process(triton).children(recursive=True)
+            if p.name() == "triton_python_backend_stub"
+        }
+        assert "image_encoder" in stubs, stubs  # every request calls it (prompts are cached)
+        stubs["image_encoder"].kill()
+        r = client.post("/v1/score", json={"items": [ITEM]})
+        if r.status_code != 200:  # unless the watchdog was faster than this request
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+        wait_until(lambda: _restarts(client, "stub_died") == 1, 30, "a restart for the stub")
+        assert stack.triton_pid() != triton
+        wait_until(lambda: client.get("/readyz").status_code == 200, 60, "ready after it")
+        after = client.post("/v1/score", json={"items": [ITEM]})
+        assert after.status_code == 200, after.text
+        assert abs(after.json()["results"][0]["raw"] - before.json()["results"][0]["raw"]) <= 1e-6
+        assert "missing a Python-backend stub" in stack.output(200000)

@@ -11,10 +11,12 @@ from service.settings import Settings
 
 
 class ScriptedServer:
-    """Answers `running()`/`is_ready()` from flags; `start()` fails `fail_starts` times."""
+    """Answers `running()`/`is_ready()`/`python_stubs()` from flags; `start()` fails
+    `fail_starts` times, and a started server has `stubs_at_start` stubs."""
 
-    def __init__(self, fail_starts: int = 0) -> None:
+    def __init__(self, fail_starts: int = 0, stubs: int | None = None) -> None:
         self.alive, self.ready, self.fail_starts = True, True, fail_starts
+        self.stubs = self.stubs_at_start = stubs
         self.starts: list[float] = []
         self.kills = 0
         self.pid = 1
@@ -26,6 +28,9 @@ class ScriptedServer:
     def is_ready(self, timeout: float) -> bool:
         return self.alive and self.ready
 
+    def python_stubs(self) -> int | None:
+        return self.stubs if self.alive else None
+
     def kill(self) -> None:
         self.kills += 1
         self.alive = False
@@ -35,6 +40,7 @@ class ScriptedServer:
         if len(self.starts) <= self.fail_starts:
             raise RuntimeError("tritonserver exited with code 1 during startup\nlog tail")
         self.alive, self.ready = True, True
+        self.stubs = self.stubs_at_start
         self.pid += 1
 
     def stop(self) -> None:
@@ -66,13 +72,39 @@ def test_hang_needs_n_consecutive_failed_probes_then_kill_and_restart():
     try:
         server.ready = False
         _until(lambda: causes == ["hung"])
-        assert server.kills == 1 and dog.restarts_by_cause == {"exited": 0, "hung": 1}
+        assert server.kills == 1
+        assert dog.restarts_by_cause == {"exited": 0, "hung": 1, "stub_died": 0}
         server.alive = False  # then it dies: the other cause
         _until(lambda: causes == ["hung", "exited"])
         assert server.kills == 1  # nothing to kill when it already exited
     finally:
         dog.stop()
     assert dog.restarts == 2 and not server.alive  # stop() stops the server too
+
+
+def test_a_ready_server_that_lost_a_python_backend_stub_is_restarted():
+    server = ScriptedServer(stubs=3)
+    dog, causes = _watch(server, backoff_s=0.02)
+    try:
+        _until(lambda: dog.stubs == 3)  # seen while healthy
+        server.stubs = 2  # one model instance died; Triton still answers ready
+        _until(lambda: causes == ["stub_died"])
+        assert server.kills == 1 and len(server.starts) == 1
+        _until(lambda: dog.stubs == 3)  # the new server's stubs, counted afresh
+        time.sleep(0.2)
+        assert causes == ["stub_died"]  # and no restart while they all live
+    finally:
+        dog.stop()
+
+
+def test_without_a_stub_count_only_exits_and_hangs_restart():
+    server = ScriptedServer(stubs=None)  # no psutil, or a server without Python models
+    dog, causes = _watch(server, backoff_s=0.02)
+    try:
+        time.sleep(0.2)
+        assert causes == [] and dog.stubs is None and server.kills == 0
+    finally:
+        dog.stop()
 
 
 def test_a_probe_that_recovers_resets_the_count():
@@ -113,3 +145,20 @@ def test_settings_configure_the_supervisor():
     dog = TritonWatchdog.from_settings(ScriptedServer(), settings)
     assert (dog.interval_s, dog.probe_timeout_s, dog.failures_before_restart) == (0.7, 0.3, 5)
     assert (dog.backoff_s, dog.max_backoff_s) == (2, 9)
+
+
+def test_a_dead_stubs_error_is_a_503_not_a_502():
+    """Triton's message for a call to a model whose stub died: worth a retry once Triton is
+    restarted (BackendUnavailable, 503 with Retry-After), not a BackendError (502)."""
+    from tritonclient.utils import InferenceServerException
+
+    from service.gateway.backend import BackendError, BackendUnavailable
+    from service.gateway.triton_backend import _translate
+
+    dead = InferenceServerException(
+        "[StatusCode.INTERNAL] Stub process 'image_encoder_0_0' is not healthy.",
+        status="StatusCode.INTERNAL",
+    )
+    assert isinstance(_translate(dead, "image_encoder inference"), BackendUnavailable)
+    other = InferenceServerException("shape mismatch", status="StatusCode.INTERNAL")
+    assert type(_translate(other, "image_encoder inference")) is BackendError
