@@ -471,6 +471,54 @@ def test_unknown_prompt_set_is_registered_on_the_replica_that_lacks_it():
     ]  # fmt: skip
 
 
+def test_a_registration_refused_for_load_is_retried_on_the_same_replica():
+    """The replica that lacks the set may answer its registration 429 (prompt-set uploads are
+    admitted like scoring): the retry registers there, not on another replica."""
+    service = FakeService()
+    set_id = "ps_" + "0" * 32
+    with service.client(["http://a.test", "http://b.test"]) as client:
+        assert client.register_prompt_set("x", ["y"]) == set_id
+        busy = httpx.Response(429, headers={"Retry-After": "0"}, json={"error": {"code": "x"}})
+        service.script["/v1/score"] = [error(404, "unknown_prompt_set")]
+        service.script["/v1/prompt-sets"] = [busy, busy]
+        client.score(images(1), "x", textnorm={"prompt_set": set_id})
+    steps = [(s[0], s[1]) for s in service.seen if s[1] != "/v1/models"][1:]
+    failed_on = steps[0][0]
+    assert steps == [(failed_on, "/v1/score")] + [(failed_on, "/v1/prompt-sets")] * 3 + [
+        (failed_on, "/v1/score")
+    ]
+
+
+def test_grpc_attempts_running_out_before_the_deadline_report_the_last_error():
+    from textnorm_reward_client.grpc_client import GrpcRewardClient, _service_error
+    from tritonclient.utils import InferenceServerException
+
+    class Down:
+        def infer(self, *args, **kwargs):
+            raise InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
+
+    client = object.__new__(GrpcRewardClient)  # only what _infer reads
+    client._next = itertools.repeat(Down())
+    client.timeout_s, client.model, client.version = 60.0, "score", "1"
+
+    class NoWaitThenLong(RetryPolicy):  # a retry at once; the wait after the last is long
+        def delay(self, attempt: int, floor: float | None) -> float:
+            return 0.0 if attempt == 1 else 1000.0
+
+    client.retry = NoWaitThenLong(attempts=2)
+    with pytest.raises(InferenceServerException) as caught:
+        client._infer([], "rid", time.monotonic() + 30)  # 2 attempts, far within the deadline
+    assert _service_error(caught.value, "rid").code == "unavailable"
+
+
+def test_advantage_eps_takes_any_real_number_type():
+    from textnorm_reward_client.results import check_advantage_eps
+
+    assert check_advantage_eps(np.float32(0.5)) == 0.5 and check_advantage_eps(1) == 1.0
+    with pytest.raises(ValueError, match="advantage_eps"):
+        check_advantage_eps(True)
+
+
 # -- image inputs ---------------------------------------------------------------------------------
 def sent_images(service: FakeService) -> list:
     return [i["image"] for s in in_chunk_order(service.calls("/v1/score")) for i in s[2]["items"]]

@@ -37,7 +37,7 @@ class AsyncRewardClient(_ClientBase):
         # it holds a slot.
         try:
             await asyncio.wait_for(self._slots.acquire(), send.wait_limit())
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # noqa: UP041 (the client runs on 3.10)
             return NotSent(f"the call's deadline passed while all {self.max_concurrency} "
                            "of this client's connections were busy")  # fmt: skip
         try:
@@ -47,7 +47,7 @@ class AsyncRewardClient(_ClientBase):
             limit = send.timeout_now()
             try:
                 return await asyncio.wait_for(self._request(send), limit)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # noqa: UP041 (3.10)
                 return httpx.TimeoutException(f"no complete answer within {limit:.3g} s")
         finally:
             self._slots.release()

@@ -215,8 +215,9 @@ class ClientCore:
         attempts = attempts or self.retry.attempts
         tries, reregistered = 0, 0
         last: RewardServiceError | None = None  # the previous attempt's failure
+        sticky = pin  # a request for one replica (registering a set it lacks) retries there
         while True:
-            url = pin or self.endpoints.pick()
+            url = sticky or pin or self.endpoints.pick()
             pin = None
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._deadline_error(request_id, tries, last)

@@ -155,6 +155,8 @@ class GrpcRewardClient:
         def wait(state: RetryCallState) -> float:
             """The backoff, or DEADLINE_EXCEEDED when it would end past the call's deadline
             (checked here, not by a stop: the sleep must not cross the deadline)."""
+            if state.attempt_number >= self.retry.attempts:
+                return 0.0  # no retry follows (tenacity asks for the wait before its stop)
             delay = self.retry.delay(state.attempt_number, None)
             if deadline is not None and time.monotonic() + delay >= deadline:
                 raise InferenceServerException(

@@ -56,10 +56,14 @@ def _tensor_to_hwc_uint8(t: Any, copy: bool = False) -> np.ndarray:
     elif str(t.dtype) != "torch.uint8":
         raise ValueError(f"a torch image must be uint8 or float in [0, 1], got {t.dtype}")
     order = (0, 2, 3, 1) if t.ndim == 4 else (1, 2, 0)
-    # uint8 channels-last on the CPU: permute + contiguous is a view of the caller's tensor
-    copy = copy and not t.is_floating_point() and t.device.type == "cpu"
     out = t.byte().permute(*order).contiguous().cpu().numpy()
-    return out.copy() if copy else out
+    if copy and not t.is_floating_point() and t.device.type == "cpu":
+        import numpy as np
+
+        # channels-last memory: permute + contiguous was a view of the caller's tensor
+        if np.may_share_memory(out, t.numpy()):
+            out = out.copy()
+    return out
 
 
 def _array_to_uint8(a: Any, copy: bool = False) -> np.ndarray:

@@ -10,6 +10,7 @@ is imported only when this is called).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -154,7 +155,7 @@ class GroupResult(ScoreResult):
 def check_advantage_eps(eps: float) -> float:
     """`eps` as the service takes it: 0 < eps ≤ 1 (a group whose rewards are all equal has
     std 0, and 0 / 0 is no advantage)."""
-    if not (isinstance(eps, int | float) and 0 < eps <= 1):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps <= 1:
         raise ValueError(f"advantage_eps must be a number in (0, 1], got {eps!r}")
     return float(eps)
 

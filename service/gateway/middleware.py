@@ -194,7 +194,8 @@ class GatewayMiddleware:
             if body_done:  # later reads wait for a disconnect: no deadline on those
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), timeout)
+                async with asyncio.timeout(timeout):  # no task per chunk, unlike wait_for
+                    message = await receive()
             except TimeoutError:
                 raise ApiError(
                     408,

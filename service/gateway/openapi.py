@@ -28,6 +28,7 @@ SCHEME = "HTTPBearer"
 _DESCRIPTIONS = {
     "400": "malformed JSON, or an invalid Content-Length header",
     "401": "missing or invalid API key",
+    "408": "the request body stalled: no bytes for body_read_timeout_s",
     "404": "no such prompt set",
     "409": "a content-hash id or request id already names different content",
     "413": "request body, image bytes or image pixels (per image or per request) over a limit",
@@ -38,7 +39,7 @@ _DESCRIPTIONS = {
     "503": "the reward backend is unavailable or serves another export (see Retry-After)",
     "504": "the reward backend did not answer within the deadline",
 }
-_BODY = ("400", "413", "415", "422")  # any route that reads a JSON body
+_BODY = ("400", "408", "413", "415", "422")  # any route that reads a JSON body
 _SCORING = ("409", "429", "502", "503", "504")  # routes that call the backend
 _ROUTE_CODES: dict[tuple[str, str], tuple[str, ...]] = {
     ("post", "/v1/score"): _BODY + _SCORING,
