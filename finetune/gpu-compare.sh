@@ -26,7 +26,8 @@
 # (48), SAMPLE_BATCH (64), BATCHES (4), TRAIN_BATCH (64), JUDGE_PROMPTS (48), JUDGE_PER_PROMPT
 # (16), REWARD_URL, REPO, EXPORT_ARGS (--no-calibration), TEXTNORM_RULE (the service's: auto),
 # SIGNAL_SETTINGS (default,counting), SIGNAL_PER_PROMPT (16), GENERATOR_SIZE (32: the shipped
-# generator and judge), GENERATOR_STEPS (800), GENERATOR_IMAGES (12000), JUDGE_IMAGES (24000),
+# generator and judge), GENERATOR_STEPS (800; set at 32 px, a 32 px generator is trained with
+# that many steps and judged by the shipped judge), GENERATOR_IMAGES (12000), JUDGE_IMAGES (24000),
 # JUDGE_EPOCHS (5). Run it from the repository root
 # (or with the project installed).
 set -euo pipefail
@@ -64,8 +65,10 @@ failed() {
 # -- 0. a generator and judge of another size ---------------------------------------------------
 MODELS=()
 SIZE=${GENERATOR_SIZE:-32}
-if [[ $SIZE != 32 ]]; then
-  for what in generator judge; do
+if [[ $SIZE != 32 || -n ${GENERATOR_STEPS:-} ]]; then
+  TRAIN=(generator judge)
+  [[ $SIZE == 32 ]] && TRAIN=(generator) # the shipped judge reads 32 px
+  for what in "${TRAIN[@]}"; do
     dir=$OUT_DIR/$what-$SIZE
     if [[ $what == generator ]]; then
       args=(--steps "${GENERATOR_STEPS:-800}" --images "${GENERATOR_IMAGES:-12000}")

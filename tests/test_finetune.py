@@ -307,10 +307,14 @@ def test_compare_names_the_run_that_failed_and_stops(tmp_path) -> None:
     assert not (tmp_path / "out" / "summary.csv").exists()
 
 
-def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step(tmp_path) -> None:
-    """finetune/gpu-compare.sh end to end on CPU: a 64 px generator and judge trained first,
-    its own `gateway --onnx`, parallel runs of that generator stopped at the time budget, every
-    run reported at the last step all of them checkpointed."""
+@pytest.mark.parametrize("size", [64, 32])
+def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step(
+    tmp_path, size: int
+) -> None:
+    """finetune/gpu-compare.sh end to end on CPU: a generator trained first (64 px: and its
+    judge; 32 px with GENERATOR_STEPS: judged by the shipped judge), its own `gateway --onnx`,
+    parallel runs of that generator stopped at the time budget, every run reported at the last
+    step all of them checkpointed."""
     import os
     import subprocess
     import sys
@@ -323,7 +327,7 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
         "BUDGET_S": "45", "CHECKPOINT_EVERY": "1", "PROMPTS": "2", "SAMPLE_BATCH": "2",
         "BATCHES": "1", "TRAIN_BATCH": "2", "JUDGE_PROMPTS": "2", "JUDGE_PER_PROMPT": "1",
         "SIGNAL_SETTINGS": "default,counting", "SIGNAL_PER_PROMPT": "2",
-        "TEXTNORM_RULE": "counting", "GENERATOR_SIZE": "64", "GENERATOR_STEPS": "2",
+        "TEXTNORM_RULE": "counting", "GENERATOR_SIZE": str(size), "GENERATOR_STEPS": "2",
         "GENERATOR_IMAGES": "64", "JUDGE_IMAGES": "256", "JUDGE_EPOCHS": "1",
     }  # fmt: skip
     res = subprocess.run(
@@ -334,15 +338,13 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
     assert "budget reached: stopped the runs" in res.stdout
     signal = json.loads((out / "reward_signal" / "reward_signal.json").read_text())
     assert signal["settings"] == {"default": None, "counting": {"rule": "counting"}}
-    assert signal["samples"]["size"] == 64
-    assert signal["samples"]["generator"] == str(out / "generator-64")
-    assert signal["samples"]["judge"] == str(out / "judge-64")
+    judge = str(out / "judge-64") if size == 64 else str(SHIPPED_JUDGE_DIR)
+    assert signal["samples"]["size"] == size
+    assert signal["samples"]["generator"] == str(out / f"generator-{size}")
+    assert signal["samples"]["judge"] == judge
     config = json.loads((out / "textnorm_seed0" / "config.json").read_text())
     assert config["textnorm_rule"] == "counting"
-    assert (config["generator"], config["judge"]) == (
-        str(out / "generator-64"),
-        str(out / "judge-64"),
-    )
+    assert (config["generator"], config["judge"]) == (str(out / f"generator-{size}"), judge)
     assert not list(out.glob("*.partial"))  # trained into scratch folders, then moved
     done = int((out / "steps.txt").read_text())
     assert 2 <= done < 60
