@@ -307,7 +307,9 @@ def test_compare_names_the_run_that_failed_and_stops(tmp_path) -> None:
     assert not (tmp_path / "out" / "summary.csv").exists()
 
 
-@pytest.mark.parametrize("size", [64, 32])
+# 32 (a GENERATOR_STEPS generator judged by the shipped judge) passes too (2 min 16 s, run by
+# hand 2026-12-07); left out of CI for time: the script's loop is the same at both sizes.
+@pytest.mark.parametrize("size", [64])
 def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step(
     tmp_path, size: int
 ) -> None:

@@ -1,10 +1,9 @@
 """schemathesis against a live stack: `python -m tests.reliability.run_schemathesis --max-time S`.
 
 Starts a real `serve` stack (gateway + bundled Triton, API key configured) on free loopback
-ports, runs the schemathesis CLI against its /openapi.json with every check but
-`positive_data_acceptance` (a schema cannot say "a decodable PNG", so schema-valid random
-base64 is rightly a 422), and stops the stack. Exit status: schemathesis's (0: no server error,
-no schema violation). `make schemathesis` runs it for 3 minutes; the CI test for ~50 s.
+ports, runs the schemathesis CLI against its /openapi.json with every check but the two
+`EXCLUDED_CHECKS` (below: why each), and stops the stack. Exit status: schemathesis's (0: no
+server error, no schema violation). `make schemathesis` runs it for 3 minutes; CI for ~50 s.
 """
 
 from __future__ import annotations
@@ -17,7 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-EXCLUDED_CHECKS = ("positive_data_acceptance",)
+# positive_data_acceptance: random strings are not decodable images. use_after_free: prompt-set
+# ids are content hashes, so with 2 workers one worker's import of the same set (schemathesis
+# draws the same small values in both) revives the id another just deleted (seen once in CI,
+# 2026-12-07); a deleted set's 404 is tested directly in tests/test_gateway.py.
+EXCLUDED_CHECKS = ("positive_data_acceptance", "use_after_free")
 
 
 def schemathesis_command(url: str, api_key: str, max_time: int, report_dir: Path) -> list[str]:
