@@ -184,20 +184,32 @@ def post_reference(provenance, backend) -> float:
         return r.json()["results"][0]["textnorm"]
 
 
+def _stall_after_headers(url: str, path: str, length: int) -> socket.socket:
+    """A client that sends a POST's headers announcing `length` bytes, then nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n".encode()
+    )
+    return sock
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """The raw answer on `sock`, up to the end of its headers at least."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed without an answer"
+        data += chunk
+    return data
+
+
 def _send_headers_only(url: str, length: int) -> tuple[int, dict[str, str]]:
     """POST /v1/score announcing `length` body bytes and sending none: the status and headers
     of the answer (which can only come before the body is read)."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as sock:
-        sock.sendall(
-            f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n\r\n".encode()
-        )
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, "connection closed without an answer"
-            data += chunk
+    with _stall_after_headers(url, "/v1/score", length) as sock:
+        data = _read_answer(sock)
     head = data.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in head[1:])
     return int(head[0].split()[1]), {k.lower(): v for k, v in headers.items()}
@@ -573,17 +585,6 @@ def test_a_ticket_takes_nothing_once_released():
     assert admission.in_use == dict.fromkeys(budgets, 0)
 
 
-def _stall_after_headers(url: str, path: str, length: int) -> socket.socket:
-    """A client that sends a POST's headers announcing `length` bytes, then nothing."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {length}\r\n\r\n".encode()
-    )
-    return sock
-
-
 def test_a_stalled_upload_gets_408_and_gives_back_what_it_reserved(provenance, onnx_backend):
     settings = {
         "body_read_timeout_s": 1.0,
@@ -596,11 +597,7 @@ def test_a_stalled_upload_gets_408_and_gives_back_what_it_reserved(provenance, o
             wait_for(lambda: gw.in_use("body_bytes") == 999_990, "the stalled body reserved")
             refused = post(gw.url, "/v1/score", {"items": [item(IMAGE)]})  # no room meanwhile
             assert_overloaded(refused, "body_bytes_in_flight", 1)
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = sock.recv(65536)
-                assert chunk, "closed without an answer"
-                answer += chunk
+            answer = _read_answer(sock)
         head, body = answer.split(b"\r\n\r\n", 1)
         assert head.split()[1] == b"408", head
         assert b'"body_timeout"' in body and b'"field":"body"' in body
