@@ -100,18 +100,11 @@ def export_cmd(
     ] = None,
 ) -> None:
     """Export a CLIP checkpoint (+ head) to ONNX/TensorRT as a Triton model repository."""
-    from export.repository import ExportOptions, export_repository, is_shipped_calibration
-    from models import resolve_shipped
+    from export.options import ExportOptions
 
     settings = get_settings()
-    head_dir = None if no_head else head or (settings.head if model is None else None)
     if calibration is not None and no_calibration:
         raise ValueError("give --calibration FILE or --no-calibration, not both")
-    # An explicit file must fit the checkpoint; the shipped default applies only to the
-    # checkpoint it was calibrated for, exported alone (it was chosen for one model's TextNorm).
-    only_if_fitting = calibration is None and is_shipped_calibration(settings.calibration)
-    if calibration is None and not no_calibration and settings.calibration:
-        calibration = Path(settings.calibration)
     options = ExportOptions(
         target=target,
         precision=precision or (settings.precision if target == "cpu" else "fp32"),
@@ -121,7 +114,16 @@ def export_cmd(
         instances=settings.triton_instances if instances is None else instances,
         textnorm_scale=settings.textnorm_scale,
         ensemble_lambda=settings.ensemble_lambda,
-    )
+    )  # a bad option is refused here, before torch and the checkpoint load
+    from export.repository import export_repository, is_shipped_calibration
+    from models import resolve_shipped
+
+    head_dir = None if no_head else head or (settings.head if model is None else None)
+    # An explicit file must fit the checkpoint; the shipped default applies only to the
+    # checkpoint it was calibrated for, exported alone (it was chosen for one model's TextNorm).
+    only_if_fitting = calibration is None and is_shipped_calibration(settings.calibration)
+    if calibration is None and not no_calibration and settings.calibration:
+        calibration = Path(settings.calibration)
     prov, changed = export_repository(
         model or settings.model,
         out,

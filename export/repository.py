@@ -32,7 +32,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from export.clip_model import (
     load_clip,
     local_checkpoint_dir,
 )
+from export.options import ExportOptions
 from export.reward_head import RewardHead, load_head
 from export.tensorrt import ENGINES_FILE, batch_profile
 from export.triton_config import (
@@ -64,49 +65,10 @@ from service import model_contract as contract
 from service import onnx_models
 from service.onnx_models import ONNX_RUNTIME, OPENVINO_BF16, Runtime
 
-PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # The CPU runtime of each precision's towers (the reward head is ONNX Runtime fp32 in every
 # export): bf16 is the fp32 ONNX file run by OpenVINO with bfloat16 MatMuls (AMX / AVX-512 BF16).
 TOWER_RUNTIME = {"fp32": ONNX_RUNTIME, "int8": ONNX_RUNTIME, "bf16": OPENVINO_BF16}
 FORMAT_VERSION = 2  # 2: content hash in every config, native + bundled CPU configs
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    target: str = "cpu"  # cpu | gpu
-    # fp32 | fp16 (TensorRT engines) | int8 (CPU towers, onnx_quantize) | bf16 (CPU towers,
-    # OpenVINO)
-    precision: str = "fp32"
-    max_batch: int = 64
-    queue_delay_us: int = 500  # dynamic batching max queue delay, chosen by measurement (README)
-    threads: int = 0  # ONNX Runtime (or OpenVINO) threads per CPU model instance (0: all)
-    instances: int = 1  # Triton instances of every model
-    textnorm_scale: float = 5.0
-    ensemble_lambda: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.target not in ("cpu", "gpu"):
-            raise ValueError(f"--target must be cpu or gpu, got {self.target!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.target == "cpu" and self.precision == "fp16":
-            raise ValueError(
-                "--precision fp16 needs --target gpu (on CPU: fp32, or int8 or bf16 towers)"
-            )
-        if self.target == "gpu" and self.precision in ("int8", "bf16"):
-            raise ValueError(
-                f"--precision {self.precision} needs --target cpu (on GPU: fp32 or fp16 engines)"
-            )
-        if not 1 <= self.max_batch <= 4096:
-            raise ValueError(f"--max-batch must be between 1 and 4096, got {self.max_batch}")
-        if not 0 <= self.queue_delay_us <= 1_000_000:
-            raise ValueError(f"--queue-delay-us must be 0..1000000, got {self.queue_delay_us}")
-        if not 0 <= self.threads <= 256:
-            raise ValueError(f"--threads must be 0..256 (0: all cores), got {self.threads}")
-        if not 1 <= self.instances <= 64:
-            raise ValueError(f"--instances must be 1..64, got {self.instances}")
 
 
 def _versions() -> dict[str, str | None]:
@@ -151,6 +113,7 @@ def _code_hashes() -> dict[str, str]:
             "onnx_quantize",
             "triton_config",
             "repository",
+            "options",
             "textnorm_torch",
             "reward_head",
             "tensorrt",  # engine recipes (profiles) in engines.json

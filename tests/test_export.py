@@ -229,6 +229,25 @@ def test_cli_export_bad_input_is_one_line(tmp_path, args, message):
     assert not (tmp_path / "repo").exists()
 
 
+@pytest.mark.parametrize(
+    "option", [["--target", "tpu"], ["--precision", "int4"], ["--threads", "-1"]]
+)
+def test_a_bad_export_option_is_refused_before_torch_loads(tmp_path, option):
+    """The options are checked first (export/options.py): the user waits no seconds of torch and
+    checkpoint loading to read that an option is wrong."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom service.cli import app\ntry:\n    app(sys.argv[1:])\n"
+        "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)"
+    )
+    args = ["export", "--out", str(tmp_path / "repo"), *option]
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert res.stdout.split() == ["2", "False"], res.stdout + res.stderr
+    assert res.stderr.startswith("error: --") and res.stderr.strip().count("\n") == 0
+
+
 def test_non_clip_checkpoint_and_unwritable_output(tmp_path, shipped_model):
     bert = tmp_path / "bert"
     bert.mkdir()
