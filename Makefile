@@ -22,8 +22,15 @@ $(MODEL)/model.safetensors: | $(STAMP)
 serve: $(STAMP) $(MODEL)/model.safetensors
 	$(BIN)/reward-service serve
 
+# The tests not marked `serial` run on TEST_WORKERS parallel workers (a module per worker); then
+# the timing-sensitive `serial` ones (load, deadlines, time budgets) run alone. Both phases always
+# run; the target fails if either failed.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@status=0; \
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial" || status=1; \
+	$(BIN)/python -m pytest -q -m serial || status=1; \
+	exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check . && $(BIN)/ruff check .

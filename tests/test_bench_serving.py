@@ -42,7 +42,7 @@ from loadtest.serving import (
 from service.triton_server import group_alive, pid_alive
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 SYSTEMS = ("gateway", "naive", "litserve", "ceiling")
 SERVED = ("gateway", "naive", "litserve")

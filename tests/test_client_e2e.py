@@ -54,7 +54,7 @@ from tests.test_serving import (
     Stack,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 MAX_ITEMS = 4  # the stack's items per request: a 12-item call is 3 requests
 TEXTNORM = {"contrastive": CONTRASTIVE}

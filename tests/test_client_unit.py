@@ -37,6 +37,7 @@ from textnorm_reward_client.adapters import (
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.serial
 URL = "http://reward.test"
 FAST = RetryPolicy(attempts=4, backoff_base_s=0.001, backoff_max_s=0.002)
 RAW_LIMITS = {

@@ -17,6 +17,8 @@ from service.gateway.identity import IdentityCheck
 from service.gateway.metrics import GatewayMetrics
 from service.settings import Settings
 
+pytestmark = pytest.mark.serial
+
 D = 4
 
 

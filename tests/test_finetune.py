@@ -309,6 +309,7 @@ def test_compare_names_the_run_that_failed_and_stops(tmp_path) -> None:
 
 # 32 (a GENERATOR_STEPS generator judged by the shipped judge) passes too (2 min 16 s, run by
 # hand 2026-12-07); left out of CI for time: the script's loop is the same at both sizes.
+@pytest.mark.serial  # its runs are stopped at a time budget: they need the machine alone
 @pytest.mark.parametrize("size", [64])
 def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step(
     tmp_path, size: int

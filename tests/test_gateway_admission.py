@@ -44,6 +44,8 @@ from shapes_world.scene import Group, Scene
 from tests.conftest import REPO_ROOT, assert_error
 from tests.test_gateway import SHORT_SET, TRUE_PROMPT, RecordingBackend, b64, gateway, world_image
 
+pytestmark = pytest.mark.serial
+
 pytest_plugins = ("tests.conftest_triton",)
 
 

@@ -27,7 +27,7 @@ import pytest
 from service.triton_server import pid_alive
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 IMAGES = 4
 RANKS, STEP_S, STEPS = 3, 2.0, 2

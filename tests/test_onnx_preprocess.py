@@ -225,6 +225,9 @@ def test_merges_with_a_tower_graph() -> None:
 class _TorchvisionLike:
     backend = "torchvision"
 
+    def __repr__(self) -> str:  # a stable test id: xdist's workers must collect the same ids
+        return "torchvision-processor"
+
 
 @pytest.mark.parametrize(
     "config",

@@ -13,6 +13,8 @@ import pytest
 
 from loadtest.processes import children, group_pids, named_child, rss_bytes
 
+pytestmark = pytest.mark.serial
+
 # The parent starts `sleep` (its child, in its process group), prints the child's pid, and
 # never reaps it: a killed child stays a zombie until the parent exits.
 PARENT = """

@@ -54,7 +54,7 @@ from shapes_world.scene import Caption, Group, Scene
 from shapes_world.vocab import ATTRIBUTES
 from tests.conftest import REPO_ROOT, assert_error
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -31,7 +31,7 @@ from service.triton_server import TritonServer, TritonStartError, group_alive, p
 
 pytest_plugins = ("tests.conftest_triton",)  # the triton_repo and triton_server fixtures
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 MODELS = ("image_encoder", "text_encoder", "reward_head")
 TOL = 1e-6
 

@@ -18,7 +18,7 @@ import pytest
 from loadtest.fault_stack import Corpus, fault_stack, make_client, reference_rewards
 from loadtest.faults import FaultParams, run_scenario
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 PARAMS = FaultParams(down_s=1.0, stop_s=4.0, latency_s=0.1, jitter_s=0.1, slow_s=4.0)
 RATE_PER_S = 6.0  # calls per second, 2 items each: ~60 calls per scenario

@@ -12,7 +12,7 @@ import pytest
 from tests.reliability.run_schemathesis import run
 from tests.serve_stack import API_KEY, EXPORT_SETTINGS, serve_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 MAX_TIME_S = 50
 

@@ -16,7 +16,7 @@ import pytest
 from loadtest.fault_stack import Corpus, fault_stack, make_client, reference_rewards
 from loadtest.soak import RSS_DRIFT, SOAK_GATEWAY_SETTINGS, bucket_table, soak
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 SECONDS = 60.0
 BUCKET_S = 10.0

@@ -28,7 +28,7 @@ from tests.serve_stack import (
 )
 from tests.test_serving import _wait_gone
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 BACKEND_TIMEOUT_S = 3.0
 PROBE_INTERVAL_S = 0.5

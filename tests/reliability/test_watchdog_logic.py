@@ -6,8 +6,12 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from service.launcher import TritonWatchdog
 from service.settings import Settings
+
+pytestmark = pytest.mark.serial
 
 
 class ScriptedServer:
