@@ -150,11 +150,14 @@ FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS triton
 # openvino backend fixes every batch at max_batch_size); fp32 and int8 need nothing more.
 RUN pip install --no-cache-dir "openvino>=2025.4,<2027"
 COPY --from=export --chown=0:0 /models/ /models/
+# The liveness probe (standard library only, the image's python3): Triton stays "live" and
+# "ready" when a Python-backend stub dies, this probe does not (deploy/triton_liveness.py).
+COPY --chown=0:0 deploy/triton_liveness.py /opt/reward-service/triton_liveness.py
 # The base image's non-root user: triton-server, uid/gid 1000.
 USER 1000:1000
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["curl", "-fsS", "http://127.0.0.1:8000/v2/health/ready"]
+  CMD ["python3", "/opt/reward-service/triton_liveness.py", "--health=ready", "--timeout=4"]
 # The base image's ENTRYPOINT (/opt/nvidia/nvidia_entrypoint.sh, exec form) execs this command,
 # so tritonserver gets SIGTERM and shuts down gracefully.
 CMD ["tritonserver", "--model-repository=/models/shapes-clip", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--strict-readiness=true", "--exit-on-error=true"]

@@ -311,6 +311,18 @@ def test_triton_stage_is_the_ngc_image_matching_the_gpu_pins() -> None:
     assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} <= set(cmd)
 
 
+def test_triton_healthcheck_runs_the_stub_probe_it_copies() -> None:
+    """Triton stays "ready" when a Python-backend stub dies: the image's health check runs
+    deploy/triton_liveness.py (which the Helm chart's liveness probe runs too)."""
+    triton = BY_NAME["triton"]
+    copies = [c.args.split() for c in triton.all("COPY")]
+    dest = [c[-1] for c in copies if "deploy/triton_liveness.py" in c]
+    assert dest == ["/opt/reward-service/triton_liveness.py"], copies
+    health = triton.all("HEALTHCHECK")[-1].args
+    command = json.loads(health.partition("CMD")[2])
+    assert command[:2] == ["python3", dest[0]] and "--health=ready" in command
+
+
 # -- .dockerignore (moby/patternmatcher semantics) -----------------------------------------------
 @dataclass(frozen=True)
 class Pattern:
@@ -419,6 +431,7 @@ KEPT = [
     "model_repository/score/model.py",
     "deploy/gpu-check.sh",
     "deploy/gpu_parity.py",
+    "deploy/triton_liveness.py",
 ]
 
 

@@ -453,6 +453,32 @@ def test_gateway_probe_paths_are_served(chart_gateway: TestClient) -> None:
 
 
 # -- Triton ----------------------------------------------------------------------------------------
+def _copied_into_triton_image(source: str) -> str:
+    """Where the Dockerfile's triton stage COPYs `source` from the build context."""
+    lines = (REPO_ROOT / "Dockerfile").read_text().split("AS triton\n", 1)[1].split("\nFROM ")[0]
+    for line in lines.splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and source in parts:
+            return parts[-1]
+    raise AssertionError(f"the triton stage does not copy {source}")
+
+
+def test_triton_liveness_runs_the_stub_probe_the_image_ships() -> None:
+    triton = container(find(manifests(with_key()), "Deployment", f"{FULLNAME}-triton"), "triton")
+    probe = triton["livenessProbe"]
+    command = probe["exec"]["command"]
+    assert command[:2] == ["python3", _copied_into_triton_image("deploy/triton_liveness.py")]
+    assert "--url=http://127.0.0.1:8000" in command  # the container's own http port
+    assert f"--timeout={probe['timeoutSeconds']}" in command
+    assert (REPO_ROOT / "deploy/triton_liveness.py").is_file()
+
+    values = with_key(set_path("triton.livenessChecksStubs", False))
+    plain = container(find(manifests(values), "Deployment", f"{FULLNAME}-triton"), "triton")
+    assert plain["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert "exec" not in plain["livenessProbe"]
+    assert plain["livenessProbe"]["periodSeconds"] == probe["periodSeconds"]
+
+
 def test_triton_command_probes_and_services() -> None:
     docs = manifests(with_key())
     dep = find(docs, "Deployment", f"{FULLNAME}-triton")
@@ -473,9 +499,9 @@ def test_triton_command_probes_and_services() -> None:
     for kind, path in [
         ("startupProbe", "/v2/health/ready"),
         ("readinessProbe", "/v2/health/ready"),
-        ("livenessProbe", "/v2/health/live"),
     ]:
         assert triton[kind]["httpGet"] == {"path": path, "port": "http"}, kind
+    assert "httpGet" not in triton["livenessProbe"]  # the stub-checking exec probe, below
     startup = triton["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # generous
     assert not [e for e in triton.get("env", []) if e["name"].startswith("REWARD_")]
