@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from export.sources import check_local_source
 from service.cli_support import print_auroc_report, user_errors
 from service.settings import get_settings
 
@@ -33,6 +34,7 @@ def train_head_cmd(
     prompts: Annotated[int, typer.Option(min=2, help="feedback prompts")] = 1_500,
 ) -> None:
     """Train the learned reward head (Lee et al.) on simulated feedback; report its AUROC."""
+    check_local_source(model)  # before torch loads
     from evaluation.evaluate import EvalSettings, evaluate, score_benchmark
     from export.clip_model import checkpoint_hash, load_clip
     from export.reward_head import save_head
@@ -144,6 +146,9 @@ def eval_cmd(
 ) -> None:
     """Mean per-prompt AUROC by category: per-category-rule rows and the served default's rows
     (exactly what /v1/score returns with default settings); --via proves the two paths equal."""
+    if calibration is not None and (no_calibration or textnorm_scale is not None):
+        raise ValueError("--calibration does not combine with --no-calibration or --textnorm-scale")
+    check_local_source(model)  # before torch loads
     from evaluation.evaluate import encode_benchmark_images, score_benchmark
     from evaluation.report import category_rows, served_rows
     from export.clip_model import checkpoint_hash
@@ -159,8 +164,6 @@ def eval_cmd(
     scale = settings.textnorm_scale if textnorm_scale is None else textnorm_scale
     # What a served export uses: the gateway's setting, else the calibration `export` bundles
     # (the shipped one fits the shipped model only). --textnorm-scale asks for one c everywhere.
-    if calibration is not None and (no_calibration or textnorm_scale is not None):
-        raise ValueError("--calibration does not combine with --no-calibration or --textnorm-scale")
     calib = None
     if not no_calibration and textnorm_scale is None:
         calib = _bundled_or_given(
@@ -269,6 +272,14 @@ def calibrate_cmd(
     """Choose TextNorm's c (and the ensemble's λ) per category, per kind of served prompt and
     per prompt set on a validation seed; write the calibration JSON the gateway reads
     (`REWARD_TEXTNORM_CALIBRATION_FILE`)."""
+    settings = get_settings()
+    seed = settings.calibration_seed if seed is None else seed
+    if seed == settings.benchmark_seed:
+        raise ValueError(
+            f"seed {seed} is the held-out benchmark seed: calibrate on a validation seed"
+        )
+    grids = {"scale_grid": _grid(scales, "scales", 0.0), "lambda_grid": _grid(lambdas, "lambdas")}
+    check_local_source(model)  # all of the above before torch loads
     from evaluation import calibrate as cal
     from evaluation.evaluate import encode_benchmark_images, score_benchmark
     from evaluation.served import served_contrastive
@@ -278,13 +289,6 @@ def calibrate_cmd(
     from service.gateway.calibration import calibration_document, parse_calibration
     from shapes_world.benchmark import build_benchmark
 
-    settings = get_settings()
-    seed = settings.calibration_seed if seed is None else seed
-    if seed == settings.benchmark_seed:
-        raise ValueError(
-            f"seed {seed} is the held-out benchmark seed: calibrate on a validation seed"
-        )
-    grids = {"scale_grid": _grid(scales, "scales", 0.0), "lambda_grid": _grid(lambdas, "lambdas")}
     source, bundle, reward_head = _load_models(model, head, no_head)
     bench = build_benchmark(
         seed=seed, prompts_per_category=prompts_per_category, images_per_prompt=images_per_prompt
@@ -403,6 +407,8 @@ def eval_ensemble_cmd(
 ) -> None:
     """Mean per-prompt AUROC of two different CLIPs' TextNorm rewards and their mean and
     uncertainty-regularised ensembles (λ chosen on the validation seed), spread over seeds."""
+    check_local_source(model)  # before torch loads
+    check_local_source(member)
     from evaluation.ensemble import EnsembleSettings, evaluate_ensemble
     from evaluation.ensemble_report import markdown_report
     from evaluation.evaluate import category_contrastive

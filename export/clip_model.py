@@ -15,16 +15,13 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers import CLIPImageProcessorPil as CLIPImageProcessor  # no torchvision needed
 from transformers.utils import logging as hf_logging
 
+from export.sources import ModelLoadError, check_local_source, is_local
 from export.tokenizer_build import CONTEXT_LENGTH
 
 hf_logging.disable_progress_bar()  # our own progress bars cover long steps
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint could not be loaded as a CLIP model (one-line, user-facing message)."""
 
 
 @dataclass
@@ -86,10 +83,6 @@ def image_processor(image_size: int) -> CLIPImageProcessor:
     )
 
 
-def _is_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).exists()
-
-
 def check_clip_source(source: str | Path) -> CLIPConfig:
     """Check (without loading weights) that `source` is a CLIP checkpoint; return its config.
 
@@ -97,12 +90,7 @@ def check_clip_source(source: str | Path) -> CLIPConfig:
     not a CLIP checkpoint, or a hub id that cannot be fetched.
     """
     source = str(source)
-    if _is_local(source):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise ModelLoadError(f"model directory not found: {path}")
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"not a Hugging Face checkpoint (no config.json): {path}")
+    check_local_source(source)
     try:
         config = CLIPConfig.from_pretrained(source)
     except OSError as exc:
@@ -158,7 +146,7 @@ def local_checkpoint_dir(source: str | Path) -> Path:
     """The directory holding a checkpoint's files: the path itself, or the hub cache snapshot
     that `from_pretrained` downloaded for a hub id."""
     source = str(source)
-    if _is_local(source):
+    if is_local(source):
         return Path(source).expanduser()
     from huggingface_hub import snapshot_download
 

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from export.sources import check_local_source
+from models import resolve_shipped
 from service.cli_support import user_errors
 from service.settings import get_settings
 
@@ -115,8 +117,10 @@ def export_cmd(
         textnorm_scale=settings.textnorm_scale,
         ensemble_lambda=settings.ensemble_lambda,
     )  # a bad option is refused here, before torch and the checkpoint load
+    members = [resolve_shipped(m) for m in (settings.members if member is None else member)]
+    for source in (model, *members):
+        check_local_source(source)  # a mistyped path too
     from export.repository import export_repository, is_shipped_calibration
-    from models import resolve_shipped
 
     head_dir = None if no_head else head or (settings.head if model is None else None)
     # An explicit file must fit the checkpoint; the shipped default applies only to the
@@ -129,7 +133,7 @@ def export_cmd(
         out,
         Path(head_dir) if head_dir else None,
         options,
-        members=[resolve_shipped(m) for m in (settings.members if member is None else member)],
+        members=members,
         calibration=None if no_calibration else calibration,
         calibration_only_if_fitting=only_if_fitting,
     )

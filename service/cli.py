@@ -175,10 +175,12 @@ def serve_cmd(
     port: Annotated[int | None, typer.Option(help="gateway port [default: 8000]")] = None,
 ) -> None:
     """One host: export if needed, start the bundled Triton and the gateway; Ctrl-C stops both."""
+    from export.sources import check_local_source
     from service.launcher import serve
 
     if model and repository:
         raise ValueError("give --model (export it) or --repository (already exported), not both")
+    check_local_source(model)  # at once, not after the export subprocess has loaded torch
     settings = _settings(
         model=model, repository=str(repository) if repository else None, host=host, port=port
     )

@@ -144,8 +144,9 @@ def ensure_repository(settings: Settings) -> Path:
     for member in settings.members:
         cmd += ["--member", member]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ValueError((result.stderr.strip().splitlines() or ["export failed"])[-1])
+    if result.returncode != 0:  # the export's own one-line "error: ..." becomes ours
+        last = (result.stderr.strip().splitlines() or ["export failed"])[-1]
+        raise ValueError(last.removeprefix("error: "))
     log.info(result.stdout.strip())
     return out
 

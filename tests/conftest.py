@@ -23,6 +23,20 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+def run_cli_in_process(*args: str, timeout: float = 120) -> tuple[int, bool, str]:
+    """Run the CLI's app in a fresh interpreter: (exit code, whether torch got imported,
+    stderr). For the checks that must answer before torch loads (seconds of imports)."""
+    code = (
+        "import sys\nfrom service.cli import app\ntry:\n    app(sys.argv[1:])\n"
+        "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
+    )
+    exit_code, torch_loaded = res.stdout.split()[-2:]
+    return int(exit_code), torch_loaded == "True", res.stderr
+
+
 @pytest.fixture
 def clean_reward_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No REWARD_* variable of the developer's shell: Settings() are the defaults."""

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from shapes_world.scene import Caption, Scene
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_in_process
 
 
 def test_world_render(tmp_path):
@@ -101,10 +101,44 @@ def test_world_sample_ground_truth(tmp_path):
     assert any(not x["matches_prompt"] for x in lines)
 
 
-def test_eval_missing_model_dir(tmp_path):
-    res = run_cli("eval", "--model", str(tmp_path / "nope"))
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval"],
+        ["calibrate", "--out", "{tmp}/calibration.json"],
+        ["eval-ensemble"],
+        ["train-head", "--out", "{tmp}/head"],
+        ["export", "--out", "{tmp}/repo"],
+        ["serve"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_a_missing_model_dir_is_refused_before_torch_loads(tmp_path, command):
+    """export/sources.py checks a local --model path first: one line, exit 2, and no seconds of
+    torch imports (or, for `serve`, of an export subprocess) before it."""
+    missing = tmp_path / "nope"
+    args = [a.format(tmp=tmp_path) for a in command]
+    code, torch_loaded, stderr = run_cli_in_process(*args, "--model", str(missing))
+    assert (code, torch_loaded) == (2, False), stderr
+    assert stderr.strip() == f"error: model directory not found: {missing}"
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "head").exists()
+
+
+def test_a_directory_that_is_no_checkpoint_is_refused_before_torch_loads(tmp_path):
+    code, torch_loaded, stderr = run_cli_in_process("eval", "--model", str(tmp_path))
+    assert (code, torch_loaded) == (2, False), stderr
+    assert stderr.strip() == f"error: not a Hugging Face checkpoint (no config.json): {tmp_path}"
+
+
+def test_serve_reports_the_exporters_error_once(tmp_path):
+    """`serve` exports in a subprocess: its "error: ..." line is not prefixed a second time."""
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    res = run_cli("serve", "--model", str(bert))
     assert res.returncode == 2
-    assert res.stderr.strip() == f"error: model directory not found: {tmp_path / 'nope'}"
+    assert res.stderr.strip().startswith("error: ") and "error: error:" not in res.stderr
+    assert "is a 'bert' checkpoint, not CLIP" in res.stderr
 
 
 def test_eval_json_on_shipped_model(shipped_model):

@@ -15,7 +15,7 @@ from export.verify import verify_repository
 from service import model_contract as contract
 from service.model_contract import version_dir
 from service.settings import SHIPPED_HEAD_DIR
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_in_process
 
 MODELS = ("image_encoder", "text_encoder", "reward_head")
 
@@ -235,17 +235,9 @@ def test_cli_export_bad_input_is_one_line(tmp_path, args, message):
 def test_a_bad_export_option_is_refused_before_torch_loads(tmp_path, option):
     """The options are checked first (export/options.py): the user waits no seconds of torch and
     checkpoint loading to read that an option is wrong."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\nfrom service.cli import app\ntry:\n    app(sys.argv[1:])\n"
-        "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)"
-    )
-    args = ["export", "--out", str(tmp_path / "repo"), *option]
-    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    assert res.stdout.split() == ["2", "False"], res.stdout + res.stderr
-    assert res.stderr.startswith("error: --") and res.stderr.strip().count("\n") == 0
+    code, torch_loaded, stderr = run_cli_in_process("export", "--out", str(tmp_path / "r"), *option)
+    assert (code, torch_loaded) == (2, False), stderr
+    assert stderr.startswith("error: --") and stderr.strip().count("\n") == 0
 
 
 def test_non_clip_checkpoint_and_unwritable_output(tmp_path, shipped_model):
