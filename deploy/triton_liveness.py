@@ -8,13 +8,16 @@ every call to that model fails ("Stub process ... is not healthy"). Kubernetes' 
 see it, so the pod keeps failing calls until someone restarts it. This probe does:
 
 1. `GET /v2/health/live` (or `/v2/health/ready` with `--health ready`) must answer 200;
-2. every READY model whose config says `backend: python` must have as many live stubs as it has
-   instances (`instance_group` counts; a `KIND_GPU` group has `count` per listed GPU). A stub
-   belongs to a model by the `<repository>/<model>/<version>/model.py` path Triton starts it
-   with, and to this server by its parent PID; zombies do not count.
+2. every READY model whose config says `backend: python` must have as many live stubs as it
+   has instances (`instance_group` counts; a `KIND_GPU` group has `count` per listed GPU). A
+   stub belongs to a model by the `<repository>/<model>/<version>/model.py` path Triton starts
+   it with, and to this server by its parent PID; zombies do not count.
 
 Exit status 0 when both hold, 1 otherwise; one line on stdout either way (kubelet records it in
-the pod's events). Standard library only, Python ≥ 3.10: it runs with the `python3` of the NGC
+the pod's events). `--timeout` bounds all the HTTP calls together (the kubelet's timeoutSeconds
+bounds the whole probe, start-up included); no proxy is ever used. It needs Triton's
+repository-index and model-config endpoints: a `--http-restricted-api` that restricts them
+makes it fail. Standard library only, Python ≥ 3.10: it runs with the `python3` of the NGC
 Triton image (`/opt/reward-service/triton_liveness.py` in the project's `triton` image). Linux
 only (it reads /proc). With several tritonserver processes in one PID namespace (not in a pod),
 name the one to check with `--pid`.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,21 +43,36 @@ class ProbeFailure(Exception):
     """What is wrong, in one line."""
 
 
-def _get_json(url: str, timeout: float, method: str = "GET") -> object:
-    data = b"{}" if method == "POST" else None
-    request = urllib.request.Request(url, data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read()
-    except urllib.error.HTTPError as e:
-        raise ProbeFailure(f"{method} {url} answered {e.code}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ProbeFailure(f"{method} {url} failed: {reason}") from None
-    try:
-        return json.loads(body) if body else None
-    except ValueError:
-        raise ProbeFailure(f"{method} {url} answered something that is not JSON") from None
+class TritonHttp:
+    """JSON calls to Triton's HTTP endpoint, all within one deadline (the kubelet's timeout
+    covers the whole probe) and never through a proxy (the kubelet's own HTTP probes use none;
+    a pod's http_proxy variables must not turn every probe into a failure)."""
+
+    def __init__(self, url: str, budget_s: float) -> None:
+        self.url = url.rstrip("/")
+        self.budget_s = budget_s
+        self.deadline = time.monotonic() + budget_s
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def json(self, path: str, method: str = "GET") -> object:
+        url = f"{self.url}{path}"
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ProbeFailure(f"no answer to {method} {url} within the {self.budget_s:g} s budget")
+        data = b"{}" if method == "POST" else None
+        request = urllib.request.Request(url, data=data, method=method)
+        try:
+            with self._opener.open(request, timeout=left) as response:
+                body = response.read()
+        except urllib.error.HTTPError as e:
+            raise ProbeFailure(f"{method} {url} answered {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ProbeFailure(f"{method} {url} failed: {reason}") from None
+        try:
+            return json.loads(body) if body else None
+        except ValueError:
+            raise ProbeFailure(f"{method} {url} answered something that is not JSON") from None
 
 
 def instances(config: dict) -> int:
@@ -66,18 +85,19 @@ def instances(config: dict) -> int:
     return total
 
 
-def expected_stubs(url: str, timeout: float) -> dict[str, int]:
-    """{model name: instances} for every READY Python-backend model of the server at `url`."""
-    index = _get_json(f"{url}/v2/repository/index", timeout, method="POST")
+def expected_stubs(triton: TritonHttp) -> dict[str, int]:
+    """{model name: instances} for every READY Python-backend model of `triton`. (Backends
+    written in Python, `runtime: model.py`, also run stubs, but started from the backend's own
+    model.py: they are not checked.)"""
     expected: dict[str, int] = {}
-    for entry in index or []:
+    for entry in triton.json("/v2/repository/index", method="POST") or []:
         if entry.get("state") != "READY":
             continue
         name, version = entry["name"], entry.get("version", "")
-        path = f"{url}/v2/models/{urllib.parse.quote(name)}"
+        path = f"/v2/models/{urllib.parse.quote(name)}"
         if version:
             path += f"/versions/{urllib.parse.quote(version)}"
-        config = _get_json(f"{path}/config", timeout)
+        config = triton.json(f"{path}/config")
         if isinstance(config, dict) and config.get("backend") == "python":
             expected[name] = expected.get(name, 0) + instances(config)
     return expected
@@ -125,15 +145,17 @@ def live_stubs(server_pid: int, proc: Path = PROC) -> dict[str, int]:
 
 
 def check(url: str, timeout: float, health: str = "live", pid: int | None = None) -> str:
-    """The probe: a one-line summary when healthy; raises ProbeFailure otherwise."""
-    _get_json(f"{url}/v2/health/{health}", timeout)
+    """The probe, every HTTP call within `timeout` seconds in all: a one-line summary when
+    healthy; raises ProbeFailure otherwise."""
+    triton = TritonHttp(url, timeout)
+    triton.json(f"/v2/health/{health}")
     if pid is None:
         pids = server_pids()
         if len(pids) != 1:
             found = ", ".join(map(str, pids)) or "none"
             raise ProbeFailure(f"{len(pids)} {SERVER_NAME} processes ({found}): pass --pid")
         pid = pids[0]
-    expected = expected_stubs(url, timeout)
+    expected = expected_stubs(triton)
     live = live_stubs(pid)
     missing = {m: (live.get(m, 0), n) for m, n in sorted(expected.items()) if live.get(m, 0) < n}
     counts = ", ".join(f"{m} {live.get(m, 0)}/{n}" for m, n in sorted(expected.items()))
@@ -146,12 +168,14 @@ def check(url: str, timeout: float, health: str = "live", pid: int | None = None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="Triton's HTTP endpoint")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds per HTTP call")
+    parser.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds for all the HTTP calls together"
+    )
     parser.add_argument("--health", choices=("live", "ready"), default="live")
     parser.add_argument("--pid", type=int, help="the tritonserver to check [default: the only one]")
     args = parser.parse_args(argv)
     try:
-        print("ok:", check(args.url.rstrip("/"), args.timeout, args.health, args.pid))
+        print("ok:", check(args.url, args.timeout, args.health, args.pid))
     except ProbeFailure as e:
         print("FAIL:", e)
         return 1

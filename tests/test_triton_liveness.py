@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import http.server
 import importlib.util
+import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,9 +35,13 @@ probe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(probe)
 
 
-def run_probe(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def run_probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -46,7 +54,9 @@ def test_the_probe_is_python_3_10_and_standard_library_only() -> None:
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert imported - {"__future__"} <= sys.stdlib_module_names, imported
+    # an explicit list: sys.stdlib_module_names is this interpreter's (3.11), not the image's
+    allowed = {"__future__", "argparse", "json", "sys", "time", "urllib", "pathlib"}
+    assert imported <= allowed, imported - allowed
 
 
 # -- its pieces ----------------------------------------------------------------------------------
@@ -113,6 +123,81 @@ def test_live_stubs_counts_the_servers_living_children_per_model(tmp_path: Path)
     assert probe.live_stubs(99, proc) == {}
 
 
+class _FakeTriton(http.server.BaseHTTPRequestHandler):
+    """Triton's repository index and model configs, as a 24.10 server answers them."""
+
+    index = [
+        {"name": "image_encoder", "version": "1", "state": "READY"},  # onnxruntime: no stub
+        {"name": "score", "version": "1", "state": "READY"},
+        {"name": "score", "version": "2", "state": "READY"},
+        {"name": "gpu_model", "version": "1", "state": "READY"},
+        {"name": "broken", "version": "1", "state": "UNAVAILABLE", "reason": "load failed"},
+        {"name": "pipeline", "version": "1", "state": "READY"},  # an ensemble
+    ]
+    configs = {
+        "image_encoder": {"backend": "onnxruntime", "instance_group": [{"count": 4}]},
+        "score": {"backend": "python", "instance_group": [{"kind": "KIND_CPU", "count": 2}]},
+        "gpu_model": {
+            "backend": "python",
+            "instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [0, 1]}],
+        },
+        "broken": {"backend": "python", "instance_group": [{"count": 1}]},
+        "pipeline": {"platform": "ensemble", "backend": ""},
+    }
+    delay_s = 0.0  # each config answer waits this long
+
+    def _send(self, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(self.index if self.path == "/v2/repository/index" else {})
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/v2/health/"):
+            self._send(None)
+            return
+        time.sleep(self.delay_s)
+        self._send(self.configs[self.path.split("/")[3]])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_triton(delay_s: float = 0.0) -> Iterator[str]:
+    handler = type("Handler", (_FakeTriton,), {"delay_s": delay_s})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_expected_stubs_are_the_ready_python_models_instances() -> None:
+    with fake_triton() as url:
+        expected = probe.expected_stubs(probe.TritonHttp(url, 10))
+    # two READY versions of score × 2 CPU instances; 1 instance on each of 2 GPUs; the
+    # onnxruntime model, the ensemble and the model that failed to load run no stub
+    assert expected == {"score": 4, "gpu_model": 2}
+
+
+def test_the_timeout_bounds_all_the_calls_together() -> None:
+    with fake_triton(delay_s=0.4) as url:
+        started = time.monotonic()
+        with pytest.raises(probe.ProbeFailure, match=r"within the 1 s budget|timed out"):
+            probe.check(url, 1.0, pid=1)  # 4 config calls × 0.4 s > 1 s
+        assert time.monotonic() - started < 1.5
+
+
 # -- against a real tritonserver -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def own_triton(triton_repo: Path, tmp_path_factory: pytest.TempPathFactory):
@@ -160,7 +245,8 @@ def test_the_probe_fails_when_a_stub_dies_while_triton_stays_live_and_ready(own_
     models = sorted(_stubs_by_model(own_triton.pid))
     assert models, "the bundled repository runs every model in the Python backend"
 
-    healthy = run_probe(f"--url={url}", f"--pid={pid}")
+    # a proxy in the environment is never used (the kubelet's HTTP probes use none)
+    healthy = run_probe(f"--url={url}", f"--pid={pid}", env={"http_proxy": "http://127.0.0.1:1"})
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert healthy.stdout.startswith(f"ok: tritonserver {pid} live;")
     for model in models:
