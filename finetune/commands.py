@@ -7,6 +7,7 @@ are imported inside the commands, so `reward-service --help` works without them.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -35,10 +36,10 @@ def _out(out: Path | None, size: int, shipped: Path) -> Path:
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
 
@@ -114,7 +115,8 @@ def train_generator_cmd(
 
 
 def _config(**given):
-    from finetune.trainers import FinetuneConfig
+    """The run's FinetuneConfig, checked (torch-free: call it before torch loads)."""
+    from finetune.config import FinetuneConfig
 
     return FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
 
@@ -174,19 +176,31 @@ def run_cmd(
     threads: Threads = 1,
 ) -> None:
     """Fine-tune the generator with DDPO or reward-weighted likelihood against the service."""
+    cfg = _config(
+        algorithm=algorithm,
+        reward=reward,
+        textnorm_rule=textnorm_rule,
+        textnorm_scale=textnorm_scale,
+        service_url=url,
+        steps=steps,
+        seed=seed,
+        device=device,
+        generator=generator,
+        judge=judge,
+        prompts=prompts,
+        sample_batch_size=sample_batch_size,
+        batches_per_step=batches_per_step,
+        ddim_steps=ddim_steps,
+        inner_epochs=inner_epochs,
+        train_batch_size=train_batch_size,
+        lr=lr,
+        rwl_beta=rwl_beta,
+    )  # a bad option is refused here, before torch loads
     import torch
 
     from finetune.trainers import run_finetune
 
     torch.set_num_threads(threads)
-    cfg = _config(
-        algorithm=algorithm, reward=reward, textnorm_rule=textnorm_rule,
-        textnorm_scale=textnorm_scale, service_url=url, steps=steps, seed=seed, device=device,
-        generator=generator, judge=judge, prompts=prompts,
-        sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
-        ddim_steps=ddim_steps, inner_epochs=inner_epochs, train_batch_size=train_batch_size,
-        lr=lr, rwl_beta=rwl_beta,
-    )  # fmt: skip
     trainer = run_finetune(cfg, run, api_key=api_key)
     print(f"{run}: step {trainer.step}; metrics in {run / 'metrics.csv'}")
 
@@ -323,18 +337,31 @@ def compare_cmd(
 ) -> None:
     """Same seeds and step budget under each reward: CSV per run, summary.csv, compare.png, and
     the generators judged on fixed prompt sets at equal steps (fixed_set.csv / .md)."""
+    cfg = _config(
+        algorithm=algorithm,
+        textnorm_rule=textnorm_rule,
+        textnorm_scale=textnorm_scale,
+        service_url=url,
+        steps=steps,
+        device=device,
+        generator=generator,
+        judge=judge,
+        prompts=prompts,
+        sample_batch_size=sample_batch_size,
+        batches_per_step=batches_per_step,
+        ddim_steps=ddim_steps,
+        train_batch_size=train_batch_size,
+        lr=lr,
+        checkpoint_every=checkpoint_every,
+    )  # a bad option is refused here, before torch loads
+    reward_list = rewards.split(",")
+    for name in reward_list:
+        replace(cfg, reward=name)  # an unknown reward too
     import torch
 
     from finetune.compare import FixedSet, compare
 
     torch.set_num_threads(threads)
-    cfg = _config(
-        algorithm=algorithm, textnorm_rule=textnorm_rule, textnorm_scale=textnorm_scale,
-        service_url=url, steps=steps, device=device, generator=generator, judge=judge,
-        prompts=prompts, sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
-        ddim_steps=ddim_steps, train_batch_size=train_batch_size, lr=lr,
-        checkpoint_every=checkpoint_every,
-    )  # fmt: skip
     fixed = FixedSet(
         prompts=judge_prompts,
         per_prompt=judge_per_prompt,
@@ -343,7 +370,7 @@ def compare_cmd(
         batch_size=512 if device == "cuda" else 32,
     )
     summary = compare(
-        cfg, rewards.split(","), [int(s) for s in seeds.split(",")], out, api_key, jobs, fixed
+        cfg, reward_list, [int(s) for s in seeds.split(",")], out, api_key, jobs, fixed
     )
     print(summary.read_text())
     print((out / "fixed_set.md").read_text())

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from finetune import run_dir as rd
+from finetune.config import FinetuneConfig
 from finetune.evaluate import save_grid
-from finetune.trainers import FinetuneConfig, run_finetune
+from finetune.trainers import run_finetune
 
 PLOTTED = ("mean_reward", "judge_count", "judge_colour", "judge_shape", "judge_background")
 JUDGED = ("count", "colour", "shape", "background", "all")

@@ -48,6 +48,11 @@ class ServiceReward:
         self._client = RewardClient(url, api_key=api_key, timeout_s=timeout_s)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
+    def check(self) -> None:
+        """Raise `RewardServiceError` unless the service answers GET /v1/models (reachable, and
+        the API key accepted): a trainer calls it before it spends seconds loading models."""
+        self._client.limits()
+
     def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardBatch:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(

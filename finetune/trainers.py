@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from rich.progress import Progress
 
 from finetune import run_dir as rd
+from finetune.config import RESUMABLE_CHANGES, FinetuneConfig
 from finetune.ddim import ddim_step_with_logprob, guided_eps, sample
 from finetune.generator import (
     denoising_loss,
@@ -36,80 +37,15 @@ from finetune.generator import (
     to_uint8,
 )
 from finetune.judge import alignment, check_reads, load_judge
-from finetune.reward_client import REWARD_FIELDS, ServiceReward
+from finetune.reward_client import ServiceReward
 from finetune.stat_tracker import PerPromptStatTracker
 from finetune.text_encoder import TextConditioner
 from finetune.world_data import (
-    SHIPPED_GENERATOR_DIR,
-    SHIPPED_JUDGE_DIR,
     labels_of,
     prompt_of,
     prompt_set,
     rendered_set,
 )
-
-ALGORITHMS = ("ddpo", "rwl")
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    algorithm: str = "ddpo"
-    reward: str = "textnorm"
-    # the request's TextNorm options (None: the service's defaults, the `auto` rule and its
-    # calibrated c); "counting" scores each prompt against its count changes only
-    textnorm_rule: str | None = None
-    textnorm_scale: float | None = None
-    service_url: str = "http://127.0.0.1:8000"
-    steps: int = 20
-    seed: int = 0
-    device: str = "cpu"
-    generator: str = str(SHIPPED_GENERATOR_DIR)
-    judge: str = str(SHIPPED_JUDGE_DIR)
-    prompts: int = 12  # size of the fixed prompt set (balanced over counts)
-    prompt_seed: int = 0
-    sample_batch_size: int = 8
-    batches_per_step: int = 2
-    ddim_steps: int = 10
-    eta: float = 1.0
-    guidance: float = 3.0
-    lr: float = 3e-5  # 3e-4 wrecked colour within 2 steps (Adam moves every weight by ~lr)
-    inner_epochs: int = 1
-    train_batch_size: int = 8
-    clip_range: float = 1e-4  # ddpo-pytorch's default
-    adv_clip_max: float = 5.0
-    tracker_buffer: int = 32
-    tracker_min_count: int = 8
-    rwl_beta: float = 1.0
-    rwl_pretrain_pool: int = 1024
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 3  # about 13 MB each (UNet + Adam state)
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(
-                f"unknown algorithm {self.algorithm!r}; known: {', '.join(ALGORITHMS)}"
-            )
-        if self.reward not in REWARD_FIELDS:
-            raise ValueError(f"unknown reward {self.reward!r}; known: {', '.join(REWARD_FIELDS)}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.textnorm_scale is not None and not 0 < self.textnorm_scale < float("inf"):
-            raise ValueError(f"textnorm_scale must be > 0, got {self.textnorm_scale}")
-
-    def textnorm_options(self) -> dict[str, Any] | None:
-        """The `textnorm` object of every reward request (None: the service's defaults)."""
-        options = {"rule": self.textnorm_rule, "scale": self.textnorm_scale}
-        return {k: v for k, v in options.items() if v is not None} or None
-
-    @classmethod
-    def from_json(cls, data: dict) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-# Settings a resume may change (the rest must match the run directory's config.json).
-RESUMABLE_CHANGES = ("steps", "service_url", "device", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -341,13 +277,21 @@ def run_finetune(
 ) -> Trainer:
     """Train (or resume) until `cfg.steps`; returns the trainer at its last step. The API key
     is not part of the config (never written to the run directory)."""
-    trainer = Trainer(cfg, run)
-    trainer.open_run()
-    progress = progress or Progress()
     reward_fn = ServiceReward(
         cfg.service_url, cfg.reward, api_key=api_key, textnorm=cfg.textnorm_options()
     )
-    with progress, reward_fn as reward:
+    with reward_fn as reward:
+        reward.check()  # reachable, and the key accepted, before the models load (seconds)
+        trainer = Trainer(cfg, run)
+        trainer.open_run()
+        progress = progress or Progress()
+        _train(trainer, reward, progress)
+    return trainer
+
+
+def _train(trainer: Trainer, reward: ServiceReward, progress: Progress) -> None:
+    cfg = trainer.cfg
+    with progress:
         task = progress.add_task(
             f"{cfg.algorithm} / {cfg.reward}", total=cfg.steps, completed=trainer.step
         )
@@ -359,4 +303,3 @@ def run_finetune(
                 description=f"{cfg.algorithm} / {cfg.reward} (reward {row['mean_reward']:.3f}, "
                 f"count {row['judge_count']:.2f})",
             )
-    return trainer

@@ -21,7 +21,8 @@ _EXTRA_OF = {"torch": "export", "transformers": "export", "onnx": "export", "ten
 
 def user_errors(fn: F) -> F:
     """Turn domain errors (ValueError and subclasses, missing files, a missing extra) into
-    one-line exits with status 2."""
+    one-line exits with status 2, and a reward-service call that failed after the client's
+    retries into one line with status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -40,8 +41,20 @@ def user_errors(fn: F) -> F:
                 err=True,
             )
             raise typer.Exit(2) from None
+        except Exception as exc:
+            if not _is_reward_service_error(exc):
+                raise
+            typer.echo(f"error: the reward service failed: {exc}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _is_reward_service_error(exc: Exception) -> bool:
+    """A `textnorm_reward_client.RewardServiceError` (a call the client gave up on), looked up
+    without importing the client: if it was never imported, nothing raised one."""
+    errors = sys.modules.get("textnorm_reward_client.errors")
+    return errors is not None and isinstance(exc, errors.RewardServiceError)
 
 
 def print_auroc_report(report: dict[str, dict[str, float]]) -> None:

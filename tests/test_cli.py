@@ -130,6 +130,65 @@ def test_a_directory_that_is_no_checkpoint_is_refused_before_torch_loads(tmp_pat
     assert stderr.strip() == f"error: not a Hugging Face checkpoint (no config.json): {tmp_path}"
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--algorithm", "ppo"], "error: unknown algorithm 'ppo'; known: ddpo, rwl"),
+        (["--reward", "pickscore"], "error: unknown reward 'pickscore'; known: raw, textnorm"),
+        (["--device", "tpu"], "error: device must be cpu or cuda, got 'tpu'"),
+        (["--textnorm-scale", "-1"], "error: textnorm_scale must be > 0, got -1.0"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else "",
+)
+def test_a_bad_finetune_option_is_refused_before_torch_loads(tmp_path, option, message):
+    """finetune/config.py checks the run's options first: one line, exit 2, no torch, no run
+    directory."""
+    code, torch_loaded, stderr = run_cli_in_process(
+        "finetune", "run", "--run", f"{tmp_path}/r", *option
+    )
+    assert (code, torch_loaded) == (2, False), stderr
+    assert stderr.startswith(message) and stderr.strip().count("\n") == 0, stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_finetune_compare_refuses_an_unknown_reward_before_torch_loads(tmp_path):
+    args = ("finetune", "compare", "--out", f"{tmp_path}/c", "--rewards", "raw,pickscore")
+    code, torch_loaded, stderr = run_cli_in_process(*args)
+    assert (code, torch_loaded) == (2, False), stderr
+    assert stderr.startswith("error: unknown reward 'pickscore'")
+
+
+def test_finetune_against_an_unreachable_service_is_one_line_before_the_models_load(tmp_path):
+    """The trainer asks the service first (GET /v1/models, after the client's retries): one
+    line, exit 1, no traceback, and no run directory started."""
+    res = run_cli("finetune", "run", "--run", str(tmp_path / "r"), "--url", "http://127.0.0.1:1")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: the reward service failed: unreachable: cannot reach http://127.0.0.1:1: "
+        "ConnectError: [Errno 111] Connection refused"
+    ]
+    assert not (tmp_path / "r").exists()
+
+
+def test_user_errors_makes_a_reward_service_error_one_line_and_lets_bugs_through(capsys):
+    import typer
+    from textnorm_reward_client import RewardServiceError
+
+    from service.cli_support import user_errors
+
+    @user_errors
+    def failing(exc: Exception) -> None:
+        raise exc
+
+    denied = RewardServiceError(401, {"error": {"code": "unauthorized", "message": "bad key"}})
+    with pytest.raises(typer.Exit) as exit_info:
+        failing(denied)
+    assert exit_info.value.exit_code == 1
+    assert capsys.readouterr().err == "error: the reward service failed: HTTP 401: bad key\n"
+    with pytest.raises(RuntimeError, match="a bug"):  # not every exception becomes a user error
+        failing(RuntimeError("a bug"))
+
+
 def test_serve_reports_the_exporters_error_once(tmp_path):
     """`serve` exports in a subprocess: its "error: ..." line is not prefixed a second time."""
     bert = tmp_path / "bert"

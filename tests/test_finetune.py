@@ -16,12 +16,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from finetune import run_dir as rd  # noqa: E402
+from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.ddim import ddim_step_with_logprob, ddim_timesteps, guided_eps, sample  # noqa: E402
 from finetune.generator import load_generator, noise_scheduler  # noqa: E402
 from finetune.judge import alignment, load_judge  # noqa: E402
 from finetune.reward_client import ServiceReward  # noqa: E402
 from finetune.stat_tracker import PerPromptStatTracker  # noqa: E402
-from finetune.trainers import FinetuneConfig, Trainer, run_finetune  # noqa: E402
+from finetune.trainers import Trainer, run_finetune  # noqa: E402
 from finetune.world_data import (  # noqa: E402
     ATTRIBUTE_NAMES,
     SHIPPED_GENERATOR_DIR,
