@@ -22,8 +22,8 @@ def is_local(source: str) -> bool:
 
 def check_local_source(source: str | Path | None) -> None:
     """Raise `ModelLoadError` if `source` names a local directory that is missing or holds no
-    config.json; hub ids and None (the shipped default) pass."""
-    if source is None or not is_local(str(source)):
+    config.json; hub ids, None and "" (the commands' shipped default) pass."""
+    if not source or not is_local(str(source)):
         return
     path = Path(source).expanduser()
     if not path.is_dir():

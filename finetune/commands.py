@@ -114,6 +114,13 @@ def train_generator_cmd(
     print(f"saved to {out}: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}")
 
 
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
 def _config(**given):
     """The run's FinetuneConfig, checked (torch-free: call it before torch loads)."""
     from finetune.config import FinetuneConfig
@@ -357,6 +364,8 @@ def compare_cmd(
     reward_list = rewards.split(",")
     for name in reward_list:
         replace(cfg, reward=name)  # an unknown reward too
+    seed_list = _integers(seeds, "--seeds")
+    judge_seeds = _integers(judge_prompt_seeds, "--judge-prompt-seeds")
     import torch
 
     from finetune.compare import FixedSet, compare
@@ -365,12 +374,10 @@ def compare_cmd(
     fixed = FixedSet(
         prompts=judge_prompts,
         per_prompt=judge_per_prompt,
-        prompt_seeds=tuple(int(s) for s in judge_prompt_seeds.split(",")),
+        prompt_seeds=tuple(judge_seeds),
         ddim_steps=cfg.ddim_steps,
         batch_size=512 if device == "cuda" else 32,
     )
-    summary = compare(
-        cfg, reward_list, [int(s) for s in seeds.split(",")], out, api_key, jobs, fixed
-    )
+    summary = compare(cfg, reward_list, seed_list, out, api_key, jobs, fixed)
     print(summary.read_text())
     print((out / "fixed_set.md").read_text())

@@ -14,10 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from textnorm_reward_client import RewardServiceError
 
 from finetune import run_dir as rd
 from finetune.config import FinetuneConfig
 from finetune.evaluate import save_grid
+from finetune.reward_client import ServiceReward
 from finetune.trainers import run_finetune
 
 PLOTTED = ("mean_reward", "judge_count", "judge_colour", "judge_shape", "judge_background")
@@ -65,6 +67,8 @@ def compare(
 ) -> Path:
     """Run (or resume) every reward x seed to `base.steps`; returns the summary CSV path. Runs
     already past `base.steps` (kept checkpoints) are reported at `base.steps`."""
+    with ServiceReward(base.service_url, rewards[0], api_key=api_key) as service:
+        service.check()  # once, here: not N workers each loading torch and then failing
     out.mkdir(parents=True, exist_ok=True)
     half, last = judged_steps(base)  # their checkpoints must survive pruning
     keep = max(base.keep_checkpoints, (last - half) // base.checkpoint_every + 2)
@@ -87,6 +91,8 @@ def compare(
                     name = pending.pop(result)
                     try:
                         print(f"{name}: step {result.get()}", flush=True)
+                    except RewardServiceError:
+                        raise  # the CLI says it in one line
                     except Exception as exc:
                         raise RuntimeError(f"run {name} failed: {exc}") from exc
                 time.sleep(0.2)

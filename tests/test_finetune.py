@@ -292,19 +292,32 @@ def test_compare_trains_runs_in_parallel_and_judges_them_at_equal_steps(stack, t
     assert (out / "compare.png").is_file() and (out / "grids" / "raw_seed5_step_0002.png").is_file()
 
 
-def test_compare_names_the_run_that_failed_and_stops(tmp_path) -> None:
-    """A run whose service is unreachable fails in its worker process: compare raises naming it
-    (with the client's error across the process boundary) and writes no summary."""
+def test_compare_asks_the_service_once_before_any_run(tmp_path) -> None:
+    """An unreachable service fails compare at once, before any worker loads a model: the
+    client's own error (the CLI prints it in one line), no output folder."""
     from textnorm_reward_client import RewardServiceError
 
     from finetune.compare import compare
 
     port = free_ports(1)[0]  # nothing listens there
     cfg = _tiny("ddpo", "raw", f"http://127.0.0.1:{port}", steps=2)
-    with pytest.raises(RuntimeError, match=r"run (raw|textnorm)_seed5 failed") as failed:
+    with pytest.raises(RewardServiceError) as failed:
         compare(cfg, ["raw", "textnorm"], [5], tmp_path / "out", API_KEY, jobs=2)
+    assert failed.value.code == "unreachable"
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_names_the_run_that_failed_and_stops(stack, tmp_path) -> None:  # noqa: F811
+    """A run that fails in its worker process (the single-model stack serves no two-model
+    ensemble reward) stops compare, which names it, with the worker's error as the cause, and
+    writes no summary."""
+    from finetune.compare import compare
+
+    cfg = _tiny("ddpo", "raw", stack.url, steps=2)
+    with pytest.raises(RuntimeError, match=r"run ensemble_models_uw_seed5 failed") as failed:
+        compare(cfg, ["raw", "ensemble_models_uw"], [5], tmp_path / "out", API_KEY, jobs=2)
     cause = failed.value.__cause__
-    assert isinstance(cause, RewardServiceError) and cause.code == "unreachable", cause
+    assert isinstance(cause, ValueError) and "ensemble_models_uw" in str(cause), cause
     assert not (tmp_path / "out" / "summary.csv").exists()
 
 
