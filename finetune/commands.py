@@ -183,26 +183,15 @@ def run_cmd(
     threads: Threads = 1,
 ) -> None:
     """Fine-tune the generator with DDPO or reward-weighted likelihood against the service."""
+    # A bad option is refused here, before torch loads.
     cfg = _config(
-        algorithm=algorithm,
-        reward=reward,
-        textnorm_rule=textnorm_rule,
-        textnorm_scale=textnorm_scale,
-        service_url=url,
-        steps=steps,
-        seed=seed,
-        device=device,
-        generator=generator,
-        judge=judge,
-        prompts=prompts,
-        sample_batch_size=sample_batch_size,
-        batches_per_step=batches_per_step,
-        ddim_steps=ddim_steps,
-        inner_epochs=inner_epochs,
-        train_batch_size=train_batch_size,
-        lr=lr,
-        rwl_beta=rwl_beta,
-    )  # a bad option is refused here, before torch loads
+        algorithm=algorithm, reward=reward, textnorm_rule=textnorm_rule,
+        textnorm_scale=textnorm_scale, service_url=url, steps=steps, seed=seed, device=device,
+        generator=generator, judge=judge, prompts=prompts,
+        sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
+        ddim_steps=ddim_steps, inner_epochs=inner_epochs, train_batch_size=train_batch_size,
+        lr=lr, rwl_beta=rwl_beta,
+    )  # fmt: skip
     import torch
 
     from finetune.trainers import run_finetune
@@ -344,23 +333,14 @@ def compare_cmd(
 ) -> None:
     """Same seeds and step budget under each reward: CSV per run, summary.csv, compare.png, and
     the generators judged on fixed prompt sets at equal steps (fixed_set.csv / .md)."""
+    # A bad option is refused here, before torch loads.
     cfg = _config(
-        algorithm=algorithm,
-        textnorm_rule=textnorm_rule,
-        textnorm_scale=textnorm_scale,
-        service_url=url,
-        steps=steps,
-        device=device,
-        generator=generator,
-        judge=judge,
-        prompts=prompts,
-        sample_batch_size=sample_batch_size,
-        batches_per_step=batches_per_step,
-        ddim_steps=ddim_steps,
-        train_batch_size=train_batch_size,
-        lr=lr,
+        algorithm=algorithm, textnorm_rule=textnorm_rule, textnorm_scale=textnorm_scale,
+        service_url=url, steps=steps, device=device, generator=generator, judge=judge,
+        prompts=prompts, sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
+        ddim_steps=ddim_steps, train_batch_size=train_batch_size, lr=lr,
         checkpoint_every=checkpoint_every,
-    )  # a bad option is refused here, before torch loads
+    )  # fmt: skip
     reward_list = rewards.split(",")
     for name in reward_list:
         replace(cfg, reward=name)  # an unknown reward too
