@@ -285,11 +285,12 @@ def run_finetune(
         trainer = Trainer(cfg, run)
         trainer.open_run()
         progress = progress or Progress()
-        _train(trainer, reward, progress)
+        _run_steps(trainer, reward, progress)
     return trainer
 
 
-def _train(trainer: Trainer, reward: ServiceReward, progress: Progress) -> None:
+def _run_steps(trainer: Trainer, reward: ServiceReward, progress: Progress) -> None:
+    """Train steps until the config's step count, with a progress bar."""
     cfg = trainer.cfg
     with progress:
         task = progress.add_task(
