@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from export.sources import check_local_source
-from service.cli_support import print_auroc_report, user_errors
+from service.cli_support import integer_list, print_auroc_report, user_errors
 from service.settings import get_settings
 
 app = typer.Typer()
@@ -362,12 +362,7 @@ def _grid(text: str, name: str, above: float | None = None) -> tuple[float, ...]
 
 
 def _seeds(text: str | None, held_out: int) -> tuple[int, ...]:
-    if text is None:
-        return (held_out, 1, 2, 3)
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    return (held_out, 1, 2, 3) if text is None else tuple(integer_list(text, "--seeds"))
 
 
 def _model_identity(source: str, bundle) -> dict:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from service.cli_support import user_errors
+from service.cli_support import integer_list, user_errors
 
 app = typer.Typer()
 
@@ -112,13 +112,6 @@ def train_generator_cmd(
     out = _out(out, size, _SHIPPED / "shapes-generator")
     stats = train_generator(cfg, out, log_every=25, device=device)
     print(f"saved to {out}: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}")
-
-
-def _integers(text: str, option: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def _config(**given):
@@ -344,8 +337,8 @@ def compare_cmd(
     reward_list = rewards.split(",")
     for name in reward_list:
         replace(cfg, reward=name)  # an unknown reward too
-    seed_list = _integers(seeds, "--seeds")
-    judge_seeds = _integers(judge_prompt_seeds, "--judge-prompt-seeds")
+    seed_list = integer_list(seeds, "--seeds")
+    judge_seeds = integer_list(judge_prompt_seeds, "--judge-prompt-seeds")
     import torch
 
     from finetune.compare import FixedSet, compare

@@ -78,6 +78,7 @@ from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
 from loadtest.baselines import LITSERVE_MODULE, NAIVE_MODULE
 from loadtest.cpu_time import STACK_SYSTEMS, CpuReader, point_reader, used_s
+from service.cli_support import integer_list
 from service.contrastive import contrastive_prompts
 from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS, RAW_TOLERANCE
 from service.triton_server import free_ports
@@ -1240,17 +1241,11 @@ def parse_csv(
 ) -> list:
     """A comma-separated option value as a list (of positive ints with `integers`; of words
     from `allowed` when given)."""
+    if integers:
+        return integer_list(text, f"--{what}", minimum=1)
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise ValueError(f"--{what}: give at least one value")
-    if not integers:
-        if allowed is not None:
-            _check(parts, allowed, what)
-        return parts
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--{what}: expected comma-separated integers, got {text!r}") from None
-    if min(values) < 1:
-        raise ValueError(f"--{what}: values must be at least 1, got {text!r}")
-    return values
+    if allowed is not None:
+        _check(parts, allowed, what)
+    return parts

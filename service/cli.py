@@ -248,20 +248,14 @@ def score_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print the full JSON response")] = False,
 ) -> None:
     """Score images against a prompt through a running service (a person at a terminal)."""
-    import httpx
-    from textnorm_reward_client import RewardClient, RewardServiceError
+    from textnorm_reward_client import RewardClient
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"no such image file: {missing[0]}")
     textnorm = {"contrastive": contrastive} if contrastive else None
-    with RewardClient(url, api_key=api_key, attempts=2) as client:
-        try:
-            response = client.score(list(images), prompt, textnorm=textnorm)
-        except RewardServiceError as exc:
-            raise ValueError(str(exc)) from None
-        except httpx.TransportError as exc:
-            raise ValueError(f"cannot reach {url}: {exc}") from None
+    with RewardClient(url, api_key=api_key, attempts=2) as client:  # errors: user_errors
+        response = client.score(list(images), prompt, textnorm=textnorm)
     if as_json:
         print(json.dumps(response))
         return

@@ -21,8 +21,10 @@ _EXTRA_OF = {"torch": "export", "transformers": "export", "onnx": "export", "ten
 
 def user_errors(fn: F) -> F:
     """Turn domain errors (ValueError and subclasses, missing files, a missing extra) into
-    one-line exits with status 2, and a reward-service call that failed after the client's
-    retries into one line with status 1."""
+    one-line exits with status 2, and a reward-service call the client gave up on into one
+    line: status 2 when the service refused the request (a 4xx other than 408/429: a bad key
+    or bad input, the caller's to fix), 1 when it failed (unreachable, deadline, 5xx, 408/429
+    after the retries)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -44,10 +46,31 @@ def user_errors(fn: F) -> F:
         except Exception as exc:
             if not _is_reward_service_error(exc):
                 raise
-            typer.echo(f"error: the reward service failed: {exc}", err=True)
-            raise typer.Exit(1) from None
+            refused = _refused(exc.status)
+            what = "refused the request" if refused else "failed"
+            typer.echo(f"error: the reward service {what}: {exc}", err=True)
+            raise typer.Exit(2 if refused else 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def integer_list(text: str, option: str, *, minimum: int | None = None) -> list[int]:
+    """A comma-separated option value as integers, blank parts skipped (`--seeds 0,1,2`)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"{option}: give at least one integer")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if minimum is not None and min(values) < minimum:
+        raise ValueError(f"{option}: values must be at least {minimum}, got {text!r}")
+    return values
+
+
+def _refused(status: int | None) -> bool:
+    """An answer that says the request itself is wrong (retrying it would not help)."""
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
 
 
 def _is_reward_service_error(exc: Exception) -> bool:

@@ -197,10 +197,40 @@ def test_finetune_compare_refuses_a_bad_seed_list_before_torch_loads(tmp_path):
     args = ("finetune", "compare", "--out", f"{tmp_path}/c", "--seeds", "0,x")
     code, torch_loaded, stderr = run_cli_in_process(*args)
     assert (code, torch_loaded) == (2, False), stderr
-    assert stderr.strip() == "error: --seeds must be comma-separated integers, got '0,x'"
+    assert stderr.strip() == "error: --seeds: expected comma-separated integers, got '0,x'"
 
 
-def test_user_errors_makes_a_reward_service_error_one_line_and_lets_bugs_through(capsys):
+def test_integer_lists_of_every_command_are_parsed_alike() -> None:
+    """One parser for `--seeds`, `--judge-prompt-seeds`, bench's `--images`/`--concurrency`."""
+    from loadtest.serving import parse_csv
+    from service.cli_support import integer_list
+
+    assert integer_list(" 0, 1,,2 ", "--seeds") == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"^--seeds: give at least one integer$"):
+        integer_list(" , ", "--seeds")
+    with pytest.raises(ValueError, match=r"^--seeds: expected comma-separated integers, got '1,a'"):
+        integer_list("1,a", "--seeds")
+    with pytest.raises(ValueError, match=r"^--images: values must be at least 1, got '2,0'$"):
+        parse_csv("2,0", "images", integers=True)
+    assert parse_csv("1,8,32", "concurrency", integers=True) == [1, 8, 32]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "line"),
+    [
+        (401, 2, "error: the reward service refused the request: HTTP 401: bad key"),
+        (422, 2, "error: the reward service refused the request: HTTP 422: bad key"),
+        (429, 1, "error: the reward service failed: HTTP 429: bad key"),
+        (408, 1, "error: the reward service failed: HTTP 408: bad key"),
+        (503, 1, "error: the reward service failed: HTTP 503: bad key"),
+        (None, 1, "error: the reward service failed: unauthorized: bad key"),
+    ],
+)
+def test_user_errors_makes_a_reward_service_error_one_line_and_lets_bugs_through(
+    capsys, status: int | None, code: int, line: str
+):
+    """A request the service refused (4xx but 408/429) is the caller's to fix: exit 2, as for
+    a bad option; one it could not answer after the retries is a failure: exit 1."""
     import typer
     from textnorm_reward_client import RewardServiceError
 
@@ -210,11 +240,11 @@ def test_user_errors_makes_a_reward_service_error_one_line_and_lets_bugs_through
     def failing(exc: Exception) -> None:
         raise exc
 
-    denied = RewardServiceError(401, {"error": {"code": "unauthorized", "message": "bad key"}})
+    error = RewardServiceError(status, {"error": {"code": "unauthorized", "message": "bad key"}})
     with pytest.raises(typer.Exit) as exit_info:
-        failing(denied)
-    assert exit_info.value.exit_code == 1
-    assert capsys.readouterr().err == "error: the reward service failed: HTTP 401: bad key\n"
+        failing(error)
+    assert exit_info.value.exit_code == code
+    assert capsys.readouterr().err == line + "\n"
     with pytest.raises(RuntimeError, match="a bug"):  # not every exception becomes a user error
         failing(RuntimeError("a bug"))
 

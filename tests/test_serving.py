@@ -648,10 +648,15 @@ def test_cli_client_and_python_client_through_the_stack(stack, client, tmp_path)
     wrong = run_cli(
         "score", str(paths[0]), "--prompt", prompt, "--url", stack.url, "--api-key", "nope"
     )
-    assert wrong.returncode == 2 and "HTTP 401" in wrong.stderr
+    assert wrong.returncode == 2, wrong.stderr  # refused: the caller's to fix
+    assert wrong.stderr.startswith("error: the reward service refused the request: HTTP 401")
     assert wrong.stderr.strip().count("\n") == 0
     down = run_cli("score", str(paths[0]), "--prompt", prompt, "--url", "http://127.0.0.1:9")
-    assert down.returncode == 2 and "cannot reach" in down.stderr
+    assert down.returncode == 1, down.stderr  # failed: as `finetune` against a down service
+    assert down.stderr.startswith(
+        "error: the reward service failed: unreachable: cannot reach http://127.0.0.1:9"
+    )
+    assert down.stderr.strip().count("\n") == 0
 
 
 def test_grpc_score_model_refuses_inputs_that_would_give_wrong_rewards(grpc, stack):
