@@ -36,12 +36,14 @@ def _out(out: Path | None, size: int, shipped: Path) -> Path:
 
 
 def _check_device(device: str) -> None:
+    """A bad name is refused before torch loads; cuda needs torch to say it sees a GPU."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
-    import torch
+    if device == "cuda":
+        import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device")
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device")
 
 
 finetune_app = typer.Typer(
@@ -66,17 +68,19 @@ def train_judge_cmd(
 ) -> None:
     """Train the ground-truth attribute judge on rendered images (seed 0, 32 px: the shipped
     one; --size: the resolution of the generator it will judge)."""
+    from finetune.world_data import check_size
+
+    _check_device(device)  # the options first: refused before torch loads
+    out = _out(out, check_size(size), _SHIPPED / "shapes-judge")
     import torch
 
     from finetune.judge import JudgeTrainConfig, train_judge
 
     torch.set_num_threads(threads)
-    _check_device(device)
     given = {"images": images, "epochs": epochs}
     cfg = JudgeTrainConfig(
         seed=seed, size=size, **{k: v for k, v in given.items() if v is not None}
     )
-    out = _out(out, size, _SHIPPED / "shapes-judge")
     stats = train_judge(cfg, out, device=device)
     acc = ", ".join(f"{k} {v:.3f}" for k, v in stats["held_out_accuracy"].items())
     print(f"saved to {out}: held-out accuracy {acc}")
@@ -99,17 +103,19 @@ def train_generator_cmd(
 ) -> None:
     """Train the text-to-image diffusion model (seed 0, 32 px, the defaults: the shipped one;
     --size 64: the shipped CLIP's input size; judge it with a judge of its size)."""
+    from finetune.world_data import check_size
+
+    _check_device(device)  # the options first: refused before torch loads
+    out = _out(out, check_size(size), _SHIPPED / "shapes-generator")
     import torch
 
     from finetune.generator import GeneratorTrainConfig, train_generator
 
     torch.set_num_threads(threads)
-    _check_device(device)
     given = {"steps": steps, "images": images, "batch_size": batch_size}
     cfg = GeneratorTrainConfig(
         seed=seed, size=size, **{k: v for k, v in given.items() if v is not None}
     )
-    out = _out(out, size, _SHIPPED / "shapes-generator")
     stats = train_generator(cfg, out, log_every=25, device=device)
     print(f"saved to {out}: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}")
 
@@ -210,6 +216,7 @@ def evaluate_cmd(
     threads: Threads = 1,
 ) -> None:
     """Judge alignment per attribute of a generator's samples on a fixed prompt set."""
+    _check_device(device)
     import torch
 
     from finetune.evaluate import judge_generator, save_grid
@@ -219,7 +226,6 @@ def evaluate_cmd(
     from finetune.world_data import SHIPPED_GENERATOR_DIR, SHIPPED_JUDGE_DIR
 
     torch.set_num_threads(threads)
-    _check_device(device)
     unet, _ = load_generator(generator or SHIPPED_GENERATOR_DIR, device)
     reader = load_judge(judge or SHIPPED_JUDGE_DIR, device)
     check_reads(reader, unet.config.sample_size)
@@ -269,13 +275,13 @@ def reward_signal_cmd(
 ) -> None:
     """How well each reward orders the generator's own samples of a prompt as the judge does:
     mean per-prompt AUROC per attribute, for every reward field and TextNorm setting."""
+    _check_device(device)
     import numpy as np
     import torch
 
     from finetune.reward_signal import markdown, measure, parse_settings
 
     torch.set_num_threads(threads)
-    _check_device(device)
     report, samples = measure(
         url, parse_settings(settings), api_key=api_key, generator=generator, judge=judge,
         prompts=prompts,

@@ -159,6 +159,22 @@ def test_a_bad_finetune_option_is_refused_before_torch_loads(tmp_path, option, m
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train-judge", "--device", "tpu"], "error: --device must be cpu or cuda, got 'tpu'"),
+        (["train-generator", "--size", "48"], "error: --size must be one of 32, 64, 128, got 48"),
+        (["finetune", "evaluate", "--device", "tpu"], "error: --device must be cpu or cuda"),
+        (["finetune", "reward-signal", "--device", "tpu"], "error: --device must be cpu or cuda"),
+    ],
+    ids=lambda v: "-".join(v[:2]) if isinstance(v, list) else "",
+)
+def test_the_training_commands_refuse_a_bad_option_before_torch_loads(args, message):
+    code, torch_loaded, stderr = run_cli_in_process(*args)
+    assert (code, torch_loaded) == (2, False), stderr
+    assert stderr.startswith(message) and stderr.strip().count("\n") == 0, stderr
+
+
 def test_finetune_compare_refuses_an_unknown_reward_before_torch_loads(tmp_path):
     args = ("finetune", "compare", "--out", f"{tmp_path}/c", "--rewards", "raw,pickscore")
     code, torch_loaded, stderr = run_cli_in_process(*args)
