@@ -167,7 +167,7 @@ def test_a_bad_finetune_option_is_refused_before_torch_loads(tmp_path, option, m
         (["finetune", "evaluate", "--device", "tpu"], "error: --device must be cpu or cuda"),
         (["finetune", "reward-signal", "--device", "tpu"], "error: --device must be cpu or cuda"),
     ],
-    ids=lambda v: "-".join(v[:2]) if isinstance(v, list) else "",
+    ids=["train-judge", "train-generator", "evaluate", "reward-signal"],
 )
 def test_the_training_commands_refuse_a_bad_option_before_torch_loads(args, message):
     code, torch_loaded, stderr = run_cli_in_process(*args)
