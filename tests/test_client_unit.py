@@ -925,3 +925,234 @@ def test_the_grpc_backoff_never_sleeps_past_the_calls_deadline():
         client._infer([], "rid", start + 1.0)
     assert time.monotonic() - start < 1.0 and len(tries) >= 1
     assert _service_error(caught.value, "rid").code == "deadline_exceeded"
+
+
+# -- found by review 2026-12-07: deadline, failover, provenance, inputs, adapters ---------------
+def test_a_split_calls_deadline_covers_waiting_for_the_clients_shared_threads():
+    """Two chunked calls on one client share its threads: the one with a deadline ends at it,
+    not when the slow call holding the threads finishes."""
+    service = FakeService()
+    service.delay_for = {"slow.0": 2.0, "slow.1": 2.0}
+    with service.client(max_concurrency=1, max_items_per_request=1) as client:
+        client.limits()
+        slow = threading.Thread(target=client.score, args=(images(2), "x"),
+                                kwargs={"request_id": "slow"})  # fmt: skip
+        slow.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        with pytest.raises(RewardServiceError) as raised:
+            client.score(images(2), "x", request_id="quick", deadline_s=0.5)
+        took = time.monotonic() - start
+        slow.join()
+    assert raised.value.code == "deadline_exceeded" and raised.value.request_id == "quick"
+    assert took < 1.2, took  # the slow call held the threads for 2 s more
+    assert "quick.0" not in service.answered  # queued behind it: never sent
+
+
+def test_retry_after_rests_that_replica_and_the_retry_goes_to_another_at_once():
+    """A 429 with Retry-After: 10 from one replica: the retry goes to the other now (no 10 s
+    wait, within a 2 s deadline), and later calls skip the resting replica."""
+    service = FakeService()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "a.test" and request.url.path == "/v1/score":
+            service.seen.append(("http://a.test", "/v1/score", None, time.monotonic(), None))
+            return error(429, headers={"Retry-After": "10"})
+        return service.handler(request)
+
+    urls = ["http://a.test", "http://b.test"]
+    transport = httpx.MockTransport(handler)
+    start = time.monotonic()
+    with RewardClient(urls, transport=transport, retry=FAST, deadline_s=2.0) as client:
+        for _ in range(4):
+            assert np.isfinite(client.score(images(1), "x").rewards("raw")).all()
+    assert time.monotonic() - start < 1.5
+    used = [s[0] for s in service.calls("/v1/score")]
+    assert used.count("http://a.test") == 1 and used.count("http://b.test") == 4
+    # one replica alone: its Retry-After is still waited out (test_the_wait_honours_retry_after)
+
+
+def _calibrated_answers(service: FakeService, per_chunk: list[dict]) -> None:
+    """Chunk k's answer carries per_chunk[k]: its provenance.textnorm and each item's c."""
+    original = service.answer
+    count = iter(range(100))
+
+    def answer(path, body):
+        response = original(path, body)
+        if path != "/v1/score":
+            return response
+        chosen = per_chunk[next(count) % len(per_chunk)]
+        payload = response.json()
+        payload["provenance"]["textnorm"] = dict(chosen["textnorm"])
+        for r in payload["results"]:
+            r["textnorm_scale"] = chosen["scale"]
+            r["textnorm_scale_source"] = chosen["textnorm"]["scale_source"]
+        return httpx.Response(200, json=payload)
+
+    service.answer = answer
+
+
+def test_chunks_scored_under_different_calibration_files_are_refused():
+    service = FakeService()
+    block = {"scale": 2.5, "scale_source": "calibrated", "calibration_sha256": "cal-v1"}
+    _calibrated_answers(service, [
+        {"textnorm": block, "scale": 2.5},
+        {"textnorm": {**block, "calibration_sha256": "cal-v2", "scale": 5.0}, "scale": 5.0},
+    ])  # fmt: skip
+    with service.client() as client, pytest.raises(RewardServiceError) as raised:
+        client.score(images(6), "x")
+    assert raised.value.code == "mixed_provenance" and "cal-v2" in str(raised.value)
+
+
+def test_a_split_calls_provenance_summarises_every_chunks_c_as_one_request_would():
+    """Same calibration file, items of two kinds: chunk 0 at c = 2.5, chunk 1 at c = 5. The
+    merged block says null / "mixed", as the gateway says for one request; not chunk 0's c."""
+    service = FakeService()
+    cal = {"calibration_sha256": "cal-v1"}
+    _calibrated_answers(service, [
+        {"textnorm": {"scale": 2.5, "scale_source": "calibrated", **cal}, "scale": 2.5},
+        {"textnorm": {"scale": 5.0, "scale_source": "default", **cal}, "scale": 5.0},
+    ])  # fmt: skip
+    with service.client() as client:
+        result = client.score(images(6), "x")
+        textnorm = result.provenance["textnorm"]
+        assert (textnorm["scale"], textnorm["scale_source"]) == (None, "mixed")
+        assert [r.textnorm_scale for r in result.results] == [2.5] * 3 + [5.0] * 3
+        _calibrated_answers(service, [  # every chunk alike: its value
+            {"textnorm": {"scale": 2.5, "scale_source": "calibrated", **cal}, "scale": 2.5},
+        ])  # fmt: skip
+        same = client.score(images(6), "x").provenance["textnorm"]
+    assert (same["scale"], same["scale_source"]) == (2.5, "calibrated")
+
+
+def test_the_async_client_reads_files_when_the_call_is_made(tmp_path):
+    """A trainer that writes sample_i.png every step and overwrites them before awaiting
+    gets the rewards of the files as they were when it called."""
+    service = FakeService()
+    paths = [tmp_path / f"sample_{i}.png" for i in range(2)]
+
+    def write(step: int) -> list[np.ndarray]:
+        pixels = [np.full((8, 8, 3), 10 * step + i, np.uint8) for i in range(2)]
+        for path, p in zip(paths, pixels, strict=True):
+            Image.fromarray(p).save(path)
+        return pixels
+
+    async def run() -> np.ndarray:
+        async with service.async_client() as client:
+            await client.limits()
+            first = write(step=1)
+            pending = client.score(paths, "x")
+            write(step=2)
+            rewards = (await pending).rewards("raw")
+        return rewards, first
+
+    rewards, first = asyncio.run(run())
+    assert np.allclose(rewards, [reward_of(p) for p in first])
+
+
+@pytest.mark.parametrize("field", ["head", "textnorm"])
+def test_the_adapters_raise_on_a_null_reward_instead_of_passing_nan(field):
+    """`head` of an export without one (null for every item), or TextNorm of an item left
+    without a contrastive set (allow_missing): never a NaN reward into the advantages."""
+    service = FakeService()
+    original = service.answer
+
+    def answer(path, body):
+        response = original(path, body)
+        if path == "/v1/score":
+            payload = response.json()
+            payload["results"][1]["textnorm"] = None  # head is null everywhere already
+            return httpx.Response(200, json=payload)
+        return response
+
+    service.answer = answer
+    with service.client() as client:
+        reward_fn = DdpoRewardFn(client, field=field)
+        calls = [
+            lambda: reward_fn(images(3), ["a", "b", "c"]),
+            lambda: grpo_reward_fn(client, field=field)(["a", "b", "c"], images(3)),
+        ]
+        for call in calls:
+            with pytest.raises(RewardServiceError) as raised:
+                call()
+            assert raised.value.code == "reward_missing"
+            first = 0 if field == "head" else 1
+            assert f"no {field!r} reward for" in str(raised.value)
+            assert f"(first: item {first})" in str(raised.value)
+        reward_fn.close()
+
+
+def test_float_images_convert_exactly_and_nan_is_refused():
+    """float16 in [0, 1] gives round(x × 255) exactly (computed in float32, not float16);
+    NaN pixels are refused rather than sent as 0."""
+    torch = pytest.importorskip("torch")
+    from textnorm_reward_client.images import expand
+
+    levels = np.arange(256) / 255
+    half = np.repeat(levels.astype(np.float16)[:, None, None], 3, axis=2)[None]  # [1,256,1,3]
+    exact = np.rint(half.astype(np.float64) * 255).astype(np.uint8)
+    assert np.array_equal(expand(half)[0], exact[0])
+    tensor = torch.from_numpy(half).permute(0, 3, 1, 2)
+    assert np.array_equal(expand(tensor)[0], exact[0])
+    for bad in (np.full((2, 2, 3), np.nan, np.float32), torch.full((3, 2, 2), float("nan"))):
+        with pytest.raises(ValueError, match="NaN pixels"):
+            expand(bad)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_undecodable_or_non_object_answer_is_a_reward_service_error(kind):
+    """A corrupt gzip body is retried as a lost answer; a 200 whose JSON is not an object is
+    `invalid_response`. Neither escapes as another exception type."""
+    service = FakeService()
+
+    def broken() -> httpx.Response:
+        body = httpx.ByteStream(b"not gzip")  # read by the client, not here
+        return httpx.Response(200, stream=body, headers={"content-encoding": "gzip"})
+
+    def score_once():
+        if kind == "sync":
+            with service.client() as client:
+                return client.score(images(1), "x")
+
+        async def run():
+            async with service.async_client() as client:
+                return await client.score(images(1), "x")
+
+        return asyncio.run(run())
+
+    service.script["/v1/score"] = [broken() for _ in range(10)]
+    with pytest.raises(RewardServiceError) as undecodable:
+        score_once()
+    assert undecodable.value.code == "unreachable" and undecodable.value.attempts == 4
+    assert "could not be decoded" in str(undecodable.value)
+    service.script["/v1/score"] = [httpx.Response(200, json=[1, 2, 3])]
+    with pytest.raises(RewardServiceError) as listed:
+        score_once()
+    assert listed.value.code == "invalid_response" and "not a JSON object" in str(listed.value)
+
+
+def test_the_grpc_client_cleans_a_contrastive_set_as_the_gateway_does():
+    """Repeats by the case-folded prompt key first (so "Straße" repeats "STRASSE"), then by
+    the tokenizer's key: the same set, so the same sha256 and calibrated c, on both paths."""
+    from textnorm_reward_client.clip_tokenizer import ClipTokenizer
+    from textnorm_reward_client.grpc_client import GrpcRewardClient
+
+    from service.contrastive.prompt_sets import clean_contrastive_set
+
+    tokenizer = ClipTokenizer(REPO_ROOT / "models" / "shapes-clip" / "tokenizer.json")
+    grpc = object.__new__(GrpcRewardClient)  # only its tokenizer is needed to clean a set
+    grpc.tokenizer = tokenizer
+    prompt = "a red circle"
+    sets = [
+        ["a blue Straße sign", "a blue STRASSE sign", "a green square"],
+        [" A  Red Circle ", "a red  circle!", "two red circles", "TWO red circles", ""],
+    ]
+    for candidates in sets:
+        _, mask, kept = grpc._tokens(prompt, candidates)
+        gateway, seen = [], {tokenizer.normalise(prompt)}
+        for text in clean_contrastive_set(prompt, candidates):  # then Scorer.plan_texts
+            if tokenizer.normalise(text) not in seen:
+                seen.add(tokenizer.normalise(text))
+                gateway.append(text)
+        assert kept == gateway and int(mask.sum()) == len(kept) + 1
+    assert grpc._tokens(prompt, sets[0])[2] == ["a blue Straße sign", "a green square"]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from textnorm_reward_client import images as image_inputs
+from textnorm_reward_client.errors import client_error
 from textnorm_reward_client.results import REWARD_FIELDS, ScoreResult
 
 
@@ -32,6 +33,22 @@ def _checked(field: str) -> str:
     if field not in REWARD_FIELDS:
         raise ValueError(f"unknown reward {field!r}: one of {', '.join(REWARD_FIELDS)}")
     return field
+
+
+def _required(result: ScoreResult, field: str) -> np.ndarray:
+    """The `field` rewards, every one present: a null (an export without a head asked for
+    "head"; TextNorm of a prompt left without a contrastive set by allow_missing) raises,
+    where a NaN would pass into the advantages unnoticed."""
+    rewards = result.rewards(field)
+    missing = np.flatnonzero(np.isnan(rewards))
+    if missing.size:
+        raise client_error(
+            "reward_missing",
+            f"the service gave no {field!r} reward for {missing.size} of {rewards.size} items "
+            f"(first: item {int(missing[0])}); ask for a field every item has",
+            request_id=result.request_id,
+        )
+    return rewards
 
 
 def _info(result: ScoreResult) -> dict[str, Any]:
@@ -73,7 +90,7 @@ class DdpoRewardFn:
         result = self.client.score(images, list(prompts), textnorm=self.textnorm)
         info = _info(result)
         info["metadata"] = list(metadata) if metadata is not None else None
-        return result.rewards(self.field).astype(np.float32), info
+        return _required(result, self.field).astype(np.float32), info
 
     def submit(
         self, images: Any, prompts: Sequence[str], metadata: Sequence[Any] | None = None
@@ -118,7 +135,7 @@ def grpo_reward_fn(
     def reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         texts = [_prompt_text(p) for p in prompts]
         result = client.score(list(completions), texts, textnorm=textnorm)
-        return result.rewards(field).tolist()
+        return _required(result, field).tolist()
 
     reward.__name__ = f"textnorm_{field}"
     return reward
@@ -136,7 +153,7 @@ def async_grpo_reward_fn(
     ) -> list[float]:
         texts = [_prompt_text(p) for p in prompts]
         result = await client.score(list(completions), texts, textnorm=textnorm)
-        return result.rewards(field).tolist()
+        return _required(result, field).tolist()
 
     reward.__name__ = f"textnorm_{field}"
     return reward
@@ -206,6 +223,6 @@ def group_advantages(
             prompt, [items[i] for i in index], textnorm=textnorm,
             advantage_of=_checked(field), advantage_eps=eps,
         )  # fmt: skip
-        rewards[index] = group.rewards(field)
+        rewards[index] = _required(group, field)
         advantages[index] = group.advantage_array()
     return rewards, advantages

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from textnorm_reward_client.client import _ClientBase
-from textnorm_reward_client.core import Flow, NotSent, Send, Sleep, T
+from textnorm_reward_client.core import Flow, NotSent, Send, Sleep, T, Undecodable
 from textnorm_reward_client.results import GroupResult, ScoreResult, ServiceLimits
 
 
@@ -57,6 +57,8 @@ class AsyncRewardClient(_ClientBase):
             return await self._http.request(send.method, send.url, **self._request_args(send))
         except httpx.TransportError as exc:
             return exc
+        except httpx.DecodingError as exc:
+            return Undecodable(f"the answer could not be decoded: {exc}")
 
     async def _drive(self, flow: Flow[T]) -> T:
         outcome: Any = None

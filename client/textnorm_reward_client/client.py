@@ -21,8 +21,17 @@ from typing import Any
 
 import httpx
 
-from textnorm_reward_client.core import ClientCore, Flow, NotSent, RetryPolicy, Send, Sleep, T
-from textnorm_reward_client.errors import RewardServiceError
+from textnorm_reward_client.core import (
+    ClientCore,
+    Flow,
+    NotSent,
+    RetryPolicy,
+    Send,
+    Sleep,
+    T,
+    Undecodable,
+)
+from textnorm_reward_client.errors import RewardServiceError, client_error
 from textnorm_reward_client.results import GroupResult, ScoreResult, ServiceLimits
 
 __all__ = ["ImageInput", "RewardClient", "RewardServiceError"]
@@ -159,6 +168,8 @@ class RewardClient(_ClientBase):
                 response.close()
         except httpx.TransportError as exc:
             return exc
+        except httpx.DecodingError as exc:
+            return Undecodable(f"the answer could not be decoded: {exc}")
         headers = httpx.Headers(response.headers)
         for name in ("content-encoding", "content-length", "transfer-encoding"):
             headers.pop(name, None)  # they described the bytes on the wire
@@ -179,16 +190,29 @@ class RewardClient(_ClientBase):
         except StopIteration as done:
             return done.value
 
-    def _drive_all(self, flows: list[Flow[T]]) -> list[T]:
+    def _drive_all(self, flows: list[Flow[T]], call: Any) -> list[T]:
+        """The chunks' flows on the client's pool. The pool is shared by every call on this
+        client, so a chunk may wait for a thread: the call's deadline bounds that wait too."""
         if len(flows) == 1:
             return [self._drive(flows[0])]
         futures = [self._pool.submit(self._drive, f) for f in flows]
-        wait(futures, return_when=FIRST_EXCEPTION)
+        limit = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
+        _, pending = wait(futures, timeout=limit, return_when=FIRST_EXCEPTION)
         for future in futures:
-            if future.done() and future.exception() is not None:
+            if future.done() and not future.cancelled() and future.exception() is not None:
                 for other in futures:
                     other.cancel()
                 raise future.exception()  # type: ignore[misc]
+        if pending:  # each running chunk ends at the deadline by itself; queued ones never run
+            for future in pending:
+                future.cancel()
+            raise client_error(
+                "deadline_exceeded",
+                f"the call's deadline passed with {len(pending)} of its {len(futures)} chunks "
+                f"unanswered (running, or waiting for one of this client's "
+                f"{self.max_concurrency} threads)",
+                request_id=call.request_id,
+            )
         return [f.result() for f in futures]
 
     def _execute(self, call: Any) -> Any:
@@ -197,7 +221,7 @@ class RewardClient(_ClientBase):
             wire = [call.encode(0)]
         else:
             wire = list(self._encoder.map(call.encode, range(call.size)))
-        return call.merge(self._drive_all(call.requests(wire)))
+        return call.merge(self._drive_all(call.requests(wire), call))
 
     # -- the interface -------------------------------------------------------------------------
     def score(

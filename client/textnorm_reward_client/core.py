@@ -69,6 +69,11 @@ class NotSent(httpx.TransportError):
     one of the client's own connections (`max_concurrency`). The server is not to blame."""
 
 
+class Undecodable(httpx.TransportError):
+    """An answer whose body could not be decoded (say, a corrupt gzip stream): retried as a
+    lost answer is (the request id makes the retry safe)."""
+
+
 @dataclass(frozen=True)
 class Sleep:
     seconds: float
@@ -143,6 +148,14 @@ class Endpoints:
     def failed(self, url: str) -> None:
         with self._lock:
             self._down[url] = time.monotonic() + self.cooldown_s
+
+    def rest(self, url: str, seconds: float) -> bool:
+        """`url` asked for `seconds` of rest (Retry-After): skip it that long. True when another
+        base URL can be tried now, so the retry need not wait."""
+        with self._lock:
+            now = time.monotonic()
+            self._down[url] = max(self._down.get(url, 0.0), now + seconds)
+            return any(self._down.get(u, 0.0) <= now for u in self.urls if u != url)
 
     def answered(self, url: str) -> None:
         with self._lock:
@@ -241,15 +254,18 @@ class ClientCore:
                 self.endpoints.answered(url)
                 if outcome.status_code < 400:
                     try:
-                        return outcome.json()
+                        payload = outcome.json()
                     except ValueError:
+                        payload = None
+                    if not isinstance(payload, dict):
                         raise client_error(
                             "invalid_response",
                             f"{url}{path} answered {outcome.status_code} with a body that is "
-                            f"not JSON: {outcome.text[:200]!r}",
+                            f"not a JSON object: {outcome.text[:200]!r}",
                             request_id=request_id,
                             attempts=tries,
-                        ) from None
+                        )
+                    return payload
                 error_body = _error_body(outcome)
                 failure = RewardServiceError(
                     outcome.status_code, error_body, request_id=request_id, attempts=tries
@@ -273,6 +289,9 @@ class ClientCore:
                 if outcome.status_code not in self.retry.retry_statuses:
                     raise failure
                 wait_floor = retry_after_s(outcome)
+                if wait_floor is not None and sticky is None:
+                    # Retry-After speaks for the replica that sent it: another may answer now
+                    wait_floor = None if self.endpoints.rest(url, wait_floor) else wait_floor
             last = failure
             if tries >= attempts:
                 raise failure
@@ -482,17 +501,20 @@ class ScoreCall:
         kind = ScoreResult if self.group_prompt is None else GroupResult
         if len(payloads) == 1:
             return kind.from_json(payloads[0], ids)
-        identities = {_identity(p.get("provenance") or {}) for p in payloads}
+        provenances = [p.get("provenance") or {} for p in payloads]
+        identities = {_identity(p) for p in provenances}
         if len(identities) > 1:  # replicas serving different exports answered one call
             raise client_error(
                 "mixed_provenance",
-                f"the chunks of one call were scored by different exports: {sorted(identities)}",
+                "the chunks of one call were scored by different exports or calibration "
+                f"files: {sorted(identities)}",
                 request_id=self.request_id,
             )
+        results = [r for p in payloads for r in p["results"]]
         merged: dict[str, Any] = {
             "request_id": self.request_id,
-            "results": [r for p in payloads for r in p["results"]],
-            "provenance": payloads[0].get("provenance"),
+            "results": results,
+            "provenance": _merged_provenance(provenances, results),
             "chunks": [
                 {"request_id": p.get("request_id"), "items": len(p["results"])} for p in payloads
             ],
@@ -508,4 +530,35 @@ class ScoreCall:
 
 
 def _identity(provenance: dict[str, Any]) -> str:
-    return str(provenance.get("export_sha256") or provenance.get("cache_key") or "")
+    """What must be equal for two answers' rewards to be comparable: the export and the
+    calibration file the gateway chose c and λ from."""
+    export = str(provenance.get("export_sha256") or provenance.get("cache_key") or "")
+    calibration = (provenance.get("textnorm") or {}).get("calibration_sha256")
+    return export if calibration is None else f"{export} (calibration {calibration})"
+
+
+def _merged_provenance(
+    provenances: list[dict[str, Any]], results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The chunks' common provenance, with the TextNorm block's c, λ and scale source
+    summarised over every item as the gateway summarises one request's: the value when all
+    items agree, else null (the source: "mixed")."""
+    merged = dict(provenances[0])
+    textnorm = dict(merged.get("textnorm") or {})
+    for key, per_item in _SUMMARISED:
+        values = {r.get(per_item) for r in results if isinstance(r, dict)} - {None}
+        if len(values) > 1:
+            textnorm[key] = "mixed" if key == "scale_source" else None
+        elif values:
+            textnorm[key] = values.pop()
+    if textnorm:
+        merged["textnorm"] = textnorm
+    return merged
+
+
+# provenance.textnorm key ← the item field it summarises
+_SUMMARISED = (
+    ("scale", "textnorm_scale"),
+    ("ensemble_lambda", "ensemble_lambda"),
+    ("scale_source", "textnorm_scale_source"),
+)

@@ -47,7 +47,7 @@ from textnorm_reward_client import images as image_inputs
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 from textnorm_reward_client.core import RetryPolicy, new_request_id
 from textnorm_reward_client.errors import RewardServiceError, client_error
-from textnorm_reward_client.prompt_identity import contrastive_set_sha256
+from textnorm_reward_client.prompt_identity import contrastive_set_sha256, normalise_prompt
 from textnorm_reward_client.results import (
     GroupResult,
     ScoreResult,
@@ -117,14 +117,16 @@ class GrpcRewardClient:
         for text in (prompt, *contrastive):
             if (token := self.tokenizer.special_token_in(text)) is not None:
                 raise ValueError(f"{text!r} holds the tokenizer's special token {token}")
-        seen = {self.tokenizer.normalise(prompt)}
-        kept = []
-        for text in (t.strip() for t in contrastive):
-            key = self.tokenizer.normalise(text)
-            if text and key not in seen:
-                seen.add(key)
-                kept.append(text)
-        contrastive = kept
+        # As the gateway cleans a set: the prompt and repeats dropped by the prompt-identity
+        # key (case folded), then by the tokenizer's key (one embedding), the first kept.
+        contrastive = [t.strip() for t in contrastive if t.strip()]
+        for key in (normalise_prompt, self.tokenizer.normalise):
+            seen, kept = {key(prompt)}, []
+            for text in contrastive:
+                if key(text) not in seen:
+                    seen.add(key(text))
+                    kept.append(text)
+            contrastive = kept
         texts = [prompt, *contrastive]
         if not contrastive or len(texts) > MAX_PROMPTS:
             raise ValueError(f"{len(contrastive)} contrastive prompts: give 1 to {MAX_PROMPTS - 1}")

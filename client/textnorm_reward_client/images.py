@@ -6,7 +6,8 @@ Accepted, per item or as a batch:
 - a PIL image: PNG-encoded, sent as base64;
 - a numpy array `[H, W, 3]` (or a batch `[N, H, W, 3]`), uint8, or float in [0, 1];
 - a torch tensor `[3, H, W]` (or `[N, 3, H, W]`), uint8, or float in [0, 1].
-Floats become uint8 by round(clip(x, 0, 1) × 255). Arrays and tensors go as the raw-tensor
+Floats become uint8 by round(clip(x, 0, 1) × 255), computed in float32 or wider; NaN is
+refused. Arrays and tensors go as the raw-tensor
 JSON form (`{"shape": [H, W, 3], "dtype": "uint8", "data": base64}`: no PNG cost) when the
 service accepts it, else as PNG (Pillow needed then).
 
@@ -52,7 +53,10 @@ def _tensor_to_hwc_uint8(t: Any, copy: bool = False) -> np.ndarray:
     if t.ndim not in (3, 4) or t.shape[-3] != 3:
         raise ValueError(f"a torch image must be [3, H, W] or [N, 3, H, W], got {tuple(t.shape)}")
     if t.is_floating_point():
-        t = t.float().clamp(0, 1).mul(255).round()  # out of place: the caller's tensor is kept
+        t = t.float()
+        if bool(t.isnan().any()):
+            raise ValueError("a torch image holds NaN pixels")
+        t = t.clamp(0, 1).mul(255).round()  # out of place: the caller's tensor is kept
     elif str(t.dtype) != "torch.uint8":
         raise ValueError(f"a torch image must be uint8 or float in [0, 1], got {t.dtype}")
     order = (0, 2, 3, 1) if t.ndim == 4 else (1, 2, 0)
@@ -75,7 +79,11 @@ def _array_to_uint8(a: Any, copy: bool = False) -> np.ndarray:
     if a.dtype == np.uint8:
         return a.copy() if copy else a
     if a.dtype.kind == "f":
-        return np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+        if np.isnan(a).any():
+            raise ValueError("an image array holds NaN pixels")
+        # in float32 at least: float16 arithmetic would round x × 255 one level off
+        wide = a.astype(np.promote_types(a.dtype, np.float32), copy=False)
+        return np.rint(np.clip(wide, 0.0, 1.0) * 255.0).astype(np.uint8)
     raise ValueError(f"an image array must be uint8 or float in [0, 1], got {a.dtype}")
 
 
@@ -84,7 +92,8 @@ def expand(images: Any, copy: bool = False) -> list[Any]:
 
     Tensors are converted here, on the caller's thread (one device→host copy per batch). uint8
     numpy and CPU tensor inputs are kept as views unless `copy` (the async client: its caller
-    may reuse the buffers before the call is awaited); PIL images are copied then too."""
+    may reuse the buffers, or overwrite the files, before the call is awaited); PIL images are
+    copied then too, and files read."""
     if isinstance(images, ENCODED + (str, Path)) or is_pil_image(images):
         return [_one(images, copy)]
     if is_torch_tensor(images) or is_numpy_array(images) or hasattr(images, "__array__"):
@@ -109,7 +118,7 @@ def _one(x: Any, copy: bool = False) -> Any:
     if isinstance(x, ENCODED):
         return bytes(x)
     if isinstance(x, str | Path):
-        return Path(x)
+        return Path(x).read_bytes() if copy else Path(x)  # copy: the file as it is now
     if is_pil_image(x):
         return x.copy() if copy else x
     if is_torch_tensor(x):
