@@ -164,10 +164,10 @@ def test_waiting_callers_fill_a_merged_call_to_the_max_batch_whatever_the_bound_
         return out_before, inner.calls, await asyncio.gather(*tasks)
 
     out_before, calls, outs = bounded(run())
-    # one merged call out (merged_calls_in_flight; the first callers, as the identity check
-    # let them through), then the waiting callers in full merged calls
+    # one merged call out (merged_calls_in_flight; the callers the shared identity check let
+    # through first, up to the max batch), then the waiting callers in full merged calls
     first = out_before[0]
-    assert len(out_before) == 1 and first < max_batch, out_before
+    assert len(out_before) == 1 and first <= max_batch, out_before
     rest = callers - first
     assert calls[1:] == [max_batch] * (rest // max_batch) + (
         [rest % max_batch] if rest % max_batch else []
@@ -416,3 +416,108 @@ def test_a_merged_call_past_its_own_deadline_fails_its_callers_with_a_timeout():
 
     outs = bounded(run())
     assert all(isinstance(o, BackendTimeout) and "0.1 s" in str(o) for o in outs), outs
+
+
+# -- found by review 2026-12-07 ------------------------------------------------------------------
+class Hung(Gated):
+    """Never answers the identity check (a blackholed Triton); counts the checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+
+    async def export_hashes(self, models):
+        self.checks += 1
+        await asyncio.Event().wait()
+
+
+def test_callers_share_one_identity_check_and_its_failure_with_the_backend_hung():
+    """Ten requests against a hung backend all fail after one check's timeout (0.2 s), not
+    one after another (the k-th after k × 0.2 s); one check went out."""
+    import time
+
+    async def run() -> tuple[list[float], int]:
+        inner = Hung()
+        guard = GuardedBackend(inner, identity=IdentityCheck("h", ("image_encoder",)),
+                               timeout_s=0.2, max_batch=8, embed_dim=D,
+                               metrics=GatewayMetrics())  # fmt: skip
+        start = time.monotonic()
+
+        async def one() -> float:
+            with pytest.raises(BackendTimeout):
+                await guard.encode_images(images_of(1)[0])
+            return time.monotonic() - start
+
+        return await asyncio.gather(*(one() for _ in range(10))), inner.checks
+
+    took, checks = bounded(run())
+    assert checks == 1
+    assert max(took) < 0.6, took
+
+
+def test_a_failed_chunk_cancels_the_requests_other_backend_calls():
+    """A batch split into 4 chunks whose first fails: the other 3 are cancelled, their slots
+    given back at once, none left running for nobody."""
+
+    class FirstFails(Gated):
+        def __init__(self) -> None:
+            super().__init__()
+            self.finished = 0
+
+        async def encode_images(self, images: np.ndarray) -> np.ndarray:
+            if images[0, 0, 0, 0] == 0:
+                raise BackendError("chunk 0 refused")
+            await asyncio.sleep(0.3)
+            self.finished += 1
+            return np.ones((len(images), D), np.float32)
+
+    async def run() -> tuple[int, int]:
+        metrics = GatewayMetrics()
+        inner, bound = FirstFails(), CallBound(64, metrics)
+        merged = CoalescingBackend(inner, max_rows=1, max_bytes=1 << 30, max_in_flight=8,
+                                   timeout_s=30, bound=bound)  # fmt: skip
+        guard = GuardedBackend(merged, identity=IdentityCheck("h", ("image_encoder",)),
+                               timeout_s=30, max_batch=1, embed_dim=D, metrics=metrics)  # fmt: skip
+        with pytest.raises(BackendError, match="chunk 0 refused"):
+            await guard.encode_images(np.concatenate(images_of(0, 1, 2, 3)))
+        await settle()
+        out_after_failure = bound.in_flight
+        await asyncio.sleep(0.5)
+        return out_after_failure, inner.finished
+
+    out_after_failure, finished = bounded(run())
+    assert (out_after_failure, finished) == (0, 0)
+
+
+def test_a_large_merge_is_concatenated_off_the_event_loop_and_rows_stay_each_callers(
+    monkeypatch,
+):
+    import threading
+
+    from service.gateway import coalescing
+
+    threads: list[str] = []
+    original = coalescing._concatenated
+
+    def recording(batch):
+        threads.append(threading.current_thread().name)
+        return original(batch)
+
+    monkeypatch.setattr(coalescing, "_concatenated", recording)
+
+    async def run(size: int) -> list[np.ndarray]:
+        inner = Gated()
+        merged = CoalescingBackend(inner, max_rows=64, max_bytes=1 << 30, max_in_flight=1)
+        first = asyncio.create_task(merged.encode_images(images_of(100, size=size)[0]))
+        await settle()
+        rest = [asyncio.create_task(merged.encode_images(x)) for x in images_of(7, 9, size=size)]
+        await settle()
+        await inner.release()
+        return await asyncio.gather(first, *rest)
+
+    big = int((coalescing.OFF_LOOP_BYTES / 3) ** 0.5) + 8  # two callers' images: over the bound
+    for size, off_loop in ((8, False), (big, True)):
+        threads.clear()
+        outs = bounded(run(size))
+        assert [o[:, 0].tolist() for o in outs] == [[100], [7], [9]]
+        assert len(threads) == 1 and (threads[0] != "MainThread") == off_loop, threads

@@ -28,20 +28,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextvars import ContextVar
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from service.gateway.identity import IdentityCheck
 from service.gateway.metrics import GatewayMetrics
 
+T = TypeVar("T")
 READY_TIMEOUT_S = 5.0
 MAX_CALL_BYTES = 1 << 30  # image bytes per backend call (gRPC messages are limited to 2 GB)
 # The current request's bound on its backend calls in flight (set by `request_call_slots`);
-# asyncio.gather's tasks copy the context, so every chunk of the request shares it.
+# gathered tasks copy the context, so every chunk of the request shares it.
 _REQUEST_SLOTS: ContextVar[asyncio.Semaphore | None] = ContextVar("request_slots", default=None)
+
+
+async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
+    """`asyncio.gather`, but the first failure cancels the others: a request that has already
+    failed must not keep its other backend calls out, holding slots and Triton's time."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 @contextlib.contextmanager
@@ -103,6 +116,12 @@ class RewardBackendProtocol(Protocol):
     async def close(self) -> None: ...
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a shared future's exception as seen (its waiters re-raise it; none may be left)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class CallBound:
     """The overall bound on inference calls out to the backend at once, shared by every
     model of the export (its slots and their use are exported as the `backend_calls` budget)."""
@@ -158,29 +177,35 @@ class GuardedBackend:
         self.metrics = metrics
         self._checked_at: float | None = None  # monotonic time of the last identity answer
         self._mismatch: str | None = None  # the last answer's problem
-        self._identity_lock = asyncio.Lock()
+        self._identity_check: asyncio.Future[None] | None = None  # the one check in flight
         self._member = member
 
     async def verify_identity(self, force: bool = False) -> None:
         """Raise ModelMismatch unless the backend serves the provenance's export.
 
-        Reuses the last answer while it is younger than `identity_interval_s` (unless `force`);
-        concurrent callers share one check. An unreachable backend raises BackendUnavailable
-        and leaves the last answer as it was."""
+        Reuses the last answer while it is younger than `identity_interval_s` (unless `force`).
+        Concurrent callers share the one check in flight, its failure too: with the backend
+        hung, N callers fail together after one check's timeout, not one after another. An
+        unreachable backend raises BackendUnavailable and leaves the last answer as it was."""
         if force or not self._identity_fresh():
-            async with self._identity_lock:
-                if force or not self._identity_fresh():
-                    found = await self._call(
-                        "export_hashes",
-                        self.backend.export_hashes(self.identity.models),
-                        min(self.timeout_s, READY_TIMEOUT_S),
-                    )
-                    self._mismatch = self.identity.problem(found)
-                    self._checked_at = time.monotonic()
-                    if not self._member:  # the first guard checks every model of the export
-                        self.metrics.model_mismatch.set(1 if self._mismatch else 0)
+            check = self._identity_check
+            if check is None or check.done():
+                check = self._identity_check = asyncio.ensure_future(self._check_identity())
+                check.add_done_callback(_retrieve)  # every waiter may have gone meanwhile
+            await asyncio.shield(check)  # a waiter that gives up leaves it to the others
         if self._mismatch is not None:
             raise ModelMismatch(self._mismatch)
+
+    async def _check_identity(self) -> None:
+        found = await self._call(
+            "export_hashes",
+            self.backend.export_hashes(self.identity.models),
+            min(self.timeout_s, READY_TIMEOUT_S),
+        )
+        self._mismatch = self.identity.problem(found)
+        self._checked_at = time.monotonic()
+        if not self._member:  # the first guard checks every model of the export
+            self.metrics.model_mismatch.set(1 if self._mismatch else 0)
 
     def _identity_fresh(self) -> bool:
         return (
@@ -242,7 +267,7 @@ class GuardedBackend:
 
     async def encode_images(self, images: np.ndarray) -> np.ndarray:
         await self.verify_identity()
-        parts = await asyncio.gather(
+        parts = await gather_or_cancel(
             *(
                 self._inference("encode_images", self.backend.encode_images, images[s])
                 for s in self._chunks(len(images), images[0].nbytes if len(images) else 0)
@@ -252,7 +277,7 @@ class GuardedBackend:
 
     async def encode_texts(self, ids: np.ndarray) -> np.ndarray:
         await self.verify_identity()
-        parts = await asyncio.gather(
+        parts = await gather_or_cancel(
             *(
                 self._inference("encode_texts", self.backend.encode_texts, ids[s])
                 for s in self._chunks(len(ids))
@@ -270,7 +295,7 @@ class GuardedBackend:
     ) -> dict[str, np.ndarray]:
         await self.verify_identity()
         n = len(image_embeds)
-        parts = await asyncio.gather(
+        parts = await gather_or_cancel(
             *(
                 self._inference(
                     "rewards",

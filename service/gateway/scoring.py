@@ -33,7 +33,7 @@ from service import model_contract as contract
 from service.contrastive import NoContrastivePrompts, Vocabulary, contrastive_prompts
 from service.contrastive.dedupe import normalise as normalise_prompt
 from service.contrastive.errors import quote_prompt
-from service.gateway.backend import GuardedBackend
+from service.gateway.backend import GuardedBackend, gather_or_cancel
 from service.gateway.calibration import Calibration, choose_scale
 from service.gateway.embedding_cache import CacheKey, EmbeddingCache
 from service.gateway.errors import ApiError
@@ -370,14 +370,14 @@ class Scorer:
             # the batch copy (tens of MB for a large request) runs off the event loop
             return idx, await asyncio.to_thread(np.stack, [images[i] for i in idx])
 
-        return list(await asyncio.gather(*(stack(idx) for idx in groups.values())))
+        return await gather_or_cancel(*(stack(idx) for idx in groups.values()))
 
     async def image_embeddings(
         self, batches: Sequence[ImageBatch], n: int, model: ScoringModel | None = None
     ) -> np.ndarray:
         """[n, D] of `model` (None: the first) in item order, from :meth:`image_batches`."""
         model = model or self.models[0]
-        parts = await asyncio.gather(*(model.backend.encode_images(b) for _, b in batches))
+        parts = await gather_or_cancel(*(model.backend.encode_images(b) for _, b in batches))
         out = np.empty((n, model.embed_dim), np.float32)
         for (idx, _), emb in zip(batches, parts, strict=True):
             out[idx] = emb
@@ -416,7 +416,7 @@ class Scorer:
         lambdas = np.array([c.ensemble_lambda for c in choices], np.float32).reshape(n, 1)
         # stacked once for every model, off the loop, while the text embeddings are looked up
         batches = asyncio.ensure_future(self.image_batches(images))
-        outs = await asyncio.gather(
+        outs = await gather_or_cancel(
             *(
                 self._model_rewards(model, items, text_plan, batches, scales, lambdas)
                 for model in self.models
@@ -470,9 +470,10 @@ class Scorer:
         n, p = len(items), contract.MAX_PROMPTS
 
         async def image_embeds_of() -> np.ndarray:
-            return await self.image_embeddings(await batches, n, model)
+            # shielded: this model's failure cancels this task, not the other models' batches
+            return await self.image_embeddings(await asyncio.shield(batches), n, model)
 
-        texts, image_embeds = await asyncio.gather(
+        texts, image_embeds = await gather_or_cancel(
             self.text_embeddings(text_plan, model), image_embeds_of()
         )
         prompt_embeds = np.zeros((n, p, model.embed_dim), np.float32)
@@ -513,7 +514,7 @@ class Scorer:
         plan = TextPlan(texts=keys)
         plan.tokenized = self.tokenizer.encode(list(keys.values()))
         plan.tokens = {k: i for i, k in enumerate(keys)}
-        await asyncio.gather(*(self.text_embeddings(plan, model) for model in self.models))
+        await gather_or_cancel(*(self.text_embeddings(plan, model) for model in self.models))
 
     def set_cache_keys(self, prompt_set: PromptSet) -> list[CacheKey]:
         texts = (prompt_set.prompt, *prompt_set.contrastive)
