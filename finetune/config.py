@@ -15,6 +15,7 @@ from finetune.reward_client import REWARD_FIELDS
 from finetune.world_data import SHIPPED_GENERATOR_DIR, SHIPPED_JUDGE_DIR
 
 ALGORITHMS = ("ddpo", "rwl")
+TRAIN_TIMESTEPS = 1000  # the generator's noise schedule (finetune.generator.noise_scheduler)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,14 @@ class FinetuneConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.textnorm_scale is not None and not 0 < self.textnorm_scale < float("inf"):
             raise ValueError(f"textnorm_scale must be > 0, got {self.textnorm_scale}")
+        if not 0 < self.eta <= 1:  # > 1: a negative variance, not DDIM; 0: no log-probability
+            raise ValueError(f"eta must be in (0, 1], got {self.eta}")
+        if not 1 <= self.ddim_steps < TRAIN_TIMESTEPS:
+            most = TRAIN_TIMESTEPS - 1
+            raise ValueError(f"ddim_steps must be in 1..{most}, got {self.ddim_steps}")
+        for name in ("lr", "clip_range"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def textnorm_options(self) -> dict[str, Any] | None:
         """The `textnorm` object of every reward request (None: the service's defaults)."""

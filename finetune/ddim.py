@@ -19,8 +19,8 @@ from diffusers import UNet2DConditionModel
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Descending timesteps, 'leading' spacing with steps_offset 1 (as Stable Diffusion's DDIM):
     951, 901, …, 1, so the last step (to ᾱ_0) keeps a non-zero variance."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"ddim steps must be in 1..{num_train_timesteps}, got {num_steps}")
+    if not 1 <= num_steps < num_train_timesteps:  # t = steps × ratio + 1 must stay below it
+        raise ValueError(f"ddim steps must be in 1..{num_train_timesteps - 1}, got {num_steps}")
     ratio = num_train_timesteps // num_steps
     return torch.arange(num_steps - 1, -1, -1) * ratio + 1
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from rich.progress import Progress
 
+from finetune.config import TRAIN_TIMESTEPS
 from finetune.text_encoder import TextConditioner
 from finetune.world_data import IMAGE_SIZE, check_size, rendered_set
 
@@ -45,7 +46,7 @@ def unet_config(cross_attention_dim: int, size: int = IMAGE_SIZE) -> dict:
 
 def noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True
+        num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2", clip_sample=True
     )
 
 

@@ -9,7 +9,10 @@ runs on a worker thread while batch k + 1 is sampled), then updates the model:
   ρ = p_θ(x_{t−1}|x_t) / p_old(x_{t−1}|x_t).
 - `rwl` (Lee et al.): minimise E_model[−r · log p] + β · E_pretrain[−log p], with −log p replaced
   by its bound, the DDPM denoising loss: reward-weighted denoising loss on the model's samples
-  plus β × the denoising loss on freshly rendered data (the generator's pre-training recipe).
+  plus β × the denoising loss on freshly rendered data (the generator's pre-training data; no
+  prompt dropout). The weights are r clipped at 0, as the paper's rewards lie in [0, 1]: with
+  `raw` (a cosine) about half the samples weigh 0, and the rewards' scales differ (raw's mean
+  weight ≈ 0.19 against TextNorm's ≈ 0.06), so β does not mean the same for both.
 
 The trainer talks to the service only through `finetune.reward_client`.
 """
@@ -153,9 +156,24 @@ class Trainer:
             batches.append(batch)
             futures.append(reward.submit(batch.images, batch.prompts))
         results = [f.result() for f in futures]
+        for result in results:
+            self._check_same_reward_model(result.provenance)
         self.provenance = results[-1].provenance
         rewards = np.concatenate([r.rewards for r in results])
         return batches, rewards, float(np.mean([r.latency_s for r in results]))
+
+    def _check_same_reward_model(self, provenance: dict[str, Any]) -> None:
+        """Every reward of a run comes from one export and calibration file: a resume against
+        another service, or a service redeployed mid-run, would mix two reward models in the
+        stat tracker and the curves without a trace."""
+        if self.provenance is None:
+            return
+        before, now = _reward_model(self.provenance), _reward_model(provenance)
+        if before != now:
+            raise ValueError(
+                f"the reward service now serves {now}, but this run's rewards came from "
+                f"{before}: point --url at a service serving that, or start a new run directory"
+            )
 
     # -- updates --------------------------------------------------------------------------------
     def _ddpo_update(self, batches: list[_Batch], rewards: np.ndarray) -> dict[str, float]:
@@ -206,6 +224,7 @@ class Trainer:
         device = self.acp.device
         x0 = to_model_space(np.concatenate([b.images for b in batches])).to(device)
         cond = torch.cat([b.cond for b in batches])
+        # r ≥ 0 as in Lee et al. (rewards in [0, 1]): a negative raw cosine weighs 0, not < 0
         weights = torch.as_tensor(np.clip(rewards, 0.0, None)).float().to(device)
         pool_x, pool_c = self.pretrain
         losses = []
@@ -304,3 +323,11 @@ def _run_steps(trainer: Trainer, reward: ServiceReward, progress: Progress) -> N
                 description=f"{cfg.algorithm} / {cfg.reward} (reward {row['mean_reward']:.3f}, "
                 f"count {row['judge_count']:.2f})",
             )
+
+
+def _reward_model(provenance: dict[str, Any]) -> str:
+    """The export and calibration file a reward came from, as a run's log names them."""
+    export = str(provenance.get("export_sha256") or provenance.get("cache_key") or "?")
+    calibration = (provenance.get("textnorm") or {}).get("calibration_sha256")
+    named = f"export {export[:12]}"
+    return named if calibration is None else f"{named} with calibration {calibration[:12]}"

@@ -376,6 +376,44 @@ def test_gpu_compare_script_stops_at_its_budget_and_reports_the_last_common_step
         httpx.get(f"{url}/healthz", timeout=2)
 
 
+def test_a_run_refuses_rewards_from_another_reward_model() -> None:
+    """A resume against a service serving another export (or calibration file), or a service
+    redeployed mid-run: the run stops naming both, rather than mixing two reward models."""
+    from types import SimpleNamespace
+
+    check = Trainer._check_same_reward_model
+    first = {"export_sha256": "a" * 64, "textnorm": {"calibration_sha256": "c" * 64}}
+    run = SimpleNamespace(provenance=first)
+    check(run, json.loads(json.dumps(first)))  # the same model: fine
+    check(SimpleNamespace(provenance=None), {"export_sha256": "b" * 64})  # a new run: fine
+    for other, named in (
+        ({**first, "export_sha256": "b" * 64}, "export bbbbbbbbbbbb with calibration"),
+        ({**first, "textnorm": {"calibration_sha256": "d" * 64}}, "calibration dddddddddddd"),
+    ):
+        with pytest.raises(ValueError, match="now serves") as refused:
+            check(run, other)
+        assert named in str(refused.value)
+        assert "came from export aaaaaaaaaaaa with calibration cccccccccccc" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"eta": 1.5}, r"eta must be in \(0, 1\], got 1.5"),
+        ({"eta": 0.0}, r"eta must be in \(0, 1\], got 0.0"),
+        ({"ddim_steps": 1000}, r"ddim_steps must be in 1..999, got 1000"),
+        ({"lr": 0.0}, r"lr must be > 0, got 0.0"),
+        ({"clip_range": -1e-4}, r"clip_range must be > 0"),
+    ],
+)
+def test_sampler_and_optimiser_settings_are_checked_when_the_config_is_built(setting, message):
+    """eta > 1 gives a negative variance (silently clamped: not DDIM), eta 0 no log-probability,
+    1000 DDIM steps a timestep past the schedule: refused before any model loads."""
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(**setting)
+    assert ddim_timesteps(999).max() == 999  # the most steps the schedule has room for
+
+
 def test_a_run_directory_refuses_other_settings(tmp_path) -> None:
     cfg = _tiny("rwl", "raw", "http://127.0.0.1:9", steps=1)
     (tmp_path / "run").mkdir()
