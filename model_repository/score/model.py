@@ -32,6 +32,10 @@ class TritonPythonModel:
         self.cache_entries = int(params.get("text_cache_entries", "50000"))
         self.cache = OrderedDict()  # a row's tokens up to its end token (bytes) → embedding
         self.outputs = [o["name"] for o in config["output"]]
+        # nested calls' outputs in host memory: a TensorRT/GPU model's stay on the GPU
+        # otherwise, and `as_numpy()` refuses them (the GPU flavour's towers). Built here: the
+        # stub adds these names to pb_utils after the file is imported.
+        self.host = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
     def _text_embeddings(self, rows):
         """[N, 77] token rows → [N, D], from the cache or one trimmed encode of the misses."""
@@ -55,7 +59,8 @@ class TritonPythonModel:
                 ]
             )
             for key, embedding in zip(misses, encoded, strict=True):
-                self.cache[key] = embedding
+                # a copy: a row view would keep the whole batch's array alive with it
+                self.cache[key] = embedding.copy()
         out = []
         for key in keys:
             self.cache.move_to_end(key)
@@ -69,6 +74,7 @@ class TritonPythonModel:
             model_name=model,
             requested_output_names=outputs,
             inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
+            preferred_memory=self.host,
         )
         response = request.exec()
         if response.has_error():
