@@ -155,7 +155,10 @@ class Settings(BaseSettings):
         "REWARD_API_KEYS); empty: no auth, and only a loopback bind is allowed",
     )
     max_items_per_request: int = Field(
-        default=64, ge=1, description="items per /v1/score request (and images per group)"
+        default=64,
+        ge=1,
+        le=4096,  # service/gateway/schemas.ITEMS_BOUND
+        description="items per /v1/score request (and images per group)",
     )
     max_image_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1, description="bytes per image after base64 decoding"
@@ -188,6 +191,14 @@ class Settings(BaseSettings):
         "refused with 408 (nginx's client_body_timeout): an upload that stalls (a crashed or "
         "cut-off client) would otherwise hold its admission slot and reserved bytes until the "
         "socket closes, which uvicorn's keep-alive timeout does not cover mid-body",
+    )
+    body_total_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="seconds a whole request body may take to arrive before it is refused with "
+        "408: a client trickling a byte now and then (within body_read_timeout_s) would "
+        "otherwise hold an admission slot as long as it likes (the largest body, 128 MB, "
+        "needs ~1 MB/s to make it)",
     )
     max_prompt_chars: int = Field(
         default=2_000, ge=1, description="characters per prompt (before tokenisation)"

@@ -1047,3 +1047,99 @@ def test_a_rule_builds_each_prompt_s_set_once_and_hands_out_copies(client):
     assert other.prompts == contrastive_prompts(prompt, "attributes")[: scorer.max_contrastive]
     info = scorer._rule_prompts.cache_info()
     assert (info.hits, info.misses) == (1, 2)
+
+
+# -- found by review 2026-12-07: bounded work per request, paths under a root path ---------------
+def test_a_prompt_over_the_context_is_refused_before_any_rule_runs(provenance, onnx_backend):
+    """A 2,000-character prompt of repeated attribute words made thousands of contrastive
+    prompts (≈ 5 MB), cached whole per prompt, before the 77-token check refused it: memory
+    grew ~340 MB per request. Now: 422 first, nothing built or cached; and a rule's cached
+    output is the cut list."""
+    long_prompt = ("two red red red red red red red circle " * 60)[:1990]
+    with gateway(provenance, onnx_backend) as c:
+        scorer = c.app_state.scorer
+        items = [{"image": b64(world_image()), "prompt": f"{k} {long_prompt}"} for k in range(3)]
+        r = c.post("/v1/score", json={"items": items})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "prompt_too_long"
+        assert r.json()["error"]["field"] == "items[0].prompt"
+        assert scorer._rule_prompts.cache_info().currsize == 0
+        ok = c.post("/v1/score", json={"items": [{"image": b64(world_image()),
+                                                   "prompt": TRUE_PROMPT}]})  # fmt: skip
+        assert ok.status_code == 200, ok.text
+        cached = scorer._rule_prompts(TRUE_PROMPT, "auto")
+        assert 0 < len(cached) <= scorer.max_contrastive
+
+
+def test_a_list_past_any_item_limit_is_refused_before_its_elements_are_validated(
+    provenance, onnx_backend
+):
+    """Two million tiny elements (4 MB of JSON) took 23 s of the event loop and 3.7 GB before
+    the count check; the schema's bound refuses them with one error, the settings' limit
+    still names its own value below it."""
+    from service.gateway.schemas import ITEMS_BOUND
+
+    with gateway(provenance, onnx_backend) as c:
+        body = b'{"prompt":"a red circle","images":[' + b",".join([b"0"] * 2_000_000) + b"]}"
+        r = c.post("/v1/score/group", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        error = r.json()["error"]
+        assert error["field"] == "images" and f"at most {ITEMS_BOUND}" in error["message"]
+        assert len(error["details"]) == 1
+        over = c.post("/v1/score", json={"items": [{"image": "x", "prompt": "p"}] * 65})
+        assert over.json()["error"]["code"] == "too_many_items"  # the settings' 64
+    with pytest.raises(ValueError, match="less than or equal to 4096"):
+        Settings(max_items_per_request=ITEMS_BOUND + 1)
+
+
+def test_auth_and_admission_hold_under_a_root_path(provenance, onnx_backend):
+    """Behind a proxy serving the gateway under /api (uvicorn --root-path), the raw path is
+    /api/v1/...: auth, admission and rate limits checked it and let every request through."""
+    app = create_app(Settings(api_keys=["k-one"]), onnx_backend, provenance)
+    with TestClient(app, root_path="/api") as c:
+        assert c.get("/api/v1/models").status_code == 401
+        created = c.post("/api/v1/prompt-sets", json={"prompt": TRUE_PROMPT,
+                                                      "contrastive": SHORT_SET})  # fmt: skip
+        assert created.status_code == 401
+        keyed = c.get("/api/v1/models", headers={"Authorization": "Bearer k-one"})
+        assert keyed.status_code == 200
+        assert c.get("/api/healthz").status_code == 200  # not under /v1: open
+
+
+def test_configured_prompt_sets_are_not_the_apis_to_delete(provenance, onnx_backend, tmp_path):
+    sets_file = tmp_path / "sets.json"
+    sets_file.write_text(json.dumps({TRUE_PROMPT: SHORT_SET}))
+    with gateway(provenance, onnx_backend, prompt_sets_file=str(sets_file)) as c:
+        (listed,) = c.get("/v1/prompt-sets").json()["prompt_sets"]
+        r = c.delete(f"/v1/prompt-sets/{listed['id']}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "prompt_set_configured"
+        assert [s["id"] for s in c.get("/v1/prompt-sets").json()["prompt_sets"]] == [listed["id"]]
+
+
+def test_import_wants_json_and_a_negative_content_length_is_a_400(provenance, onnx_backend):
+    with gateway(provenance, onnx_backend) as c:
+        r = c.post("/v1/prompt-sets/import", content=json.dumps({TRUE_PROMPT: SHORT_SET}),
+                   headers={"content-type": "text/plain"})  # fmt: skip
+        assert r.status_code == 415 and r.json()["error"]["field"] == "Content-Type"
+        too_many = {f"{k} {TRUE_PROMPT}": SHORT_SET for k in range(10_001)}
+        full = c.post("/v1/prompt-sets/import", json=too_many)
+        assert full.status_code == 422 and full.json()["error"]["code"] == "registry_full"
+
+        async def asgi_post(length: str) -> int:
+            sent: list[dict] = []
+
+            async def receive():
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/score", "root_path": "",
+                     "headers": [(b"content-length", length.encode()),
+                                 (b"content-type", b"application/json")],
+                     "query_string": b"", "scheme": "http", "server": ("t", 80),
+                     "client": ("127.0.0.1", 1), "http_version": "1.1"}  # fmt: skip
+            await c.app(scope, receive, send)
+            return sent[0]["status"]
+
+        assert c.portal.call(asgi_post, "-100000000") == 400
+        assert c.app_state.admission.in_use["body_bytes"] == 0

@@ -676,3 +676,26 @@ def test_a_waiter_gets_its_owners_answer_even_when_evicted_meanwhile():
 
     first, retried, _ = asyncio.run(run_all())
     assert retried == first == "answer #1 for X" and runs["X"] == 1
+
+
+def test_a_trickled_upload_is_cut_at_the_whole_body_deadline(provenance, onnx_backend):
+    """A byte every 0.3 s never stalls for body_read_timeout_s (1 s), and held its admission
+    slot for as long as it liked; the whole body must now arrive within body_total_timeout_s."""
+    settings = {"body_read_timeout_s": 1.0, "body_total_timeout_s": 2.0}
+    with serving(provenance, onnx_backend, **settings) as gw:
+        sock = _stall_after_headers(gw.url, "/v1/score", 1000)
+        start = time.monotonic()
+        with sock:
+            wait_for(lambda: gw.in_use("requests") == 1, "the trickled upload admitted")
+            sock.settimeout(0.3)
+            answer = b""
+            while b"\r\n\r\n" not in answer and time.monotonic() - start < 10:
+                sock.sendall(b" ")
+                with contextlib.suppress(TimeoutError):
+                    answer += sock.recv(65536)
+        took = time.monotonic() - start
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.split()[1] == b"408", head
+        assert b"not all received within 2 s" in body
+        assert 1.9 < took < 5, took
+        wait_for(lambda: gw.in_use("requests") == 0, "the slot released")

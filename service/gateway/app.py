@@ -71,7 +71,7 @@ from service.gateway.prompt_sets import (
 )
 from service.gateway.provenance import MODEL_ENSEMBLE_REWARDS, ProvenanceInfo
 from service.gateway.raw_images import RAW_DTYPES
-from service.gateway.request_body import OffloadedJsonRoute, loads_strict
+from service.gateway.request_body import OffloadedJsonRoute, loads_strict, require_json
 from service.gateway.request_ids import (
     HEADER,
     adopt_body_request_id,
@@ -347,6 +347,7 @@ def create_app(
         max_request_bytes=settings.max_request_bytes,
         admission=state.admission,
         body_read_timeout_s=settings.body_read_timeout_s,
+        body_total_timeout_s=settings.body_total_timeout_s,
     )
     v1 = APIRouter(
         prefix="/v1",
@@ -712,13 +713,25 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
         request body: all sets or none; each gets a content-hash id."""
         rid = current_request_id(request)
         raw = await request.body()
+        require_json(request)  # as every other body (this route reads its own)
         try:  # malformed JSON: ApiError 400; a repeated prompt: PromptSetFormatError, 422
             data = await asyncio.get_running_loop().run_in_executor(
                 state.pool, lambda: loads_strict(raw, reject_duplicate_keys)
             )
+            if isinstance(data, dict) and len(data) > registry.max_sets:  # before validating
+                raise RegistryFull(f"{len(data)} sets")
             sets = parse_prompt_sets(data)
         except PromptSetFormatError as exc:
             raise ApiError(422, "invalid_prompt_sets", str(exc), field="body") from None
+        except RegistryFull:
+            raise ApiError(
+                422,
+                "registry_full",
+                f"importing {len(data)} sets would exceed the registry's "
+                f"{registry.max_sets} prompt sets",
+                field="body",
+                limit=registry.max_sets,
+            ) from None
         prepared: list[PromptSet] = []
         new: list[PromptSet] = []
         for prompt, contrastive in sets.items():
@@ -788,11 +801,23 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
         "/prompt-sets/{set_id}",
         response_model=PromptSetDeleted,
         tags=["prompt sets"],
-        responses={404: {"model": ErrorResponse, "description": "no such prompt set"}},
+        responses={
+            404: {"model": ErrorResponse, "description": "no such prompt set"},
+            409: {"model": ErrorResponse, "description": "a set from the server's file"},
+        },
     )
     async def delete_prompt_set(request: Request, set_id: str) -> PromptSetDeleted:
-        """Remove a set; its embeddings become ordinary (evictable) cache entries."""
+        """Remove a set; its embeddings become ordinary (evictable) cache entries. A set the
+        operator configured (REWARD_PROMPT_SETS_FILE) is not the API's to remove: 409."""
         found = lookup(set_id)
+        if found.source == "configured":
+            raise ApiError(
+                409,
+                "prompt_set_configured",
+                f"prompt set {set_id!r} comes from the server's prompt-sets file; remove it "
+                "there (every replica loads it at start)",
+                field="id",
+            )
         registry.remove(set_id)
         for key in scorer.set_cache_keys(found):
             state.cache.unpin(key)

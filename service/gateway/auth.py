@@ -28,6 +28,18 @@ from service.gateway.errors import error_response
 from service.settings import Settings
 
 PROTECTED_PREFIX = "/v1/"
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches: the request's path without the ASGI root path. Behind a
+    proxy that serves the gateway under a prefix (uvicorn --root-path /api), scope["path"] is
+    "/api/v1/score" while the route is "/v1/score": checks on the raw path would skip auth."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
+
+
 MAX_BUCKETS = 10_000  # distinct keys tracked (keys are configured, so a bound only in theory)
 
 
@@ -131,7 +143,7 @@ class KeyRateLimit:
         if (
             self.rate is None
             or scope["type"] != "http"
-            or not scope.get("path", "").startswith(PROTECTED_PREFIX)
+            or not route_path(scope).startswith(PROTECTED_PREFIX)
         ):
             await self.app(scope, receive, send)
             return

@@ -163,8 +163,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int, metrics=None) -> No
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         details = [
-            {"field": field_path(e.get("loc", ())), "message": e.get("msg", "")} for e in errors
-        ][:20]
+            {"field": field_path(e.get("loc", ())), "message": e.get("msg", "")}
+            for e in errors[:20]
+        ]
         body_out = error_body("invalid_request", message, rid, field)
         body_out["error"]["details"] = details
         return JSONResponse(body_out, status_code=422)

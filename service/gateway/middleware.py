@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.gateway.admission import Admission, Overloaded, Ticket
-from service.gateway.auth import PROTECTED_PREFIX, bearer_token, key_matches
+from service.gateway.auth import PROTECTED_PREFIX, bearer_token, key_matches, route_path
 from service.gateway.errors import ApiError, error_response
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.request_ids import HEADER, new_request_id, valid_request_id
@@ -55,9 +55,11 @@ class GatewayMiddleware:
         max_request_bytes: int,
         admission: Admission | None = None,
         body_read_timeout_s: float = 60.0,
+        body_total_timeout_s: float = 120.0,
     ) -> None:
         self.admission = admission
         self.body_read_timeout_s = body_read_timeout_s
+        self.body_total_timeout_s = body_total_timeout_s
         self.app = app
         self.routes = routes  # filled by create_app once every route exists
         self.metrics = metrics
@@ -68,7 +70,7 @@ class GatewayMiddleware:
         route = scope.get("route")
         if route is not None and hasattr(route, "path"):
             return route.path
-        path = scope.get("path", "")
+        path = route_path(scope)
         for candidate in self.routes:  # a request refused before routing (401, 413)
             regex = getattr(candidate, "path_regex", None)
             if regex is not None and regex.match(path):
@@ -126,7 +128,7 @@ class GatewayMiddleware:
 
     def _refuse(self, scope: Scope, headers: Headers):
         rid = scope["state"]["request_id"]
-        if self.keys and scope.get("path", "").startswith(PROTECTED_PREFIX):
+        if self.keys and route_path(scope).startswith(PROTECTED_PREFIX):
             token = bearer_token(headers.get("authorization"))
             if not key_matches(token, self.keys):
                 message = "missing API key" if token is None else "invalid API key"
@@ -142,6 +144,8 @@ class GatewayMiddleware:
             try:
                 size = int(length)
             except ValueError:
+                size = -1
+            if size < 0:
                 return error_response(400, "bad_request", "invalid Content-Length header", rid)
             if size > self.max_request_bytes:
                 return self._too_large(rid)
@@ -152,7 +156,7 @@ class GatewayMiddleware:
         if (
             self.admission is None
             or scope.get("method") != "POST"
-            or scope.get("path") not in ADMITTED_PATHS
+            or route_path(scope) not in ADMITTED_PATHS
         ):
             return None, None
         length = headers.get("content-length")
@@ -186,24 +190,26 @@ class GatewayMiddleware:
         limit = self.max_request_bytes
         received = 0
         streamed = ticket is not None and ticket.streamed
-        timeout = self.body_read_timeout_s
+        timeout, total = self.body_read_timeout_s, self.body_total_timeout_s
         body_done = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + total  # the whole body, however it trickles in
 
         async def limited_receive() -> Message:
             nonlocal received, body_done
             if body_done:  # later reads wait for a disconnect: no deadline on those
                 return await receive()
+            gap_ends = loop.time() + timeout
             try:
-                async with asyncio.timeout(timeout):  # no task per chunk, unlike wait_for
+                async with asyncio.timeout_at(min(gap_ends, deadline)):  # no task per chunk
                     message = await receive()
             except TimeoutError:
-                raise ApiError(
-                    408,
-                    "body_timeout",
-                    f"body: no bytes for {timeout:g} s, the upload stalled",
-                    field="body",
-                    limit=timeout,
-                ) from None
+                if gap_ends <= deadline:
+                    why, bound = f"no bytes for {timeout:g} s, the upload stalled", timeout
+                else:
+                    why, bound = f"not all received within {total:g} s", total
+                error = ApiError(408, "body_timeout", f"body: {why}", field="body", limit=bound)
+                raise error from None
             if message["type"] == "http.request":
                 body_done = not message.get("more_body", False)
                 chunk = len(message.get("body", b""))

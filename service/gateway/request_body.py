@@ -137,6 +137,20 @@ def _is_json(request: Request) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def require_json(request: Request) -> None:
+    """A 415 naming the header for a body that is not JSON (not FastAPI's 422 "Input should
+    be a valid dictionary"); every request body is application/json."""
+    if not _is_json(request):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type: {request.headers.get('content-type', '')[:80]!r} is not "
+            "JSON; request bodies are application/json",
+            field="Content-Type",
+            limit="application/json",
+        )
+
+
 async def parse_in_pool(pool: Executor | None, body: bytes) -> tuple[Any, str]:
     return await asyncio.get_running_loop().run_in_executor(pool, parse_json, body)
 
@@ -151,15 +165,8 @@ class OffloadedJsonRoute(APIRoute):
 
         async def offloaded(request: Request) -> Response:
             body = await request.body()
-            if body and not _is_json(request):  # security helper: a 415 naming the header,
-                raise ApiError(  # not FastAPI's 422 "Input should be a valid dictionary"
-                    415,
-                    "unsupported_media_type",
-                    f"Content-Type: {request.headers.get('content-type', '')[:80]!r} is not "
-                    "JSON; request bodies are application/json",
-                    field="Content-Type",
-                    limit="application/json",
-                )
+            if body:
+                require_json(request)
             if body and _is_json(request):
                 pool = getattr(request.app.state, "gateway", None)
                 value, digest = await parse_in_pool(getattr(pool, "pool", None), body)

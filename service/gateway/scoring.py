@@ -140,12 +140,30 @@ class Scorer:
 
     # -- checks --------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field_name: str) -> str:
+        """An item's prompt: not empty, within the character limit, no special token, and
+        (unless the server truncates) within CLIP's context, checked before any contrastive
+        rule runs on it (a rule's work grows with the prompt's words)."""
         if not prompt.strip():
             raise ApiError(
                 422, "empty_prompt", f"{field_name}: the prompt is empty", field=field_name
             )
         self._check_text(prompt, field_name)
+        if not self.truncate_long_prompts:
+            tokens = self.tokenizer.encode([prompt])
+            if tokens.truncated[0]:
+                raise self._too_long(field_name, "the prompt", int(tokens.lengths[0]))
         return prompt
+
+    def _too_long(self, where: str, what: str, n_tokens: int) -> ApiError:
+        ctx = self.tokenizer.context_length
+        return ApiError(
+            422,
+            "prompt_too_long",
+            f"{where}: {what} has {n_tokens} tokens, over CLIP's {ctx}-token context "
+            "(the server is configured to refuse rather than truncate)",
+            field=where,
+            limit=ctx,
+        )
 
     def _check_text(self, text: str, field_name: str) -> None:
         """A prompt's length, and no tokenizer special token in it (in any letter case: the
@@ -233,12 +251,13 @@ class Scorer:
             generated = self._rule_prompts(prompt, options.rule)
         except NoContrastivePrompts as exc:
             return self._missing(prompt_field, prompt, options, f"rule {options.rule!r}: {exc}")
-        return ContrastivePlan(
-            generated[: self.max_contrastive], "rule", field=prompt_field, rule=options.rule
-        )
+        return ContrastivePlan(list(generated), "rule", field=prompt_field, rule=options.rule)
 
-    def _build_rule(self, prompt: str, rule: str) -> list[str]:
-        return contrastive_prompts(prompt, rule, vocabulary=self.vocabulary)
+    def _build_rule(self, prompt: str, rule: str) -> tuple[str, ...]:
+        """The rule's prompts, cut to `max_contrastive` before they are cached: a long prompt
+        can make thousands, and the cache holds RULE_CACHE_ENTRIES prompts' worth."""
+        generated = contrastive_prompts(prompt, rule, vocabulary=self.vocabulary)
+        return tuple(generated[: self.max_contrastive])
 
     def _explicit(
         self,
@@ -301,7 +320,6 @@ class Scorer:
         keys = list(plan.texts)
         plan.tokenized = self.tokenizer.encode([plan.texts[k] for k in keys])
         plan.tokens = {k: i for i, k in enumerate(keys)}
-        ctx = self.tokenizer.context_length
         for item in items:
             rows = [plan.tokens[k] for k in item.keys]
             truncated = plan.tokenized.truncated[rows]
@@ -313,14 +331,7 @@ class Scorer:
                 else:
                     where = item.plan.field or item.prompt_field
                     what = f"contrastive prompt {quote_prompt(item.plan.prompts[j - 1])}"
-                raise ApiError(
-                    422,
-                    "prompt_too_long",
-                    f"{where}: {what} has {n_tokens} tokens, over CLIP's {ctx}-token context "
-                    "(the server is configured to refuse rather than truncate)",
-                    field=where,
-                    limit=ctx,
-                )
+                raise self._too_long(where, what, n_tokens)
             item.prompt_truncated = bool(truncated[0])
             item.contrastive_truncated = int(truncated[1:].sum())
         return plan
