@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import Progress
+from textnorm_reward_client.results import reward_model
 
 from finetune import run_dir as rd
 from finetune.config import RESUMABLE_CHANGES, FinetuneConfig
@@ -156,6 +157,7 @@ class Trainer:
             batches.append(batch)
             futures.append(reward.submit(batch.images, batch.prompts))
         results = [f.result() for f in futures]
+        self.provenance = self.provenance or results[0].provenance  # a new run: its first batch
         for result in results:
             self._check_same_reward_model(result.provenance)
         self.provenance = results[-1].provenance
@@ -168,7 +170,7 @@ class Trainer:
         stat tracker and the curves without a trace."""
         if self.provenance is None:
             return
-        before, now = _reward_model(self.provenance), _reward_model(provenance)
+        before, now = reward_model(self.provenance), reward_model(provenance)
         if before != now:
             raise ValueError(
                 f"the reward service now serves {now}, but this run's rewards came from "
@@ -323,11 +325,3 @@ def _run_steps(trainer: Trainer, reward: ServiceReward, progress: Progress) -> N
                 description=f"{cfg.algorithm} / {cfg.reward} (reward {row['mean_reward']:.3f}, "
                 f"count {row['judge_count']:.2f})",
             )
-
-
-def _reward_model(provenance: dict[str, Any]) -> str:
-    """The export and calibration file a reward came from, as a run's log names them."""
-    export = str(provenance.get("export_sha256") or provenance.get("cache_key") or "?")
-    calibration = (provenance.get("textnorm") or {}).get("calibration_sha256")
-    named = f"export {export[:12]}"
-    return named if calibration is None else f"{named} with calibration {calibration[:12]}"

@@ -25,6 +25,11 @@ __all__ = [
 ]
 
 
+# The most items a request may ever carry (max_items_per_request's ceiling): the gateway's
+# schemas refuse a longer list before validating its elements.
+ITEMS_BOUND = 4096
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REWARD_", extra="ignore")
 
@@ -157,7 +162,7 @@ class Settings(BaseSettings):
     max_items_per_request: int = Field(
         default=64,
         ge=1,
-        le=4096,  # service/gateway/schemas.ITEMS_BOUND
+        le=ITEMS_BOUND,
         description="items per /v1/score request (and images per group)",
     )
     max_image_bytes: int = Field(

@@ -950,23 +950,28 @@ def test_a_split_calls_deadline_covers_waiting_for_the_clients_shared_threads():
 
 
 def test_retry_after_rests_that_replica_and_the_retry_goes_to_another_at_once():
-    """A 429 with Retry-After: 10 from one replica: the retry goes to the other now (no 10 s
-    wait, within a 2 s deadline), and later calls skip the resting replica."""
+    """A 429 with Retry-After from one replica: the retry goes to the other now (no wait,
+    within a 2 s deadline), and later calls skip the resting replica, for at most
+    max_retry_after_s."""
     service = FakeService()
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.host == "a.test" and request.url.path == "/v1/score":
             service.seen.append(("http://a.test", "/v1/score", None, time.monotonic(), None))
-            return error(429, headers={"Retry-After": "10"})
+            return error(429, headers={"Retry-After": "86400"})
         return service.handler(request)
 
     urls = ["http://a.test", "http://b.test"]
     transport = httpx.MockTransport(handler)
     start = time.monotonic()
-    with RewardClient(urls, transport=transport, retry=FAST, deadline_s=2.0) as client:
+    policy = RetryPolicy(attempts=4, backoff_base_s=0.001, backoff_max_s=0.002,
+                         max_retry_after_s=5.0)  # fmt: skip
+    with RewardClient(urls, transport=transport, retry=policy, deadline_s=2.0) as client:
         for _ in range(4):
             assert np.isfinite(client.score(images(1), "x").rewards("raw")).all()
+        resting = client._core.endpoints._down["http://a.test"] - time.monotonic()
     assert time.monotonic() - start < 1.5
+    assert 0 < resting <= 5.0  # a day's Retry-After benches it no longer than a wait would be
     used = [s[0] for s in service.calls("/v1/score")]
     assert used.count("http://a.test") == 1 and used.count("http://b.test") == 4
     # one replica alone: its Retry-After is still waited out (test_the_wait_honours_retry_after)

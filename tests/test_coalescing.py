@@ -443,12 +443,17 @@ def test_callers_share_one_identity_check_and_its_failure_with_the_backend_hung(
                                metrics=GatewayMetrics())  # fmt: skip
         start = time.monotonic()
 
+        errors: list[BaseException] = []
+
         async def one() -> float:
-            with pytest.raises(BackendTimeout):
+            with pytest.raises(BackendTimeout) as raised:
                 await guard.encode_images(images_of(1)[0])
+            errors.append(raised.value)
             return time.monotonic() - start
 
-        return await asyncio.gather(*(one() for _ in range(10))), inner.checks
+        took = await asyncio.gather(*(one() for _ in range(10)))
+        assert len({id(e) for e in errors}) == 10  # each its own copy, not one shared traceback
+        return took, inner.checks
 
     took, checks = bounded(run())
     assert checks == 1

@@ -387,13 +387,13 @@ def test_a_run_refuses_rewards_from_another_reward_model() -> None:
     check(run, json.loads(json.dumps(first)))  # the same model: fine
     check(SimpleNamespace(provenance=None), {"export_sha256": "b" * 64})  # a new run: fine
     for other, named in (
-        ({**first, "export_sha256": "b" * 64}, "export bbbbbbbbbbbb with calibration"),
-        ({**first, "textnorm": {"calibration_sha256": "d" * 64}}, "calibration dddddddddddd"),
+        ({**first, "export_sha256": "b" * 64}, f"export {'b' * 64}, calibration"),
+        ({**first, "textnorm": {"calibration_sha256": "d" * 64}}, f"calibration {'d' * 64}"),
     ):
         with pytest.raises(ValueError, match="now serves") as refused:
             check(run, other)
         assert named in str(refused.value)
-        assert "came from export aaaaaaaaaaaa with calibration cccccccccccc" in str(refused.value)
+        assert f"came from export {'a' * 64}, calibration {'c' * 64}" in str(refused.value)
 
 
 @pytest.mark.parametrize(

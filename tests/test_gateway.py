@@ -1076,7 +1076,7 @@ def test_a_list_past_any_item_limit_is_refused_before_its_elements_are_validated
     """Two million tiny elements (4 MB of JSON) took 23 s of the event loop and 3.7 GB before
     the count check; the schema's bound refuses them with one error, the settings' limit
     still names its own value below it."""
-    from service.gateway.schemas import ITEMS_BOUND
+    from service.settings import ITEMS_BOUND
 
     with gateway(provenance, onnx_backend) as c:
         body = b'{"prompt":"a red circle","images":[' + b",".join([b"0"] * 2_000_000) + b"]}"
@@ -1103,6 +1103,8 @@ def test_auth_and_admission_hold_under_a_root_path(provenance, onnx_backend):
         keyed = c.get("/api/v1/models", headers={"Authorization": "Bearer k-one"})
         assert keyed.status_code == 200
         assert c.get("/api/healthz").status_code == 200  # not under /v1: open
+        wrong = c.put("/api/v1/prompt-sets", headers={"Authorization": "Bearer k-one"})
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, POST"
 
 
 def test_configured_prompt_sets_are_not_the_apis_to_delete(provenance, onnx_backend, tmp_path):

@@ -289,6 +289,7 @@ EVERY_SETTING: dict[str, Any] = {
     "backend_timeout_s": 12.5,
     "keep_alive_s": 90,
     "body_read_timeout_s": 45.5,
+    "body_total_timeout_s": 90.0,
     "retry_after_s": 3,
     "embedding_cache_entries": 1000,
     "max_prompt_sets": 50,
@@ -312,6 +313,32 @@ def test_schema_settings_are_real_settings() -> None:
     knobs = schema["properties"]["gateway"]["properties"]["settings"]["properties"]
     assert set(knobs) == set(EVERY_SETTING)
     assert {f"REWARD_{k.upper()}" for k in knobs} <= setting_env_names()
+
+
+def test_schema_bounds_are_the_settings_bounds() -> None:
+    """A value the chart accepts but the gateway's Settings refuses crash-loops the pod (a
+    max_items_per_request of 5000 past the gateway's 4096): every bound of a knob in
+    service/settings.py is in the schema, as the same JSON Schema keyword."""
+    import annotated_types
+
+    from service.settings import Settings
+
+    schema = helm.schema(CHART)
+    knobs = schema["properties"]["gateway"]["properties"]["settings"]["properties"]
+    keyword = {
+        annotated_types.Ge: ("minimum", "ge"),
+        annotated_types.Gt: ("exclusiveMinimum", "gt"),
+        annotated_types.Le: ("maximum", "le"),
+        annotated_types.Lt: ("exclusiveMaximum", "lt"),
+    }
+    checked = 0
+    for name, knob in knobs.items():
+        for bound in Settings.model_fields[name].metadata:
+            if type(bound) in keyword:
+                key, attr = keyword[type(bound)]
+                assert knob.get(key) == getattr(bound, attr), (name, key, knob)
+                checked += 1
+    assert checked >= len(knobs) - 2  # nearly every knob has a bound
 
 
 def test_gateway_settings_parse_from_the_rendered_env(clean_reward_env: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,24 @@ def _score_model(monkeypatch, cache_entries: int = 100):
     utils = types.ModuleType("triton_python_backend_utils")
     utils.TRITONSERVER_MEMORY_CPU = 1
     utils.PreferredMemory = lambda kind, device: (kind, device)
+    utils.sent = []  # every nested request's arguments
+
+    rng = np.random.default_rng(0)
+
+    class InferenceRequest:  # a text encoder answering random embeddings
+        def __init__(self, **kwargs) -> None:
+            utils.sent.append(kwargs)
+            self.ids = dict(kwargs["inputs"])["INPUT_IDS"]
+
+        def exec(self):
+            out = rng.standard_normal((len(self.ids), D)).astype(np.float32)
+            return types.SimpleNamespace(has_error=lambda: False, outputs={"TEXT_EMBEDS": out})
+
+    utils.InferenceRequest = InferenceRequest
+    utils.Tensor = lambda name, value: (name, value)
+    utils.get_output_tensor_by_name = lambda response, name: types.SimpleNamespace(
+        as_numpy=lambda: response.outputs[name]
+    )
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
     path = REPO_ROOT / "model_repository" / "score" / "model.py"
     spec = importlib.util.spec_from_file_location("score_model_under_test", path)
@@ -37,22 +55,14 @@ def test_text_cache_entries_own_their_rows_and_bls_calls_ask_for_host_memory(mon
     """A cached embedding is a copy, not a row view of its batch's array (one reused row kept
     the whole batch alive: ~4 MB per batch at max batch 64, unbounded by the entry limit);
     the nested calls ask for host memory (the GPU flavour's TensorRT outputs are on the GPU)."""
-    _, model = _score_model(monkeypatch)
-    assert model.host == (1, 0)
-    rng = np.random.default_rng(0)
-    encoded: list[np.ndarray] = []
-
-    def infer(name, inputs, outputs):
-        out = rng.standard_normal((len(inputs["INPUT_IDS"]), D)).astype(np.float32)
-        encoded.append(out)
-        return {"TEXT_EMBEDS": out}
-
-    model._infer = infer
+    module, model = _score_model(monkeypatch)
+    utils = module.pb_utils
     rows = np.full((6, 77), EOS, np.int64)
     rows[:, 0] = 1
     rows[:, 1] = np.arange(10, 16)
     first = model._text_embeddings(rows)
-    assert np.array_equal(first, encoded[0])
+    (sent,) = utils.sent
+    assert sent["model_name"] == "text_encoder" and sent["preferred_memory"] == (1, 0)
     assert all(value.base is None and value.flags.owndata for value in model.cache.values())
     again = model._text_embeddings(rows[::-1])  # from the cache, in the asked order
-    assert len(encoded) == 1 and np.array_equal(again, encoded[0][::-1])
+    assert len(utils.sent) == 1 and np.array_equal(again, first[::-1])

@@ -190,13 +190,15 @@ class RewardClient(_ClientBase):
         except StopIteration as done:
             return done.value
 
-    def _drive_all(self, flows: list[Flow[T]], call: Any) -> list[T]:
+    def _drive_all(
+        self, flows: list[Flow[T]], deadline: float | None, request_id: str | None
+    ) -> list[T]:
         """The chunks' flows on the client's pool. The pool is shared by every call on this
         client, so a chunk may wait for a thread: the call's deadline bounds that wait too."""
         if len(flows) == 1:
             return [self._drive(flows[0])]
         futures = [self._pool.submit(self._drive, f) for f in flows]
-        limit = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
+        limit = None if deadline is None else max(0.0, deadline - time.monotonic())
         _, pending = wait(futures, timeout=limit, return_when=FIRST_EXCEPTION)
         for future in futures:
             if future.done() and not future.cancelled() and future.exception() is not None:
@@ -211,7 +213,7 @@ class RewardClient(_ClientBase):
                 f"the call's deadline passed with {len(pending)} of its {len(futures)} chunks "
                 f"unanswered (running, or waiting for one of this client's "
                 f"{self.max_concurrency} threads)",
-                request_id=call.request_id,
+                request_id=request_id,
             )
         return [f.result() for f in futures]
 
@@ -221,7 +223,7 @@ class RewardClient(_ClientBase):
             wire = [call.encode(0)]
         else:
             wire = list(self._encoder.map(call.encode, range(call.size)))
-        return call.merge(self._drive_all(call.requests(wire), call))
+        return call.merge(self._drive_all(call.requests(wire), call.deadline, call.request_id))
 
     # -- the interface -------------------------------------------------------------------------
     def score(

@@ -35,6 +35,7 @@ from textnorm_reward_client.results import (
     ServiceLimits,
     check_advantage_eps,
     group_advantages,
+    reward_model,
 )
 
 T = TypeVar("T")
@@ -291,7 +292,8 @@ class ClientCore:
                 wait_floor = retry_after_s(outcome)
                 if wait_floor is not None and sticky is None:
                     # Retry-After speaks for the replica that sent it: another may answer now
-                    wait_floor = None if self.endpoints.rest(url, wait_floor) else wait_floor
+                    rest_s = min(wait_floor, self.retry.max_retry_after_s)  # as waits are
+                    wait_floor = None if self.endpoints.rest(url, rest_s) else wait_floor
             last = failure
             if tries >= attempts:
                 raise failure
@@ -502,7 +504,7 @@ class ScoreCall:
         if len(payloads) == 1:
             return kind.from_json(payloads[0], ids)
         provenances = [p.get("provenance") or {} for p in payloads]
-        identities = {_identity(p) for p in provenances}
+        identities = {reward_model(p) for p in provenances}
         if len(identities) > 1:  # replicas serving different exports answered one call
             raise client_error(
                 "mixed_provenance",
@@ -527,14 +529,6 @@ class ScoreCall:
                 merged.update(group_advantages(values, self.group["eps"], name))
                 merged["advantages_computed_by"] = "client"
         return kind.from_json(merged, ids)
-
-
-def _identity(provenance: dict[str, Any]) -> str:
-    """What must be equal for two answers' rewards to be comparable: the export and the
-    calibration file the gateway chose c and λ from."""
-    export = str(provenance.get("export_sha256") or provenance.get("cache_key") or "")
-    calibration = (provenance.get("textnorm") or {}).get("calibration_sha256")
-    return export if calibration is None else f"{export} (calibration {calibration})"
 
 
 def _merged_provenance(

@@ -225,3 +225,13 @@ class ServiceLimits:
         from dataclasses import replace
 
         return replace(self, max_items_per_request=max_items)
+
+
+def reward_model(provenance: dict[str, Any]) -> str:
+    """What must be equal for two answers' rewards to be comparable, as one string: the
+    export (content hash) and the calibration file the gateway chose c and λ from."""
+    export = str(provenance.get("export_sha256") or provenance.get("cache_key") or "?")
+    calibration = (provenance.get("textnorm") or {}).get("calibration_sha256")
+    return (
+        f"export {export}" if calibration is None else f"export {export}, calibration {calibration}"
+    )

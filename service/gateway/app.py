@@ -701,6 +701,15 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
             provenance=state.provenance.block(),
         )
 
+    def registry_full(count: int) -> ApiError:
+        return ApiError(
+            422,
+            "registry_full",
+            f"importing {count} sets would exceed the registry's {registry.max_sets} prompt sets",
+            field="body",
+            limit=registry.max_sets,
+        )
+
     @router.post(
         "/prompt-sets/import",
         response_model=PromptSetImportResponse,
@@ -712,26 +721,17 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
         """Import the TextNorm authors' JSON (`{"prompt": ["contrastive", ...], ...}`) as the
         request body: all sets or none; each gets a content-hash id."""
         rid = current_request_id(request)
-        raw = await request.body()
         require_json(request)  # as every other body (this route reads its own)
+        raw = await request.body()
         try:  # malformed JSON: ApiError 400; a repeated prompt: PromptSetFormatError, 422
             data = await asyncio.get_running_loop().run_in_executor(
                 state.pool, lambda: loads_strict(raw, reject_duplicate_keys)
             )
             if isinstance(data, dict) and len(data) > registry.max_sets:  # before validating
-                raise RegistryFull(f"{len(data)} sets")
+                raise registry_full(len(data))
             sets = parse_prompt_sets(data)
         except PromptSetFormatError as exc:
             raise ApiError(422, "invalid_prompt_sets", str(exc), field="body") from None
-        except RegistryFull:
-            raise ApiError(
-                422,
-                "registry_full",
-                f"importing {len(data)} sets would exceed the registry's "
-                f"{registry.max_sets} prompt sets",
-                field="body",
-                limit=registry.max_sets,
-            ) from None
         prepared: list[PromptSet] = []
         new: list[PromptSet] = []
         for prompt, contrastive in sets.items():
@@ -744,14 +744,7 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
             except PromptSetConflict as exc:
                 raise ApiError(409, "prompt_set_conflict", f"{where}: {exc}", field=where) from None
             except RegistryFull:
-                raise ApiError(
-                    422,
-                    "registry_full",
-                    f"importing {len(sets)} sets would exceed the registry's "
-                    f"{registry.max_sets} prompt sets",
-                    field="body",
-                    limit=registry.max_sets,
-                ) from None
+                raise registry_full(len(sets)) from None
             if created:
                 new.append(prompt_set)
             prepared.append(prompt_set)

@@ -116,12 +116,6 @@ class RewardBackendProtocol(Protocol):
     async def close(self) -> None: ...
 
 
-def _retrieve(future: asyncio.Future) -> None:
-    """Mark a shared future's exception as seen (its waiters re-raise it; none may be left)."""
-    if not future.cancelled():
-        future.exception()
-
-
 class CallBound:
     """The overall bound on inference calls out to the backend at once, shared by every
     model of the export (its slots and their use are exported as the `backend_calls` budget)."""
@@ -189,12 +183,23 @@ class GuardedBackend:
         unreachable backend raises BackendUnavailable and leaves the last answer as it was."""
         if force or not self._identity_fresh():
             check = self._identity_check
-            if check is None or check.done():
+            if check is None:
                 check = self._identity_check = asyncio.ensure_future(self._check_identity())
-                check.add_done_callback(_retrieve)  # every waiter may have gone meanwhile
-            await asyncio.shield(check)  # a waiter that gives up leaves it to the others
+                check.add_done_callback(self._identity_checked)
+            try:
+                await asyncio.shield(check)  # a waiter that gives up leaves it to the others
+            except (BackendUnavailable, BackendError) as exc:
+                # each waiter its own copy: the shared error's traceback holds a request's frames
+                raise type(exc)(*exc.args) from None
         if self._mismatch is not None:
             raise ModelMismatch(self._mismatch)
+
+    def _identity_checked(self, check: asyncio.Future) -> None:
+        """The check is over: the next caller past the interval starts a new one. Its error is
+        marked seen (every waiter may have gone) and not kept."""
+        self._identity_check = None
+        if not check.cancelled():
+            check.exception()
 
     async def _check_identity(self) -> None:
         found = await self._call(

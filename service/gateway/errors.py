@@ -132,9 +132,10 @@ def install_error_handlers(app: FastAPI, retry_after_s: int, metrics=None) -> No
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:  # security helper: Allow names every method of the path
+            from service.gateway.auth import route_path
             from service.gateway.openapi import allowed_methods  # (openapi imports this module)
 
-            if allowed := allowed_methods(request.app, request.url.path):
+            if allowed := allowed_methods(request.app, route_path(request.scope)):
                 headers = {**(headers or {}), "Allow": ", ".join(allowed)}
         return error_response(
             exc.status_code,

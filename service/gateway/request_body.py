@@ -167,7 +167,6 @@ class OffloadedJsonRoute(APIRoute):
             body = await request.body()
             if body:
                 require_json(request)
-            if body and _is_json(request):
                 pool = getattr(request.app.state, "gateway", None)
                 value, digest = await parse_in_pool(getattr(pool, "pool", None), body)
                 request._json = value  # Starlette's cache of request.json(): FastAPI uses it

@@ -16,6 +16,7 @@ from textnorm_reward_client.results import REWARD_FIELDS
 from service.gateway.prompt_sets import PROMPT_SET_ID_PATTERN
 from service.gateway.raw_images import RAW_IMAGE_SCHEMA
 from service.gateway.request_ids import REQUEST_ID_PATTERN
+from service.settings import ITEMS_BOUND
 
 RequestId = Annotated[
     str,
@@ -96,10 +97,9 @@ class ScoreItem(_Request):
     )
 
 
-# The most items any deployment may allow per request (settings.max_items_per_request is at
-# most this): a list past it is refused before its elements are validated, so two million tiny
-# elements cost one error, not seconds of the event loop and gigabytes of error details.
-ITEMS_BOUND = 4096
+# A list past ITEMS_BOUND (the ceiling of settings.max_items_per_request) is refused before its
+# elements are validated: two million tiny elements cost one error, not seconds of the event
+# loop and gigabytes of error details.
 
 
 class ScoreRequest(_Request):
