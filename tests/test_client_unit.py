@@ -978,15 +978,15 @@ def test_retry_after_rests_that_replica_and_the_retry_goes_to_another_at_once():
 
 
 def _calibrated_answers(service: FakeService, per_chunk: list[dict]) -> None:
-    """Chunk k's answer carries per_chunk[k]: its provenance.textnorm and each item's c."""
+    """Chunk k's answer carries per_chunk[k]: its provenance.textnorm and each item's c
+    (k from the chunk's request id `<id>.<k>`: chunks are sent at once, in any order)."""
     original = service.answer
-    count = iter(range(100))
 
     def answer(path, body):
         response = original(path, body)
         if path != "/v1/score":
             return response
-        chosen = per_chunk[next(count) % len(per_chunk)]
+        chosen = per_chunk[int(body["request_id"].rsplit(".", 1)[-1]) % len(per_chunk)]
         payload = response.json()
         payload["provenance"]["textnorm"] = dict(chosen["textnorm"])
         for r in payload["results"]:
