@@ -57,6 +57,17 @@ async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
         raise
 
 
+def own_copy(exc: Exception) -> Exception:
+    """The same error for one of several waiters on one call (its own traceback; the original's
+    cause as its cause): the shared error's traceback holds the call's frames and inputs."""
+    try:
+        copy = type(exc)(*exc.args)
+    except Exception:
+        copy = BackendError(f"{type(exc).__name__}: {exc}")
+    copy.__cause__ = exc.__cause__
+    return copy
+
+
 @contextlib.contextmanager
 def request_call_slots(limit: int):
     """Within this block, the current task's backend calls are at most `limit` at once."""
@@ -189,8 +200,7 @@ class GuardedBackend:
             try:
                 await asyncio.shield(check)  # a waiter that gives up leaves it to the others
             except (BackendUnavailable, BackendError) as exc:
-                # each waiter its own copy: the shared error's traceback holds a request's frames
-                raise type(exc)(*exc.args) from None
+                raise own_copy(exc) from exc.__cause__
         if self._mismatch is not None:
             raise ModelMismatch(self._mismatch)
 

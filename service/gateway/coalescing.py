@@ -41,6 +41,7 @@ from service.gateway.backend import (
     BackendTimeout,
     CallBound,
     RewardBackendProtocol,
+    own_copy,
 )
 from service.gateway.metrics import GatewayMetrics
 
@@ -176,22 +177,12 @@ class CallQueue:
     def _fail(batch: list[_Call], exc: Exception) -> None:
         for call in batch:
             if not call.future.done():
-                call.future.set_exception(_own_copy(exc))
+                call.future.set_exception(own_copy(exc))
 
 
 def _concatenated(batch: Sequence[_Call]) -> list[np.ndarray]:
     """The callers' inputs stacked, input by input, into one call's."""
     return [np.concatenate(p) for p in zip(*(c.arrays for c in batch), strict=True)]
-
-
-def _own_copy(exc: Exception) -> Exception:
-    """The same error for one caller (its own traceback; the original as its cause)."""
-    try:
-        copy = type(exc)(*exc.args)
-    except Exception:
-        copy = BackendError(f"{type(exc).__name__}: {exc}")
-    copy.__cause__ = exc.__cause__  # not `exc`: its traceback holds the merged inputs
-    return copy
 
 
 def _split(name: str, out: Output, rows: Sequence[int]) -> list[Output]:
