@@ -18,7 +18,7 @@ import numpy as np
 from evaluation.auroc import mean_per_prompt_auroc
 from evaluation.evaluate import ScoredPrompt
 from service.gateway.calibration import prompt_kind
-from service.gateway.prompt_sets import contrastive_set_sha256
+from service.gateway.prompt_set_registry import contrastive_set_sha256
 from service.textnorm import ensemble_uncertainty, textnorm
 
 SCALE_GRID: tuple[float, ...] = (0.1, 1.0, 3.0, 5.0, 10.0, 20.0, 50.0)  # authors' + 20, 50

@@ -27,7 +27,7 @@ from evaluation.evaluate import ContrastiveFn, ScoredPrompt
 from service.contrastive import Vocabulary, contrastive_prompts
 from service.contrastive.dedupe import normalise
 from service.gateway.calibration import Calibration, ScaleChoice
-from service.gateway.prompt_sets import contrastive_set_sha256
+from service.gateway.prompt_set_registry import contrastive_set_sha256
 from service.gateway.provenance import MODEL_ENSEMBLE_REWARDS
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
 from shapes_world.benchmark import BenchmarkPrompt

@@ -22,7 +22,7 @@ from service.gateway.calibration import (
     prompt_kind,
     summarise_sources,
 )
-from service.gateway.prompt_sets import contrastive_set_sha256
+from service.gateway.prompt_set_registry import contrastive_set_sha256
 from service.settings import SHIPPED_MODEL_DIR, get_settings
 
 COMPOSITION = "a red circle and a blue square on a grass background"

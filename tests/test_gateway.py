@@ -402,7 +402,7 @@ def test_group_scores_and_advantages(provenance, onnx_backend):
 
 # -- prompt sets -----------------------------------------------------------------------------------
 def test_prompt_set_register_use_list_delete(provenance, onnx_backend):
-    from service.gateway.prompt_sets import content_id
+    from service.gateway.prompt_set_registry import content_id
 
     recorder = RecordingBackend(onnx_backend)
     image = b64(world_image())
@@ -546,8 +546,47 @@ def test_prompt_set_import(client):
     assert_error(too_many, 422, "too_many_contrastive_prompts", limit=32)
 
 
+def test_an_imports_validation_and_tokenisation_run_off_the_event_loop(client, monkeypatch):
+    # 10,000 sets of 15 prompts (a 7.6 MB body) took the event loop for 19 s, /healthz
+    # included: validation, cache keys and pre-encode tokenisation all ran on it.
+    import threading
+
+    from service.gateway import app as app_module
+    from service.gateway.scoring import Scorer
+
+    threads: dict[str, set[str]] = {"validate": set(), "keys": set(), "tokenise": set()}
+
+    def recorded(name, fn):
+        def wrapper(*args, **kwargs):
+            threads[name].add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        app_module, "_validated_set", recorded("validate", app_module._validated_set)
+    )
+    monkeypatch.setattr(Scorer, "cache_keys", recorded("keys", Scorer.cache_keys))
+    monkeypatch.setattr(Scorer, "_plan_for", recorded("tokenise", Scorer._plan_for))
+    document = {
+        f"{n} red circles": [f"{m} red circles" for m in range(1, 6) if m != n] for n in (2, 3)
+    }
+    r = client.post("/v1/prompt-sets/import", json=document)
+    assert r.status_code == 200 and r.json()["created"] == 2 and r.json()["pre_encoded"], r.text
+    assert all(names and "MainThread" not in names for names in threads.values()), threads
+    # What the worker computed is what the registry and the cache hold.
+    state = client.app_state
+    for prompt_set in state.registry.all():
+        keys = state.scorer.set_cache_keys(prompt_set)
+        assert len(keys) == 5 and all(k in state.cache for k in keys)
+    assert client.post("/v1/prompt-sets/import", json=document).json()["pre_encoded"] is True
+    # A failure in the worker is still the request's own 4xx.
+    bad = client.post("/v1/prompt-sets/import", json={"a red circle": ["<|endoftext|> x"]})
+    assert_error(bad, 422, "special_token_in_prompt", '["a red circle"][0]')
+
+
 def test_import_conflict_is_409(client):
-    from service.gateway.prompt_sets import PromptSet, content_id
+    from service.gateway.prompt_set_registry import PromptSet, content_id
 
     # A set already under the content-hash id an import computes, with other content (a hash
     # collision): a 409 naming the prompt, never a 500.

@@ -13,6 +13,7 @@ embedding). Whether a prompt was truncated is reported, never silently hidden.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ class ClipTokenizer:
         self._normalised: OrderedDict[str, str] = OrderedDict()
         self._tokens: OrderedDict[str, list[int]] = OrderedDict()
         self.memo_entries = memo_entries
+        self._memo_lock = threading.Lock()  # a lookup and an eviction may race across threads
         # Special tokens are matched in the raw text, before normalisation: a prompt holding
         # one in another letter case normalises like one holding it exactly, but tokenises
         # unlike it, so `normalise` could not key the embedding cache for either.
@@ -72,9 +74,10 @@ class ClipTokenizer:
         self._special = {self.normalise(t.content): t.content for t in added if t.special}
 
     def _remember(self, memo: OrderedDict, key: str, value):
-        memo[key] = value
-        if len(memo) > self.memo_entries:
-            memo.popitem(last=False)
+        with self._memo_lock:
+            memo[key] = value
+            while len(memo) > self.memo_entries:
+                memo.popitem(last=False)
         return value
 
     def normalise(self, prompt: str) -> str:
@@ -94,7 +97,7 @@ class ClipTokenizer:
 
     def _token_lists(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt with the start and end tokens, untruncated."""
-        found = {p: self._tokens[p] for p in prompts if p in self._tokens}
+        found = {p: t for p in prompts if (t := self._tokens.get(p)) is not None}
         missing = [p for p in dict.fromkeys(prompts) if p not in found]
         encoded = self._tok.encode_batch(missing, add_special_tokens=True) if missing else []
         for prompt, encoding in zip(missing, encoded, strict=True):

@@ -1,9 +1,9 @@
 """Which TextNorm prompt set an item was scored with: the comparison key of a prompt and the
 sha256 of a set, the same on the gateway, in the direct gRPC client and in a trainer's logs.
 
-Standard library only, so the gateway (service/gateway/prompt_sets.py) and every client share
-this one definition: a set calibrated by hash (`reward-service calibrate --prompt-sets`) gets
-its calibrated c on both paths.
+Standard library only, so the gateway (service/gateway/prompt_set_registry.py) and every
+client share this one definition: a set calibrated by hash (`reward-service calibrate
+--prompt-sets`) gets its calibrated c on both paths.
 """
 
 from __future__ import annotations

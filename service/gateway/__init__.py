@@ -2,7 +2,7 @@
 
 Modules: `app` (the app factory and routes), `schemas` (typed request/response models),
 `scoring` (contrastive sets → embeddings → rewards), `images` (base64 decoding and limits),
-`embedding_cache`, `prompt_sets` (registry), `identity` (is the backend serving the
+`embedding_cache`, `prompt_set_registry`, `identity` (is the backend serving the
 provenance's export?), `backend` (the backend protocol, its errors and the guard rails around
 its calls), `coalescing` (concurrent requests' backend calls merged into one),
 `triton_backend` (Triton over gRPC), `onnx_backend` (ONNX Runtime in process),

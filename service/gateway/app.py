@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,7 +55,7 @@ from service.gateway.backend import (
 )
 from service.gateway.calibration import gateway_calibration, with_scale_sources
 from service.gateway.coalescing import CoalescingBackend
-from service.gateway.embedding_cache import EmbeddingCache
+from service.gateway.embedding_cache import CacheKey, EmbeddingCache
 from service.gateway.errors import ApiError, install_error_handlers
 from service.gateway.idempotency import IdempotencyCache
 from service.gateway.identity import IdentityCheck
@@ -63,7 +63,7 @@ from service.gateway.images import ImageLimits, decode_images, set_pillow_limits
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.middleware import GatewayMiddleware
 from service.gateway.openapi import install_openapi
-from service.gateway.prompt_sets import (
+from service.gateway.prompt_set_registry import (
     PromptSet,
     PromptSetConflict,
     PromptSetRegistry,
@@ -613,12 +613,18 @@ def _validated_set(
     return cleaned
 
 
-def _add_sets(state: GatewayState, sets: list[PromptSet]) -> list[str]:
-    """Add `sets` to the registry, pin their prompts in the cache; the texts to pre-encode."""
+def _add_sets(
+    state: GatewayState,
+    sets: list[PromptSet],
+    cache_keys: Mapping[str, list[CacheKey]] | None = None,
+) -> list[str]:
+    """Add `sets` to the registry, pin their prompts in the cache (`cache_keys`: each set's,
+    by id, when already computed); the texts to pre-encode."""
     texts: list[str] = []
     for prompt_set in sets:
         state.registry.add(prompt_set)
-        for key in state.scorer.set_cache_keys(prompt_set):
+        keys = cache_keys[prompt_set.id] if cache_keys else state.scorer.set_cache_keys(prompt_set)
+        for key in keys:
             state.cache.pin(key)
         texts += [prompt_set.prompt, *prompt_set.contrastive]
     return texts
@@ -662,8 +668,10 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
     def validated(prompt: str, contrastive: list[str], prompt_field: str, set_field: str):
         return _validated_set(state, prompt, contrastive, prompt_field, set_field)
 
-    async def register(sets: list[PromptSet]) -> bool:
-        return await _pre_encode(state, _add_sets(state, sets))
+    async def register(
+        sets: list[PromptSet], cache_keys: Mapping[str, list[CacheKey]] | None = None
+    ) -> bool:
+        return await _pre_encode(state, _add_sets(state, sets, cache_keys))
 
     @router.post(
         "/prompt-sets",
@@ -701,6 +709,23 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
             provenance=state.provenance.block(),
         )
 
+    def valid_import(raw: bytes) -> list[tuple[str, str, tuple[str, ...], list[CacheKey]]]:
+        """(field, prompt, cleaned set, its cache keys) of each set of an import body; ApiError
+        on the first invalid one. Thread-safe: it reads only the settings and the tokenizer."""
+        try:  # malformed JSON: ApiError 400; a repeated prompt: PromptSetFormatError, 422
+            data = loads_strict(raw, reject_duplicate_keys)
+            if isinstance(data, dict) and len(data) > registry.max_sets:  # before validating
+                raise registry_full(len(data))
+            sets = parse_prompt_sets(data)
+        except PromptSetFormatError as exc:
+            raise ApiError(422, "invalid_prompt_sets", str(exc), field="body") from None
+        candidates = []
+        for prompt, contrastive in sets.items():
+            where = f"[{json.dumps(prompt, ensure_ascii=False)}]"
+            cleaned = validated(prompt, contrastive, where, where)
+            candidates.append((where, prompt, cleaned, scorer.cache_keys(prompt, cleaned)))
+        return candidates
+
     def registry_full(count: int) -> ApiError:
         return ApiError(
             422,
@@ -723,20 +748,13 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
         rid = current_request_id(request)
         require_json(request)  # as every other body (this route reads its own)
         raw = await request.body()
-        try:  # malformed JSON: ApiError 400; a repeated prompt: PromptSetFormatError, 422
-            data = await asyncio.get_running_loop().run_in_executor(
-                state.pool, lambda: loads_strict(raw, reject_duplicate_keys)
-            )
-            if isinstance(data, dict) and len(data) > registry.max_sets:  # before validating
-                raise registry_full(len(data))
-            sets = parse_prompt_sets(data)
-        except PromptSetFormatError as exc:
-            raise ApiError(422, "invalid_prompt_sets", str(exc), field="body") from None
+        # Parsing and validating 10,000 sets takes seconds: a worker thread does it, so the
+        # event loop goes on answering (it touches neither the registry nor the cache).
+        candidates = await asyncio.get_running_loop().run_in_executor(state.pool, valid_import, raw)
         prepared: list[PromptSet] = []
         new: list[PromptSet] = []
-        for prompt, contrastive in sets.items():
-            where = f"[{json.dumps(prompt, ensure_ascii=False)}]"
-            cleaned = validated(prompt, contrastive, where, where)
+        cache_keys: dict[str, list[CacheKey]] = {}
+        for where, prompt, cleaned, keys in candidates:
             try:
                 prompt_set, created = registry.prepare(
                     prompt, cleaned, "imported", pending=len(new)
@@ -744,14 +762,14 @@ def _prompt_set_routes(router: APIRouter, state: GatewayState) -> None:
             except PromptSetConflict as exc:
                 raise ApiError(409, "prompt_set_conflict", f"{where}: {exc}", field=where) from None
             except RegistryFull:
-                raise registry_full(len(sets)) from None
+                raise registry_full(len(candidates)) from None
             if created:
                 new.append(prompt_set)
             prepared.append(prompt_set)
-        pre_encoded = await register(new)
+            cache_keys[prompt_set.id] = keys
+        pre_encoded = await register(new, cache_keys)
         if not new:
-            keys = [k for s in prepared for k in scorer.set_cache_keys(s)]
-            pre_encoded = all(k in state.cache for k in keys)
+            pre_encoded = all(k in state.cache for keys in cache_keys.values() for k in keys)
         return PromptSetImportResponse(
             request_id=rid,
             prompt_sets=[_out(s) for s in prepared],

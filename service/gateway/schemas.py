@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from textnorm_reward_client.results import REWARD_FIELDS
 
-from service.gateway.prompt_sets import PROMPT_SET_ID_PATTERN
+from service.gateway.prompt_set_registry import PROMPT_SET_ID_PATTERN
 from service.gateway.raw_images import RAW_IMAGE_SCHEMA
 from service.gateway.request_ids import REQUEST_ID_PATTERN
 from service.settings import ITEMS_BOUND

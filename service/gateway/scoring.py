@@ -38,7 +38,7 @@ from service.gateway.calibration import Calibration, choose_scale
 from service.gateway.embedding_cache import CacheKey, EmbeddingCache
 from service.gateway.errors import ApiError
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.prompt_sets import PromptSet, PromptSetRegistry, contrastive_set_sha256
+from service.gateway.prompt_set_registry import PromptSet, PromptSetRegistry, contrastive_set_sha256
 from service.gateway.provenance import ProvenanceInfo
 from service.gateway.schemas import ItemResult, MemberReward, TextNormOptions
 from service.textnorm import ensemble_mean, ensemble_uncertainty
@@ -517,17 +517,24 @@ class Scorer:
         }
 
     async def pre_encode(self, texts: Sequence[str]) -> None:
-        """Encode and cache `texts` (a registered set) now, with every model; backend errors
-        propagate."""
+        """Encode and cache `texts` (registered sets) now, with every model; backend errors
+        propagate. They are tokenised in a worker thread: an import may bring 100,000s."""
+        plan = await asyncio.to_thread(self._plan_for, texts)
+        await gather_or_cancel(*(self.text_embeddings(plan, model) for model in self.models))
+
+    def _plan_for(self, texts: Sequence[str]) -> TextPlan:
         keys: dict[str, str] = {}
         for text in texts:
             keys.setdefault(self.tokenizer.normalise(text), text)
         plan = TextPlan(texts=keys)
         plan.tokenized = self.tokenizer.encode(list(keys.values()))
         plan.tokens = {k: i for i, k in enumerate(keys)}
-        await gather_or_cancel(*(self.text_embeddings(plan, model) for model in self.models))
+        return plan
 
     def set_cache_keys(self, prompt_set: PromptSet) -> list[CacheKey]:
-        texts = (prompt_set.prompt, *prompt_set.contrastive)
-        keys = [self.tokenizer.normalise(t) for t in texts]
+        return self.cache_keys(prompt_set.prompt, prompt_set.contrastive)
+
+    def cache_keys(self, prompt: str, contrastive: Sequence[str]) -> list[CacheKey]:
+        """The cache keys of a prompt and its set under every model (thread-safe)."""
+        keys = [self.tokenizer.normalise(t) for t in (prompt.strip(), *contrastive)]
         return list(dict.fromkeys(self.cache_key(k, m) for m in self.models for k in keys))
