@@ -223,7 +223,9 @@ class Settings(BaseSettings):
     )
     truncate_long_prompts: bool = Field(
         default=False,
-        description="prompts over CLIP's 77 tokens: truncate (and say so) instead of a 422",
+        description="prompts over CLIP's 77 tokens: truncate (and say so) instead of a 422; "
+        "contrastive prompts the cut makes token-identical to the prompt or to each other are "
+        "dropped",
     )
     access_log: bool = Field(
         default=False,

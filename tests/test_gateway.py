@@ -311,6 +311,29 @@ def test_long_prompt_refused_or_truncated(provenance, onnx_backend):
         assert metric(c, "reward_gateway_prompts_truncated_total") == 1
 
 
+def test_truncation_drops_contrastive_prompts_that_only_differ_past_the_cut(
+    provenance, onnx_backend
+):
+    # Cut to 77 tokens, a contrastive prompt that differs from the prompt only past the cut
+    # has the prompt's tokens, so its embedding: kept, it capped TextNorm at 1/|P| for every
+    # image (four of them: 0.2 for a perfect match).
+    padding = "very " * 75
+    image = b64(world_image())
+    head = f"{TRUE_PROMPT}, {padding}nice"
+    differ_late = [f"{head} sand", f"{head} water", "two red triangles on a grass background"]
+    with gateway(provenance, onnx_backend, truncate_long_prompts=True) as c:
+        item = {"image": image, "prompt": f"{head} grass", "contrastive": differ_late}
+        result = c.post("/v1/score", json={"items": [item]}).json()["results"][0]
+        assert result["contrastive_count"] == 1 and result["contrastive_truncated"] == 0
+        alone = {**item, "contrastive": differ_late[2:]}
+        expected = c.post("/v1/score", json={"items": [alone]}).json()["results"][0]
+        assert result["textnorm"] == pytest.approx(expected["textnorm"], abs=1e-6)
+        counting = {"image": image, "prompt": f"a photo, {padding}of two cats"}  # count cut off
+        r = c.post("/v1/score", json={"items": [counting], "textnorm": {"rule": "counting"}})
+        body = assert_error(r, 422, "no_contrastive_prompts", "items[0].prompt", CONTEXT_LENGTH)
+        assert "past the cut" in body["error"]["message"]
+
+
 def test_missing_contrastive_prompts_422_unless_allowed(client):
     image = b64(world_image())
     items = [{"image": image, "prompt": TRUE_PROMPT}, {"image": image, "prompt": "hello world"}]

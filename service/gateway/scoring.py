@@ -323,6 +323,9 @@ class Scorer:
         for item in items:
             rows = [plan.tokens[k] for k in item.keys]
             truncated = plan.tokenized.truncated[rows]
+            if truncated.any() and self.truncate_long_prompts:
+                rows = self._drop_cut_repeats(item, plan, rows)
+                truncated = plan.tokenized.truncated[rows]
             if truncated.any() and not self.truncate_long_prompts:
                 j = int(np.argmax(truncated))
                 n_tokens = int(plan.tokenized.lengths[rows[j]])
@@ -335,6 +338,37 @@ class Scorer:
             item.prompt_truncated = bool(truncated[0])
             item.contrastive_truncated = int(truncated[1:].sum())
         return plan
+
+    def _drop_cut_repeats(self, item: PlannedItem, plan: TextPlan, rows: list[int]) -> list[int]:
+        """Cut to CLIP's context, texts that differ only past the cut have the same token ids,
+        so the same embedding: contrastive prompts that became the prompt's or an earlier
+        one's tokens are dropped, as repeats are before tokenising. The rows left."""
+        seen: set[bytes] = set()
+        kept_rows, kept_keys, kept = [], [], []
+        for j, (row, key) in enumerate(zip(rows, item.keys, strict=True)):
+            ids = plan.tokenized.ids[row].tobytes()
+            if ids in seen:
+                continue
+            seen.add(ids)
+            kept_rows.append(row)
+            kept_keys.append(key)
+            if j:
+                kept.append(item.plan.prompts[j - 1])
+        if len(kept_rows) == len(rows):
+            return rows
+        if not kept:
+            where = item.plan.field or item.prompt_field
+            raise ApiError(
+                422,
+                "no_contrastive_prompts",
+                f"{where}: cut to CLIP's {self.tokenizer.context_length}-token context, every "
+                f"contrastive prompt is the prompt {quote_prompt(item.prompt)} (they differ "
+                "only past the cut)",
+                field=where,
+                limit=self.tokenizer.context_length,
+            )
+        item.keys, item.plan = kept_keys, replace(item.plan, prompts=kept)
+        return kept_rows
 
     # -- backend work --------------------------------------------------------------------------
     def cache_key(self, normalised: str, model: ScoringModel | None = None) -> CacheKey:
