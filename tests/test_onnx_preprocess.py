@@ -1,4 +1,5 @@
-"""The in-graph CLIP preprocessing (export/onnx_preprocess.py) against `CLIPImageProcessorPil`.
+"""The in-graph CLIP preprocessing (export/onnx_preprocess.py) against `CLIPImageProcessorPil`,
+and the RGB conversion before it (gateway and clients) against transformers' `convert_to_rgb`.
 
 Every comparison runs the ONNX model in onnxruntime's CPU provider and the HF processor on the
 same uint8 images. The tolerance is one grey level after normalisation, 1 / 255 / min(std);
@@ -258,3 +259,50 @@ def test_unsupported_processor_object_raises() -> None:
     square = CLIPImageProcessorPil(size={"height": 224, "width": 224})
     with pytest.raises(ValueError, match="shortest_edge"):
         build_preprocess_model(square)
+
+
+def _transparent_images() -> dict:
+    """Images whose pixels are (partly) transparent, with colours hidden under the alpha."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    rgba[:4, :, 3] = 0  # a fully transparent border over random colours
+    palette = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = 0  # a transparent palette entry (tRNS)
+    keyed = Image.fromarray(rgba[..., :3])
+    keyed.info["transparency"] = tuple(int(v) for v in rgba[0, 0, :3])  # a transparent colour
+    return {
+        "RGBA": Image.fromarray(rgba, "RGBA"),
+        "LA": Image.fromarray(rgba[..., [0, 3]], "LA"),
+        "P+tRNS": palette,
+        "RGB+tRNS": keyed,
+    }
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+tRNS", "RGB+tRNS"])
+def test_transparency_becomes_rgb_as_clips_processor_makes_it(mode):
+    # Transparent pixels are composited onto white, as transformers' `convert_to_rgb` (the
+    # processor's first step) does. The gateway, the REST client and the gRPC client dropped
+    # the alpha instead: the colours under it reached the model (a shipped-model reward of
+    # -0.21 served against 0.57 from the processor, for an 8-px transparent border).
+    import base64
+    import io
+
+    from textnorm_reward_client.grpc_client import _pixels
+    from textnorm_reward_client.images import _decoded
+    from transformers.image_transforms import convert_to_rgb
+
+    from service.gateway.images import ImageLimits, decode_image
+
+    image = _transparent_images()[mode]
+    png = io.BytesIO()
+    image.save(png, "PNG")
+    expected = convert_to_rgb(image, return_numpy=True)
+    limits = ImageLimits(
+        max_bytes=1 << 20, max_pixels=1 << 20, max_aspect_ratio=4, max_request_pixels=1 << 20
+    )
+    served = decode_image(base64.b64encode(png.getvalue()).decode(), "image", limits)
+    assert not np.array_equal(np.asarray(image.convert("RGB")), expected)  # alpha matters here
+    for got in (served, _decoded(png.getvalue()), _pixels(png.getvalue()), _decoded(image)):
+        np.testing.assert_array_equal(got, expected)

@@ -354,7 +354,7 @@ def _pixels(image: Any) -> np.ndarray:
     if not image_inputs.is_pil_image(image):
         data = image.read_bytes() if isinstance(image, Path) else image
         image = Image.open(io.BytesIO(data))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image_inputs.to_rgb(image))
 
 
 def _service_error(exc: InferenceServerException, request_id: str) -> RewardServiceError:

@@ -185,6 +185,19 @@ def resized(array: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array, "RGB").resize(target, Image.Resampling.BICUBIC))
 
 
+def to_rgb(image: Any) -> Any:
+    """A PIL image as CLIP's image processor sees it, in RGB: transparency (an alpha band or
+    a transparent colour) composited onto white, as transformers' `convert_to_rgb` does. A
+    plain `convert("RGB")` would drop the alpha and show the colours hidden under it."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image if image.mode == "RGB" else image.convert("RGB")  # RGB: no copy
+    from PIL import Image
+
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
 def _decoded(image: Any) -> np.ndarray:
     import numpy as np
     from PIL import Image
@@ -192,7 +205,7 @@ def _decoded(image: Any) -> np.ndarray:
     if not is_pil_image(image):
         data = image.read_bytes() if isinstance(image, Path) else image
         image = Image.open(io.BytesIO(data))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(to_rgb(image))
 
 
 def to_wire(image: Any, *, raw: bool, resize_to: int | None = None) -> WireImage:
@@ -210,7 +223,7 @@ def to_wire(image: Any, *, raw: bool, resize_to: int | None = None) -> WireImage
         return WireImage(text, _header_pixels(data), len(text))
     if is_pil_image(image):
         buf = io.BytesIO()
-        image.convert("RGB").save(buf, "PNG")
+        to_rgb(image).save(buf, "PNG")
         text = _b64(buf.getvalue())
         return WireImage(text, image.size[0] * image.size[1], len(text))
     import numpy as np

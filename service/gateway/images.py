@@ -15,7 +15,7 @@ Order of checks, cheapest first, each failure an `ApiError` naming the field and
 8. the decoded bytes (width × height × 3) are reserved from the admission budget
    (`reserve`, 429 when it is full), still before decoding;
 9. decoding (only the first frame of an animation), then conversion to RGB as CLIP's
-   processor does (alpha is dropped); a truncated or corrupt file is a 422.
+   processor does (transparency composited onto white); a truncated or corrupt file is a 422.
 
 An image may also come as a raw tensor object (`service.gateway.raw_images`), checked against
 the same limits with the same codes.
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from textnorm_reward_client.images import to_rgb
 
 from service.gateway.errors import ApiError
 
@@ -209,7 +210,7 @@ def decode_image(
         try:
             image.seek(0)
             image.load()
-            rgb = image if image.mode == "RGB" else image.convert("RGB")  # RGB: no copy
+            rgb = to_rgb(image)
             array = np.asarray(rgb, dtype=np.uint8)
         except Image.DecompressionBombError:
             raise _too_many_pixels(field, limits, (width, height)) from None
