@@ -561,15 +561,29 @@ def _calibration_bytes(
 
 
 def _replace(out: Path, new: Path) -> None:
-    """Move `new` to `out`, replacing an older export; never leaves a half-written OUT."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
+    """Move `new` (built beside `out.resolve()`) to `out`, replacing an older export; through
+    a symlink, to what it points at (the link stays). Never leaves a half-written or a missing
+    OUT: if the last move fails, the older export is put back."""
+    out = out.resolve()
+    if not out.exists():
         new.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        return
+    old = out.with_name(f".{out.name}.old")
+    _remove(old)
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():  # rmtree refuses links (silently, with ignore_errors)
+        path.unlink()
     else:
-        new.rename(out)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _public_name(source: str) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -251,6 +252,44 @@ def test_non_clip_checkpoint_and_unwritable_output(tmp_path, shipped_model):
     res = run_cli("export", "--out", str(blocker / "repo"))
     assert res.returncode == 2 and "does not exist" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "file"]  # nothing half-written
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in path.iterdir()}
+
+
+def test_a_new_export_replaces_the_old_through_a_symlink_or_not_at_all(tmp_path, monkeypatch):
+    from export.repository import _replace
+
+    def export(name: str, version: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "provenance.json").write_text(version)
+        return path
+
+    # OUT a symlink: the directory it points at is replaced and the link stays. Before, the
+    # link became a directory (the old export stranded behind it), or, across filesystems,
+    # the rename failed with OUT already moved away: no repository at all.
+    target = export("served", "v1")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    _replace(link, export(".served.tmp", "v2"))
+    assert link.is_symlink() and _tree(link) == {"provenance.json": "v2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "served"]
+
+    # The last move fails: the older export is put back.
+    real_rename = Path.rename
+
+    def failing(self, to):
+        if self.name == ".served.tmp2":
+            raise OSError(18, "Invalid cross-device link")
+        return real_rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="cross-device"):
+        _replace(link, export(".served.tmp2", "v3"))
+    assert _tree(target) == {"provenance.json": "v2"}
+    assert not (tmp_path / ".served.old").exists()
 
 
 @pytest.fixture(scope="module")
