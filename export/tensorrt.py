@@ -87,6 +87,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    else:  # TensorRT computes fp32 layers in TF32 (10-bit mantissa) unless told not to
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for name, p in profiles.items():
         profile.set_shape(name, p.min, p.opt, p.max)
@@ -137,6 +139,7 @@ def engine_key(gpu: str, trt_version: str, onnx_sha256: str, entry: dict) -> str
         "tensorrt": trt_version,
         "onnx_sha256": onnx_sha256,
         "precision": entry["precision"],
+        "tf32": entry["precision"] != "fp32",  # fp32 engines built before had TF32 on
         "profiles": entry["profiles"],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

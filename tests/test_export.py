@@ -374,6 +374,44 @@ def test_build_engines_without_tensorrt_is_one_line(gpu_repo, tmp_path):
     assert "TensorRT is not installed" in res.stderr and res.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize("fp16", [True, False])
+def test_an_fp32_engine_is_built_without_tf32(fp16, tmp_path, monkeypatch):
+    """The builder flags, through a stand-in `tensorrt` module (the real build needs a GPU).
+    TensorRT turns TF32 on by default: an "fp32" engine computed its matmuls in TF32."""
+    import sys
+    from types import SimpleNamespace as Namespace
+
+    from export import tensorrt as trt_build
+
+    flags = {"TF32"}  # TensorRT's default
+    config = Namespace(
+        set_memory_pool_limit=lambda *_: None,
+        set_flag=flags.add,
+        clear_flag=flags.discard,
+        add_optimization_profile=lambda _: None,
+    )
+    builder = Namespace(
+        create_network=lambda _: None,
+        create_builder_config=lambda: config,
+        create_optimization_profile=lambda: Namespace(set_shape=lambda *_: None),
+        build_serialized_network=lambda *_: b"plan",
+    )
+    fake = Namespace(
+        Logger=lambda _: None,
+        Builder=lambda _: builder,
+        OnnxParser=lambda *_: Namespace(parse_from_file=lambda _: True),
+        BuilderFlag=Namespace(FP16="FP16", TF32="TF32"),
+        MemoryPoolType=Namespace(WORKSPACE=0),
+    )
+    fake.Logger.WARNING = 0
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_build.shutil, "which", lambda _: "/usr/bin/nvidia-smi")
+    plan = tmp_path / "model.plan"
+    trt_build.build_engine(tmp_path / "model.onnx", plan, {}, fp16=fp16)
+    assert plan.read_bytes() == b"plan"
+    assert flags == ({"FP16", "TF32"} if fp16 else set())
+
+
 def test_build_engines_cache_is_keyed_by_gpu_tensorrt_and_onnx(gpu_repo, tmp_path):
     """The cache logic with a stand-in builder (the real one needs a GPU: the gpu test)."""
     from export.tensorrt import build_engines
