@@ -24,6 +24,7 @@ resumes without restarting the gateway. Restarts are counted in `/metrics` by ca
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import importlib.util
 import json
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,6 +163,9 @@ def curl_example(settings: Settings) -> str:
 
 
 RESTART_CAUSES = ("exited", "hung", "stub_died")
+# Triton's "stub not healthy" answers, counted over this many seconds: a stuck stub keeps
+# failing every call to its model, so a trainer's retries bring reports well within it.
+STUB_REPORT_WINDOW_S = 60.0
 
 
 class TritonWatchdog(threading.Thread):
@@ -174,7 +179,10 @@ class TritonWatchdog(threading.Thread):
     SIGTERM) and started again on the same ports. A ready server must also keep every
     Python-backend stub it started (counted with psutil): Triton 2.51 does not restart a stub
     that died (killed for memory, a crash) and keeps answering ready while every call to that
-    model fails, so fewer stubs than before is a restart too. A failed restart is retried after
+    model fails, so fewer stubs than before is a restart too; a stopped stub counts as gone,
+    and so does a stub Triton calls "not healthy" (a stuck one) `failures_before_restart`
+    times within `STUB_REPORT_WINDOW_S` (the gateway reports each such answer through
+    `report_unhealthy_stub`). A failed restart is retried after
     `backoff_s`, doubling up to `max_backoff_s`. Each restart calls `on_restart(cause)` with
     cause "exited", "hung" or "stub_died" (the launcher counts them in /metrics).
 
@@ -204,6 +212,7 @@ class TritonWatchdog(threading.Thread):
         self.failed_probes = 0  # consecutive, of the running server
         self.stubs: int | None = None  # Python-backend stubs the running server has had
         self.restart_waits: list[float] = []  # the backoff after each failed restart
+        self._stub_reports: collections.deque[float] = collections.deque()  # monotonic times
 
     @classmethod
     def from_settings(
@@ -244,8 +253,25 @@ class TritonWatchdog(threading.Thread):
             return None
         return "hung"
 
+    def report_unhealthy_stub(self) -> None:
+        """Triton answered a call with "stub process … is not healthy" (any thread)."""
+        self._stub_reports.append(time.monotonic())
+
     def _stub_cause(self) -> str | None:
-        """ "stub_died" when the ready server has fewer live stubs than it has had."""
+        """ "stub_died" when the ready server has fewer live stubs than it has had, or Triton
+        called a stub not healthy `failures_before_restart` times in the window."""
+        now, reports = time.monotonic(), self._stub_reports
+        while reports and reports[0] < now - STUB_REPORT_WINDOW_S:
+            reports.popleft()
+        if len(reports) >= self.failures_before_restart:
+            log.warning(
+                "tritonserver (pid %s) answered %d calls in %.0f s with a Python-backend stub "
+                "not healthy: a stub is stuck and Triton does not recover it",
+                self.server.pid,
+                len(reports),
+                STUB_REPORT_WINDOW_S,
+            )
+            return "stub_died"
         live = self.server.python_stubs()
         if live is None or self.stubs is None or live >= self.stubs:
             self.stubs = live if self.stubs is None or live is None else max(live, self.stubs)
@@ -275,7 +301,7 @@ class TritonWatchdog(threading.Thread):
                     self.server.pid,
                     f"hung ({self.failed_probes} failed readiness probes)"
                     if cause == "hung"
-                    else "missing a Python-backend stub",
+                    else "missing a healthy Python-backend stub",
                 )
                 self.server.kill()
             elif pending is None:
@@ -289,6 +315,7 @@ class TritonWatchdog(threading.Thread):
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             pending, self.failed_probes, backoff = None, 0, self.backoff_s
+            self._stub_reports.clear()  # answers of the server just replaced
             self.stubs = self.server.python_stubs()  # start() returned: it is ready
             self.restarts += 1
             self.restarts_by_cause[cause] += 1
@@ -313,12 +340,20 @@ async def _discover(backend) -> None:
         await backend.close()
 
 
-def _gateway_app(settings: Settings, repo: Path, triton_url: str | None, *, required: bool):
+def _gateway_app(
+    settings: Settings,
+    repo: Path,
+    triton_url: str | None,
+    *,
+    required: bool,
+    on_stub_unhealthy: Callable[[], None] | None = None,
+):
     """The gateway app for `repo`'s export, backed by Triton at `triton_url`, or, with
     `triton_url` None, by the export's ONNX files under ONNX Runtime in this process.
 
     `required`: Triton must answer now (one host: we just started it); otherwise a Triton that
-    is not up yet only delays readiness."""
+    is not up yet only delays readiness. `on_stub_unhealthy`: called on each Triton answer
+    that a Python-backend stub is not healthy."""
     from service.gateway.app import create_app
     from service.gateway.provenance import load_provenance
 
@@ -328,7 +363,9 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str | None, *, requ
     if triton_url is None:
         backends = _onnx_backends(settings, repo, provenance)
     else:
-        backends = _triton_backends(settings, provenance, triton_url, required=required)
+        backends = _triton_backends(
+            settings, provenance, triton_url, required=required, on_stub_unhealthy=on_stub_unhealthy
+        )
     return create_app(
         settings,
         backends[0],
@@ -338,7 +375,14 @@ def _gateway_app(settings: Settings, repo: Path, triton_url: str | None, *, requ
     )
 
 
-def _triton_backends(settings: Settings, provenance: dict, triton_url: str, *, required: bool):
+def _triton_backends(
+    settings: Settings,
+    provenance: dict,
+    triton_url: str,
+    *,
+    required: bool,
+    on_stub_unhealthy: Callable[[], None] | None = None,
+):
     """One Triton gRPC backend per model of the export (the first model, then each member)."""
     from service.gateway.backend import BackendError, BackendUnavailable
     from service.gateway.triton_backend import RewardBackend
@@ -352,6 +396,7 @@ def _triton_backends(settings: Settings, provenance: dict, triton_url: str, *, r
             image_model=names["image_encoder"],
             text_model=names["text_encoder"],
             reward_model=names["reward_head"],
+            on_stub_unhealthy=on_stub_unhealthy,
         )
         for names in [
             {role: member_model(role, 0) for role in MEMBER_ROLES},
@@ -441,7 +486,13 @@ def serve(settings: Settings) -> None:
     server.start()
     watchdog = TritonWatchdog.from_settings(server, settings)
     try:
-        app = _gateway_app(settings, repo, server.grpc_url, required=True)
+        app = _gateway_app(
+            settings,
+            repo,
+            server.grpc_url,
+            required=True,
+            on_stub_unhealthy=watchdog.report_unhealthy_stub,
+        )
         restarts = app.state.gateway.metrics.triton_restarts
         for cause in RESTART_CAUSES:
             restarts.labels(cause)  # every cause in /metrics from the start, at 0

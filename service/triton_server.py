@@ -256,8 +256,9 @@ class TritonServer:
         return self._proc is not None and self._proc.poll() is None
 
     def python_stubs(self) -> int | None:
-        """Live Python-backend stub processes of the running server, one per model instance
-        (None: not running, or psutil, of the `triton` extra, missing)."""
+        """Live Python-backend stub processes of the running server, one per model instance:
+        neither exited nor stopped (a SIGSTOP-ed stub answers nothing, and Triton only calls
+        it "not healthy"). None: not running, or psutil, of the `triton` extra, missing."""
         try:
             import psutil
         except ImportError:
@@ -268,10 +269,12 @@ class TritonServer:
             return None
         if children is None:
             return None
+        gone = {psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED}
+        gone.add(getattr(psutil, "STATUS_TRACING_STOP", psutil.STATUS_STOPPED))
         live = 0
         for child in children:
             try:
-                if child.name() == STUB_NAME and child.status() != psutil.STATUS_ZOMBIE:
+                if child.name() == STUB_NAME and child.status() not in gone:
                     live += 1
             except psutil.Error:  # exited while being read
                 continue

@@ -1011,6 +1011,30 @@ def test_both_backends_implement_the_protocol(onnx_backend):
     assert isinstance(RewardBackend("127.0.0.1:1"), RewardBackendProtocol)  # connects lazily
 
 
+def test_tritons_stub_not_healthy_answer_is_a_503_reported_to_the_watchdog():
+    # Triton's own words for a dead or stuck Python-backend stub; `serve` passes the
+    # watchdog's report_unhealthy_stub, which restarts Triton after a few (a stuck stub keeps
+    # its process, so counting processes cannot see it).
+    from tritonclient.utils import InferenceServerException
+
+    from service.gateway.backend import BackendError, StubUnhealthy
+    from service.gateway.triton_backend import RewardBackend
+
+    reports: list[int] = []
+    backend = RewardBackend("127.0.0.1:1", on_stub_unhealthy=lambda: reports.append(1))
+
+    async def fails(message: str):
+        raise InferenceServerException(message, status="StatusCode.INTERNAL")
+
+    unhealthy = "Stub process 'image_encoder_0_0' is not healthy."
+    with pytest.raises(StubUnhealthy, match="Python-backend process died"):
+        asyncio.run(backend._call("image_encoder", fails, unhealthy))
+    assert reports == [1]
+    with pytest.raises(BackendError):  # any other failure: not the watchdog's business
+        asyncio.run(backend._call("image_encoder", fails, "onnx runtime error: bad shape"))
+    assert reports == [1]
+
+
 def test_client_retries_503_504_and_transport_errors_but_not_502():
     import httpx
     from textnorm_reward_client import RetryPolicy, RewardClient, RewardServiceError

@@ -115,6 +115,9 @@ def test_live_stubs_counts_the_servers_living_children_per_model(tmp_path: Path)
     _fake_process(proc, 21, "triton_python_b", _stub_argv("score", "score_0_1"), "R", 7)
     _fake_process(proc, 22, "triton_python_b", _stub_argv("text_encoder", "t_0_0"), "Z", 7)
     _fake_process(proc, 23, "triton_python_b", _stub_argv("image_encoder", "i_0_0"), "S", 8)
+    # stopped (SIGSTOP, or a debugger): Triton calls it not healthy and every call fails
+    _fake_process(proc, 26, "triton_python_b", _stub_argv("image_encoder", "i_0_1"), "T", 8)
+    _fake_process(proc, 27, "triton_python_b", _stub_argv("image_encoder", "i_0_2"), "t", 8)
     _fake_process(proc, 24, "python3", ["python3", "/models/x/1/model.py"], "S", 7)
 
     assert probe.server_pids(proc) == [7, 8]

@@ -82,6 +82,11 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot serve now (down, restarting, model not loaded): 503."""
 
 
+class StubUnhealthy(BackendUnavailable):
+    """Triton answers that a Python-backend stub is not healthy (dead or stuck): Triton does
+    not recover it by itself; `serve`'s watchdog restarts Triton (503 meanwhile)."""
+
+
 class BackendTimeout(BackendUnavailable):
     """A call ran past its timeout (the backend is slow or hung): 504."""
 

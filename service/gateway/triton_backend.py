@@ -24,7 +24,7 @@ without being recreated. Torch-free.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -38,6 +38,7 @@ from service.gateway.backend import (
     BackendTimeout,
     BackendUnavailable,
     ModelMismatch,
+    StubUnhealthy,
 )
 from service.gateway.identity import hash_in_config
 from service.model_contract import (
@@ -85,7 +86,7 @@ def _translate(exc: BaseException, what: str) -> Exception:
     if "stub process" in (message or "").lower() and "not healthy" in (message or "").lower():
         # A Python-backend process died: Triton must be restarted (`serve`'s watchdog does),
         # so the request is worth retrying there, not a 502 about this request.
-        return BackendUnavailable(f"{what}: a Triton Python-backend process died ({message})")
+        return StubUnhealthy(f"{what}: a Triton Python-backend process died ({message})")
     if "unknown model" in (message or "").lower() and "version" in (message or "").lower():
         return ModelMismatch(f"{what}: Triton serves another export ([{code}] {message})")
     return BackendError(f"{what}: [{code}] {message}")
@@ -137,8 +138,10 @@ class RewardBackend:
         reconnect_backoff_ms: tuple[int, int] = (100, 1000),
         channel_args: Sequence[tuple[str, Any]] = (),
         model_version: int | None = None,
+        on_stub_unhealthy: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
+        self.on_stub_unhealthy = on_stub_unhealthy  # `serve`: tells the watchdog
         # Every call names the export's model version (provenance.json's model_version), so a
         # Triton pod that serves another export refuses it (ModelMismatch) instead of answering.
         self.version = "" if model_version is None else str(model_version)
@@ -181,7 +184,10 @@ class RewardBackend:
         except (BackendUnavailable, BackendError):
             raise
         except Exception as exc:  # tritonclient, grpc and channel errors
-            raise _translate(exc, what) from exc
+            error = _translate(exc, what)
+            if isinstance(error, StubUnhealthy) and self.on_stub_unhealthy is not None:
+                self.on_stub_unhealthy()
+            raise error from exc
 
     async def connect(self) -> RewardBackend:
         """Read the reward head's outputs (and the embedding size) from model metadata."""

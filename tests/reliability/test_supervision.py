@@ -158,4 +158,21 @@ def test_a_dead_python_backend_stub_is_a_503_then_a_restart(stack):
         after = client.post("/v1/score", json={"items": [ITEM]})
         assert after.status_code == 200, after.text
         assert abs(after.json()["results"][0]["raw"] - before.json()["results"][0]["raw"]) <= 1e-6
-        assert "missing a Python-backend stub" in stack.output(200000)
+        assert "missing a healthy Python-backend stub" in stack.output(200000)
+
+        # A stopped stub keeps its process: before, it was counted alive, and every score was
+        # a 503 indefinitely with /readyz at 200 and no restart.
+        triton = stack.triton_pid()
+        stack.triton_pids.add(triton)
+        stopped = next(
+            p
+            for p in psutil.Process(triton).children(recursive=True)
+            if p.name() == "triton_python_backend_stub" and "image_encoder" in p.cmdline()[1]
+        )
+        stopped.suspend()
+        wait_until(
+            lambda: _restarts(client, "stub_died") == 2, 30, "a restart for the stopped stub"
+        )
+        assert not stopped.is_running() or stopped.status() == psutil.STATUS_ZOMBIE
+        wait_until(lambda: client.get("/readyz").status_code == 200, 60, "ready after it")
+        assert client.post("/v1/score", json={"items": [ITEM]}).status_code == 200

@@ -101,6 +101,34 @@ def test_a_ready_server_that_lost_a_python_backend_stub_is_restarted():
         dog.stop()
 
 
+def test_a_stub_triton_calls_not_healthy_n_times_in_the_window_is_a_restart(monkeypatch):
+    # A stuck stub (alive, not stopped) keeps its process: only Triton's answers say so. Before,
+    # every score was a 503 indefinitely while the stub count, /readyz and the probe said fine.
+    from service import launcher
+
+    server = ScriptedServer(stubs=3)
+    dog, causes = _watch(server, failures_before_restart=3, backoff_s=0.02)
+    try:
+        _until(lambda: dog.stubs == 3)
+        dog.report_unhealthy_stub()
+        dog.report_unhealthy_stub()
+        time.sleep(0.2)  # two answers: not yet (one flaky check must not cost a restart)
+        assert causes == [] and server.kills == 0
+        dog.report_unhealthy_stub()
+        _until(lambda: causes == ["stub_died"])
+        assert server.kills == 1
+        time.sleep(0.2)
+        assert causes == ["stub_died"]  # the old server's answers do not count against the new
+        monkeypatch.setattr(launcher, "STUB_REPORT_WINDOW_S", 0.05)
+        for _ in range(3):  # spread over more than the window: no restart
+            dog.report_unhealthy_stub()
+            time.sleep(0.1)
+        time.sleep(0.1)
+        assert causes == ["stub_died"]
+    finally:
+        dog.stop()
+
+
 def test_without_a_stub_count_only_exits_and_hangs_restart():
     server = ScriptedServer(stubs=None)  # no psutil, or a server without Python models
     dog, causes = _watch(server, backoff_s=0.02)
