@@ -196,7 +196,7 @@ class TritonServer:
         die_with_parent: bool = True,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
-        self.runtime_dir = Path(runtime_dir)
+        self.runtime_dir = Path(runtime_dir).resolve()  # Triton's cwd: no relative paths
         self.host = host
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
@@ -330,7 +330,8 @@ class TritonServer:
                 self._launch(backends, source / "bin" / "tritonserver", env)
                 return self
             except TritonStartError as exc:
-                in_use = "address already in use" in str(exc).lower()
+                # "Address already in use" (gRPC), "Socket '…' already in use" (HTTP)
+                in_use = "already in use" in str(exc).lower()
                 if not (in_use and attempt + 1 < attempts):
                     raise
                 self._ports = None  # a port was taken between picking and binding: pick again
@@ -358,6 +359,13 @@ class TritonServer:
         atexit.register(self.stop)
         try:
             self._wait_ready(began + self.startup_timeout)
+            if "failed to start metrics service" in self.log_tail(400).lower():
+                # Triton goes on without its metrics endpoint: the port printed would be
+                # somebody else's listener.
+                raise TritonStartError(
+                    f"tritonserver could not serve metrics on port {self._port(2)} (already in "
+                    f"use?) (log {self.log_file}):\n{self.log_tail()}"
+                )
         except BaseException:
             self.stop()
             raise

@@ -27,7 +27,13 @@ from service.gateway.triton_backend import (
     executions_by_batch_size,
 )
 from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS, version_dir
-from service.triton_server import TritonServer, TritonStartError, group_alive, pid_alive
+from service.triton_server import (
+    TritonServer,
+    TritonStartError,
+    free_ports,
+    group_alive,
+    pid_alive,
+)
 
 pytest_plugins = ("tests.conftest_triton",)  # the triton_repo and triton_server fixtures
 
@@ -174,6 +180,34 @@ def test_broken_repository_fails_fast_with_log(tmp_path):
         server.start()
     assert "broken" in str(info.value)  # the log tail names the failing model
     assert server.pid is None and not server.running()
+
+
+def test_a_relative_runtime_dir_serves_and_a_taken_port_is_a_start_error(
+    triton_repo, tmp_path, monkeypatch
+):
+    import socket
+
+    # Triton runs with the runtime dir as its cwd: a relative one was resolved twice, and
+    # every model failed with "unable to find backend library".
+    monkeypatch.chdir(tmp_path)
+    server = TritonServer(triton_repo, runtime_dir="rt", log_file=tmp_path / "log").start()
+    try:
+        assert server.is_ready() and (tmp_path / "rt" / "backends").is_dir()
+    finally:
+        server.stop()
+    # A metrics port somebody else listens on: Triton went on without metrics, and `serve`
+    # printed the other listener's URL as Triton's.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        http, grpc = free_ports(2, "127.0.0.1")
+        server = TritonServer(
+            triton_repo, http_port=http, grpc_port=grpc, metrics_port=port, log_file=tmp_path / "l"
+        )
+        with pytest.raises(TritonStartError, match=f"metrics on port {port}"):
+            server.start()
+        assert server.pid is None and not server.running()
 
 
 def test_server_dies_with_its_parent(triton_repo, tmp_path):
