@@ -148,9 +148,12 @@ def prompts_cmd(
 
 
 def _settings(**overrides: object):
-    """The settings with the options the user gave (None: not given) on top."""
+    """The settings with the options the user gave (None: not given) on top, validated
+    together (another --model drops the shipped head, as REWARD_MODEL does)."""
+    from service.settings import Settings
+
     given = {k: v for k, v in overrides.items() if v is not None}
-    return get_settings().model_copy(update=given)
+    return Settings(**given) if given else get_settings()
 
 
 def _logging() -> None:
@@ -184,9 +187,6 @@ def serve_cmd(
     settings = _settings(
         model=model, repository=str(repository) if repository else None, host=host, port=port
     )
-    if model:  # the shipped head belongs to the shipped model only (the shipped calibration
-        # is skipped by the export for any other checkpoint)
-        settings = settings.model_copy(update={"head": None})
     _logging()
     serve(settings)
 

@@ -29,6 +29,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -71,6 +72,20 @@ def export_precision(repo: Path) -> str:
     --precision`; exports from before the option are fp32)."""
     prov = json.loads((Path(repo) / "provenance.json").read_text())
     return (prov.get("options") or {}).get("precision", "fp32")
+
+
+def warn_ignored_env(settings: Settings) -> None:
+    """Say which REWARD_* variables the server ignores: a typo must not pass silently (a
+    misspelt REWARD_API_KEYS would serve without auth)."""
+    from service.settings import unknown_env
+
+    for name in unknown_env():
+        log.warning("%s is not a setting and is ignored (README: settings)", name)
+    if os.environ.get("REWARD_API_KEY") and not settings.api_keys:
+        log.warning(
+            "REWARD_API_KEY is the key client commands send; the gateway's keys are "
+            "REWARD_API_KEYS, and none is set: /v1 needs no key"
+        )
 
 
 def warn_ignored_export_settings(settings: Settings, repo: Path) -> None:
@@ -463,6 +478,7 @@ def run_gateway(settings: Settings, *, onnx: bool = False) -> None:
     repo = Path(settings.repository)
     backend = "ONNX Runtime in process" if onnx else f"Triton {settings.triton_url}"
     app = _gateway_app(settings, repo, None if onnx else settings.triton_url, required=False)
+    warn_ignored_env(settings)
     warn_ignored_export_settings(settings, repo)
     print(f"gateway: http://{settings.host}:{settings.port} → {backend}")
     print(f"serving the export in {settings.repository}", flush=True)
@@ -475,6 +491,7 @@ def serve(settings: Settings) -> None:
     from service.triton_server import TritonServer
 
     check_bind(settings.host, settings)
+    warn_ignored_env(settings)
     repo = ensure_repository(settings)
     server = TritonServer(
         repo,

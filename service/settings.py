@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models import SHIPPED_CALIBRATION_FILE, SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR
 
 # Caches live outside the package (a non-editable install's site-packages is not ours to write).
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "textnorm-reward"
+CACHE_DIR = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "textnorm-reward"
+).absolute()
 
 __all__ = [
     "CACHE_DIR",
@@ -22,6 +25,7 @@ __all__ = [
     "SHIPPED_MODEL_DIR",
     "Settings",
     "get_settings",
+    "unknown_env",
 ]
 
 
@@ -31,7 +35,10 @@ ITEMS_BOUND = 4096
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REWARD_", extra="ignore")
+    # No error ever echoes a value: REWARD_API_KEYS holds secrets (pod logs keep stderr).
+    model_config = SettingsConfigDict(
+        env_prefix="REWARD_", extra="ignore", hide_input_in_errors=True
+    )
 
     model: str = Field(
         default=str(SHIPPED_MODEL_DIR),
@@ -39,7 +46,8 @@ class Settings(BaseSettings):
     )
     head: str | None = Field(
         default=str(SHIPPED_HEAD_DIR),
-        description="learned reward head directory trained on `model` (None: no head)",
+        description="learned reward head directory trained on `model` (None: no head; the "
+        "shipped head is the default for the shipped model only)",
     )
     members: list[str] = Field(
         default_factory=list,
@@ -154,10 +162,10 @@ class Settings(BaseSettings):
     )
 
     # -- gateway (service/gateway): security, request limits, caches, backend calls ------------
-    api_keys: list[SecretStr] = Field(
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Bearer API keys accepted by the gateway's /v1 endpoints (JSON list in "
-        "REWARD_API_KEYS); empty: no auth, and only a loopback bind is allowed",
+        description="Bearer API keys accepted by the gateway's /v1 endpoints (REWARD_API_KEYS: "
+        "a JSON list, or one bare key); empty: no auth, and only a loopback bind is allowed",
     )
     max_items_per_request: int = Field(
         default=64,
@@ -368,7 +376,48 @@ class Settings(BaseSettings):
         default=True, description="serve /docs, /redoc and /openapi.json (False: all 404)"
     )
 
+    @model_validator(mode="after")
+    def _head_follows_the_model(self) -> Settings:
+        """The shipped head is trained on the shipped CLIP: another `model` (REWARD_MODEL or
+        --model) gets no head unless one is given (the export refuses a head of another CLIP)."""
+        shipped = not self.model or (  # "" (an unset --model "$VAR") means the shipped one
+            Path(self.model).expanduser().resolve() == SHIPPED_MODEL_DIR.resolve()
+        )
+        if "head" not in self.model_fields_set and not shipped:
+            object.__setattr__(self, "head", None)
+        return self
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: Any) -> Any:
+        """REWARD_API_KEYS as a JSON list of keys, or one bare key; an error never quotes it."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text[:1] in ("[", "{", '"'):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError("not valid JSON (a list of keys, or one bare key)") from None
+            else:
+                value = [text] if text else []
+            if isinstance(value, str):
+                value = [value]
+        if not isinstance(value, list) or not all(isinstance(k, str | SecretStr) for k in value):
+            raise ValueError("expected a list of key strings (JSON), or one bare key")
+        return value
+
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+# REWARD_* variables the CLI's client commands read (`score`, `eval --via`, `finetune`), not
+# the server.
+CLIENT_ENV = ("REWARD_URL", "REWARD_API_KEY", "REWARD_EVAL_API_KEY", "REWARD_SERVICE_API_KEY")
+
+
+def unknown_env(environ: dict[str, str] | os._Environ = os.environ) -> list[str]:
+    """REWARD_* variables that no setting and no client command reads (a typo: ignored)."""
+    known = {f"REWARD_{name}".upper() for name in Settings.model_fields} | set(CLIENT_ENV)
+    return sorted(k for k in environ if k.upper().startswith("REWARD_") and k.upper() not in known)

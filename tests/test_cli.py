@@ -320,3 +320,23 @@ def test_serve_refuses_a_gpu_repository_in_one_line(tmp_path):
     res = run_cli("serve", "--repository", str(repo), timeout=60)
     assert res.returncode == 2
     assert "GPU-flavour export" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_another_model_gets_no_shipped_head_from_the_environment_or_the_option(monkeypatch):
+    # The shipped head is trained on the shipped CLIP. `serve --model X` dropped it, but
+    # REWARD_MODEL=X kept it, and the export refused the pair: serve exited 2 every time.
+    from service.cli import _settings
+    from service.settings import SHIPPED_HEAD_DIR, SHIPPED_MODEL_DIR, Settings
+
+    other = str(SHIPPED_MODEL_DIR.parent / "shapes-clip-b")
+    assert Settings().head == str(SHIPPED_HEAD_DIR)  # the shipped pair
+    assert Settings(model=str(SHIPPED_MODEL_DIR) + "/").head == str(SHIPPED_HEAD_DIR)
+    assert _settings(model="").head == str(SHIPPED_HEAD_DIR)  # `--model "$UNSET"`: the default
+    monkeypatch.setenv("REWARD_MODEL", other)
+    assert Settings().head is None
+    assert _settings(port=9000).head is None
+    monkeypatch.setenv("REWARD_HEAD", "/heads/for-b")  # one given explicitly stays
+    assert Settings().head == "/heads/for-b"
+    monkeypatch.delenv("REWARD_MODEL")
+    monkeypatch.delenv("REWARD_HEAD")
+    assert _settings(model="openai/clip-vit-base-patch32").head is None

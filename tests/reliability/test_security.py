@@ -338,3 +338,44 @@ def test_openapi_documents_every_error_with_the_error_schema(exported_repo, prov
         Settings().max_items_per_request
     )
     json.dumps(doc)  # serialisable as served
+
+
+@pytest.mark.parametrize(
+    "value, keys",
+    [
+        ("sk-live-1", ["sk-live-1"]),  # one bare key
+        ('"sk-live-1"', ["sk-live-1"]),  # one key, as JSON
+        ('["sk-live-1", "sk-live-2"]', ["sk-live-1", "sk-live-2"]),
+        ("", []),
+        ('{"trainer": "sk-live-1"}', None),  # an object: refused
+        ('["sk-live-1", 2]', None),
+        ('["sk-live-1"', None),  # broken JSON
+    ],
+)
+def test_api_keys_from_the_environment_and_errors_that_never_quote_them(monkeypatch, value, keys):
+    # A malformed REWARD_API_KEYS printed the key in the settings error (pydantic's
+    # input_value), which a crash-looping pod keeps in its logs.
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("REWARD_API_KEYS", value)
+    if keys is not None:
+        assert [k.get_secret_value() for k in Settings().api_keys] == keys
+        return
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert "api_keys" in str(info.value) and "sk-live" not in str(info.value)
+
+
+def test_a_misspelt_or_client_side_variable_is_named_at_start(monkeypatch, caplog):
+    from service.launcher import warn_ignored_env
+    from service.settings import unknown_env
+
+    environ = {"REWARD_API_KEYZ": "k", "REWARD_PORT": "1", "REWARD_URL": "u", "HOME": "/"}
+    assert unknown_env(environ) == ["REWARD_API_KEYZ"]
+    monkeypatch.setenv("REWARD_API_KEY", "sk-live-1")  # the client's variable, on the server
+    monkeypatch.setenv("REWARD_MAX_ITEMS", "8")  # not a setting: max_items_per_request is
+    with caplog.at_level(logging.WARNING, logger="service.launcher"):
+        warn_ignored_env(Settings())
+    text = caplog.text
+    assert "REWARD_MAX_ITEMS is not a setting" in text and "REWARD_API_KEYS" in text
+    assert "sk-live" not in text
