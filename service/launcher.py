@@ -439,12 +439,19 @@ def _onnx_backends(settings: Settings, repo: Path, provenance: dict):
     return [OnnxBackend(repo, intra_op_threads=threads, member=k) for k in range(members + 1)]
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM → SystemExit, so every `finally` runs: the export subprocess is killed
+    (`subprocess.run` kills its child on any exception) and Triton stopped. The default
+    handler would end this process at once, leaving an export running for half a minute."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
+
+
 def _run_uvicorn(app, settings: Settings) -> None:
     import uvicorn
 
-    # uvicorn shuts down on SIGTERM, then re-raises it with the default handler, which would
-    # kill this process before the caller's `finally` (stopping Triton) runs.
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
+    # uvicorn shuts down on SIGTERM, then re-raises it with the handler it found: ours, so the
+    # caller's `finally` (stopping Triton) runs.
+    _exit_on_sigterm()
     uvicorn.run(
         app,
         host=settings.host,
@@ -492,6 +499,7 @@ def serve(settings: Settings) -> None:
 
     check_bind(settings.host, settings)
     warn_ignored_env(settings)
+    _exit_on_sigterm()  # from here on an export or a Triton may run
     repo = ensure_repository(settings)
     server = TritonServer(
         repo,

@@ -681,3 +681,38 @@ def test_grpc_score_model_refuses_inputs_that_would_give_wrong_rewards(grpc, sta
     with pytest.raises(InferenceServerException, match="INPUT_IDS must be token ids in") as past:
         score_over_grpc(grpc, tokenizer, image, texts, 5.0, 1.0, [(0, 1, 1, 10**6)])
     assert past.value.status() == "StatusCode.INVALID_ARGUMENT", past.value
+
+
+def test_sigterm_during_the_export_stops_serve_and_its_export(tmp_path):
+    # The SIGTERM handler came only with uvicorn: a SIGTERM while `serve` exported (a pod
+    # deleted during start-up) ended it at once, and the export went on for ~26 s, orphaned.
+    import psutil
+
+    gateway_port, *triton_ports = free_ports(4)
+    env = _serve_env(tmp_path, gateway_port, triton_ports)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        export = None
+        while export is None:
+            assert time.monotonic() < deadline and proc.poll() is None, "no export started"
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            export = next((p for p in kids if "export" in p.cmdline()), None)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        gone, alive = psutil.wait_procs([export], timeout=10)
+        assert not alive, f"the export {export.pid} outlived serve"
+        assert not list((tmp_path / "repositories").glob("*/provenance.json"))  # none written
+    finally:
+        for pid in [*children(proc.pid), proc.pid]:
+            _kill_group(pid)
+        proc.wait()
