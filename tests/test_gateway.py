@@ -1231,3 +1231,29 @@ def test_import_wants_json_and_a_negative_content_length_is_a_400(provenance, on
 
         assert c.portal.call(asgi_post, "-100000000") == 400
         assert c.app_state.admission.in_use["body_bytes"] == 0
+
+
+def test_a_request_whose_decode_is_queued_at_shutdown_is_answered(provenance, onnx_backend):
+    # The lifespan cancelled the decode pool's queued work: a forced shutdown (a second
+    # Ctrl-C) answered those requests with a plain-text 500, which clients do not retry.
+    import threading
+
+    import httpx
+
+    async def run():
+        app = create_app(Settings(decode_threads=1), onnx_backend, provenance)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        gate = threading.Event()
+        app.state.gateway.pool.submit(gate.wait)  # the one decode thread is busy
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            item = {"image": b64(world_image()), "prompt": TRUE_PROMPT}
+            request = asyncio.create_task(client.post("/v1/score", json={"items": [item]}))
+            await asyncio.sleep(0.3)
+            await lifespan.__aexit__(None, None, None)  # shutdown, the decode still queued
+            gate.set()
+            return await asyncio.wait_for(request, 30)
+
+    r = asyncio.run(run())
+    assert r.status_code == 200 and r.json()["results"][0]["raw"] is not None, r.text

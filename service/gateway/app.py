@@ -320,7 +320,7 @@ def create_app(
             log.warning("backend not ready: %s", reason)
         yield
         pool, state.pool = state.pool, None
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)  # queued work finishes: cancelled, its requests were 500s
         if close_backend_on_shutdown:
             for each in (backend, *members):
                 await each.close()
