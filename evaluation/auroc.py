@@ -24,12 +24,15 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
     """P(score of a random positive > score of a random negative), ties counting one half.
 
-    Raises ValueError when the labels are all one class (AUROC undefined) or lengths differ.
+    Raises ValueError when the labels are all one class (AUROC undefined), lengths differ, or
+    a score is NaN (it would sort last: the best score, silently).
     """
     s = np.asarray(scores, np.float64)
     y = np.asarray(labels, bool)
     if s.shape != y.shape or s.ndim != 1:
         raise ValueError(f"scores and labels must be 1-D and equal length, got {s.shape} {y.shape}")
+    if np.isnan(s).any():
+        raise ValueError(f"{int(np.isnan(s).sum())} NaN scores: AUROC would rank them highest")
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUROC needs both positive and negative labels")

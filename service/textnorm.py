@@ -113,7 +113,7 @@ def textnorm_probabilities(
     span = r_max - r_min
     degenerate = span == 0.0
     safe_span = np.where(degenerate, 1.0, span)
-    r_hat = np.where(degenerate, 0.0, c * (r - r_min) / safe_span)
+    r_hat = np.where(degenerate, 0.0, c * ((r - r_min) / safe_span))  # in [0, 1] before c
     # Stable softmax: every valid r_hat lies in [0, c] and the row max equals c (or 0 when
     # degenerate); subtract the row max over the valid entries.
     row_max = r_hat.max(axis=-1, keepdims=True)  # padded entries equal r_hat[..., 0] <= max

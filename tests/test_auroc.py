@@ -36,6 +36,8 @@ def test_matches_mann_whitney():
 def test_single_class_is_an_error_and_is_dropped_from_the_mean():
     with pytest.raises(ValueError):
         auroc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="NaN"):  # it sorted last: the best score, silently
+        auroc([float("nan"), 1.0, 2.0, 0.0], [1, 0, 1, 0])
     mean, used = mean_per_prompt_auroc(
         [(np.array([0.9, 0.1]), np.array([1, 0])), (np.array([0.3, 0.2]), np.array([1, 1]))]
     )

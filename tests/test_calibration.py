@@ -104,11 +104,15 @@ def test_summarise_sources():
         ),
         (
             {"format": 1, "prompt_kinds": {"composition": {"scale": 0, "ensemble_lambda": 1}}},
-            "prompt_kinds.composition.scale: must be finite and > 0",
+            "prompt_kinds.composition.scale: must be > 0 and <= 10000",
+        ),
+        (  # past float32's range the head's scale was inf, and TextNorm NaN
+            {"format": 1, "prompt_kinds": {"composition": {"scale": 1e39, "ensemble_lambda": 1}}},
+            "prompt_kinds.composition.scale: must be > 0 and <= 10000, got 1e",
         ),
         (
             {"format": 1, "prompt_sets": {"x": {"scale": 1, "ensemble_lambda": -1}}},
-            "prompt_sets.x.ensemble_lambda: must be finite and >= 0",
+            "prompt_sets.x.ensemble_lambda: must be >= 0 and <= 10000",
         ),
     ],
 )

@@ -97,6 +97,8 @@ def test_large_magnitude_rewards_do_not_overflow() -> None:
     # span would be 2e308 = inf without care; min-max still gives r̂ = [1, 0, 0.5]
     r = np.array([1e308, -1e308, 0.0])
     assert textnorm(r) == pytest.approx(E / (E + 1.0 + math.exp(0.5)), abs=1e-12)
+    # and with c > 1: c · (r - r_min) overflowed before the division (NaN)
+    assert textnorm(r[:2], 5.0) == pytest.approx(math.exp(5) / (math.exp(5) + 1), abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------ properties

@@ -176,6 +176,12 @@ def with_scale_sources(provenance: Any, results: Iterable[Any], calibration: Cal
     return provenance
 
 
+# The largest c and λ a request or a calibration file may set. The reward head computes in
+# float32; past c ≈ 3.4e38 the scale itself became inf and TextNorm NaN.
+SCALE_BOUND = 1e4
+LAMBDA_BOUND = 1e4
+
+
 def _calibrated(where: str, value: object) -> Calibrated:
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected an object with scale and ensemble_lambda")
@@ -185,10 +191,12 @@ def _calibrated(where: str, value: object) -> Calibrated:
         raise ValueError(f"{where}: missing {exc.args[0]}") from None
     except (TypeError, ValueError):
         raise ValueError(f"{where}: scale and ensemble_lambda must be numbers") from None
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{where}.scale: must be finite and > 0, got {scale}")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"{where}.ensemble_lambda: must be finite and >= 0, got {lam}")
+    if not (math.isfinite(scale) and 0 < scale <= SCALE_BOUND):
+        raise ValueError(f"{where}.scale: must be > 0 and <= {SCALE_BOUND:g}, got {scale}")
+    if not (math.isfinite(lam) and 0 <= lam <= LAMBDA_BOUND):
+        raise ValueError(
+            f"{where}.ensemble_lambda: must be >= 0 and <= {LAMBDA_BOUND:g}, got {lam}"
+        )
     return Calibrated(scale, lam)
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from textnorm_reward_client.results import REWARD_FIELDS
 
+from service.gateway.calibration import LAMBDA_BOUND, SCALE_BOUND
 from service.gateway.prompt_set_registry import PROMPT_SET_ID_PATTERN
 from service.gateway.raw_images import RAW_IMAGE_SCHEMA
 from service.gateway.request_ids import REQUEST_ID_PATTERN
@@ -65,10 +66,10 @@ class TextNormOptions(_Request):
     """TextNorm settings for the request; unset fields take the model's defaults."""
 
     scale: float | None = Field(
-        default=None, gt=0, le=1e4, allow_inf_nan=False, description="TextNorm scale c"
+        default=None, gt=0, le=SCALE_BOUND, allow_inf_nan=False, description="TextNorm scale c"
     )
     ensemble_lambda: float | None = Field(
-        default=None, ge=0, le=1e4, allow_inf_nan=False, description="λ of the ensemble"
+        default=None, ge=0, le=LAMBDA_BOUND, allow_inf_nan=False, description="λ of the ensemble"
     )
     contrastive: list[str] | None = Field(
         default=None, description="explicit contrastive prompts for every item (cleaned per item)"
