@@ -81,6 +81,13 @@ def test_counting_design_examples(prompt: str, expected: list[str]) -> None:
         ("two old owls", ["an old owl", "three old owls", "four old owls"]),
         ("two big owls", ["a big owl", "three big owls", "four big owls"]),
         ("twelve eggs", ["ten eggs", "eleven eggs", "thirteen eggs", "fourteen eggs"]),
+        # after a determiner a count of 1 is "one" ("the a cat" before)
+        ("the two cats", ["the one cat", "the three cats", "the four cats"]),
+        (
+            "my two eggs on a plate",
+            ["my one egg on a plate", "my three eggs on a plate", "my four eggs on a plate"],
+        ),  # fmt: skip
+        ("The Two Cats", ["The One Cat", "The Three Cats", "The Four Cats"]),
     ],
 )
 def test_counting_articles_digits_and_words(prompt: str, expected: list[str]) -> None:

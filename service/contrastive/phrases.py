@@ -55,6 +55,12 @@ _NP_STOP_WORDS = _SKIP_PREPOSITIONS | word_set(
     "who which whose where when it they he she we you i not no both all few dozen several "
     "many couple hundred thousand million billion more less fewer most"
 )
+# Before a count word these take "one" for a count of 1, not an article ("the one cat", not
+# "the a cat").
+_DETERMINERS = word_set(
+    "the this that these those my your his her its our their all both each every some any no"
+)
+_WORD_BEFORE_RE = re.compile(r"([^\W\d_]+)\s+$")
 # Words that end a noun phrase once it has at least one word ("cats sitting on ...").
 _POSTNOMINAL_WORDS = word_set(
     "sitting standing lying laying playing running walking flying eating drinking holding "
@@ -122,12 +128,19 @@ def render_phrase(
     template = phrase.count_word.text if case_template is None else case_template
     if phrase.digits:
         number = str(count)
+    elif count == 1 and _after_determiner(text, phrase):
+        number = match_case("one", template)
     elif count == 1:
         first_word = head if len(phrase.words) == 1 else phrase.words[0].text
         number = match_case(article(first_word), template)
     else:
         number = match_case(NUMBER_WORDS[count], template)
     return number + between + head
+
+
+def _after_determiner(text: str, phrase: CountPhrase) -> bool:
+    found = _WORD_BEFORE_RE.search(text, 0, phrase.count_word.start)
+    return found is not None and found.group(1).lower() in _DETERMINERS
 
 
 def singular_noun_phrase(text: str, phrase: CountPhrase) -> str:
