@@ -16,7 +16,7 @@ import typer
 
 from export.sources import check_local_source
 from service.cli_support import integer_list, print_auroc_report, user_errors
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 
 app = typer.Typer()
 
@@ -156,11 +156,7 @@ def eval_cmd(
 
     settings = get_settings()
     source, bundle, reward_head = _load_models(model, head, no_head)
-    bench = build_benchmark(
-        seed=settings.benchmark_seed if seed is None else seed,
-        prompts_per_category=prompts_per_category,
-        images_per_prompt=images_per_prompt,
-    )
+    seed = settings.benchmark_seed if seed is None else seed
     scale = settings.textnorm_scale if textnorm_scale is None else textnorm_scale
     # What a served export uses: the gateway's setting, else the calibration `export` bundles
     # (the shipped one fits the shipped model only). --textnorm-scale asks for one c everywhere.
@@ -171,6 +167,14 @@ def eval_cmd(
             checkpoint_hash(source),
             explicit=bool(calibration or settings.textnorm_calibration_file),
         )
+    if calib is not None and calib.validation_seed == seed:
+        raise ValueError(
+            f"seed {seed} is the seed this calibration chose c on: its rows would be "
+            "in-sample; evaluate another seed, or pass --no-calibration"
+        )
+    bench = build_benchmark(
+        seed=seed, prompts_per_category=prompts_per_category, images_per_prompt=images_per_prompt
+    )
     images = encode_benchmark_images(bundle, bench)
     scored = score_benchmark(bundle, bench, reward_head, images=images)
     report = category_rows(scored, scale, settings.ensemble_lambda, calib)
@@ -274,9 +278,10 @@ def calibrate_cmd(
     (`REWARD_TEXTNORM_CALIBRATION_FILE`)."""
     settings = get_settings()
     seed = settings.calibration_seed if seed is None else seed
-    if seed == settings.benchmark_seed:
+    held_out = Settings.model_fields["benchmark_seed"].default  # the README's tables' seed
+    if seed in (settings.benchmark_seed, held_out):
         raise ValueError(
-            f"seed {seed} is the held-out benchmark seed: calibrate on a validation seed"
+            f"seed {seed} is a held-out benchmark seed: calibrate on a validation seed"
         )
     grids = {"scale_grid": _grid(scales, "scales", 0.0), "lambda_grid": _grid(lambdas, "lambdas")}
     check_local_source(model)  # all of the above before torch loads

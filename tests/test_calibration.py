@@ -210,7 +210,7 @@ def test_calibrate_stores_each_prompt_sets_scale_by_its_content_hash(calibrated)
     assert chosen.scale == doc["prompt_sets"][sha]["scale"] and chosen.source == "calibrated"
 
 
-def test_calibrate_refuses_the_held_out_seed(tmp_path):
+def test_calibrate_refuses_the_held_out_seed(tmp_path, monkeypatch):
     seed = str(get_settings().benchmark_seed)
     result = CliRunner().invoke(
         app, ["calibrate", "--out", str(tmp_path / "c.json"), "--seed", seed, "--no-head"]
@@ -218,6 +218,21 @@ def test_calibrate_refuses_the_held_out_seed(tmp_path):
     assert result.exit_code == 2
     assert "held-out benchmark seed" in result.output
     assert not (tmp_path / "c.json").exists()
+    # with the setting moved, the README's held-out seed is still not a validation seed
+    from service.settings import Settings
+
+    default = str(Settings.model_fields["benchmark_seed"].default)
+    monkeypatch.setenv("REWARD_BENCHMARK_SEED", "1")
+    get_settings.cache_clear()
+    try:
+        assert get_settings().benchmark_seed == 1
+        moved = CliRunner().invoke(
+            app, ["calibrate", "--out", str(tmp_path / "c.json"), "--seed", default, "--no-head"]
+        )
+    finally:
+        monkeypatch.delenv("REWARD_BENCHMARK_SEED")
+        get_settings.cache_clear()
+    assert moved.exit_code == 2 and "held-out benchmark seed" in moved.output
 
 
 def test_calibrate_refuses_a_prompt_set_file_with_no_validation_prompt(tmp_path):
@@ -235,12 +250,13 @@ def test_eval_uses_the_calibrated_scale_per_category(calibrated):
     from export.clip_model import load_clip
     from shapes_world.benchmark import build_benchmark
 
-    result = CliRunner().invoke(
-        app, ["eval", "--json", "--no-head", "--calibration", str(calibrated["path"]), *SMALL]
-    )
+    args = ["eval", "--json", "--no-head", "--calibration", str(calibrated["path"]), *SMALL]
+    in_sample = CliRunner().invoke(app, args)  # the seed c was chosen on: refused
+    assert in_sample.exit_code == 2 and "in-sample" in in_sample.output, in_sample.output
+    result = CliRunner().invoke(app, [*args, "--seed", "4243"])  # the last --seed wins
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    bench = build_benchmark(seed=4242, prompts_per_category=2, images_per_prompt=16)
+    bench = build_benchmark(seed=4243, prompts_per_category=2, images_per_prompt=16)
     scored = score_benchmark(load_clip(str(SHIPPED_MODEL_DIR)), bench)
     for category, choice in calibrated["doc"]["categories"].items():
         part = [p for p in scored if p.prompt.category == category]

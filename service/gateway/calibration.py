@@ -64,6 +64,7 @@ class Calibration:
     prompt_kinds: Mapping[str, Calibrated] = field(default_factory=dict)
     prompt_sets: Mapping[str, Calibrated] = field(default_factory=dict)
     categories: Mapping[str, Calibrated] = field(default_factory=dict)  # benchmark categories
+    validation_seed: int | None = None  # the benchmark seed c was chosen on
 
     def lookup(
         self, prompt: str, contrastive_sha256: str | None, source: str, rule: str = "auto"
@@ -221,12 +222,14 @@ def parse_calibration(data: object, sha256: str = "") -> Calibration:
     categories = {k: _calibrated(f"categories.{k}", v) for k, v in categories_in.items()}
     model = data.get("model") or {}
     checkpoint = model.get("checkpoint_sha256") if isinstance(model, dict) else None
+    seed = data.get("validation_seed")
     return Calibration(
         sha256=sha256,
         checkpoint_sha256=checkpoint,
         prompt_kinds=MappingProxyType(kinds),
         prompt_sets=MappingProxyType(sets),
         categories=MappingProxyType(categories),
+        validation_seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
     )
 
 
