@@ -9,6 +9,7 @@ inside the commands.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -211,7 +212,7 @@ def eval_cmd(
         out = dict(report)
         if differences is not None:
             out["via_max_abs_difference"] = differences
-        print(json.dumps(out))
+        print(_strict_json(out))
         return
     if markdown:
         from evaluation.report import markdown_table
@@ -224,6 +225,21 @@ def eval_cmd(
             "served default vs --via, max |difference| over every image: "
             + ", ".join(f"{k} {v:.2e}" for k, v in differences.items())
         )
+
+
+def _strict_json(document: object, indent: int | None = None) -> str:
+    """JSON every parser reads: NaN (a category without a two-class prompt) becomes null."""
+
+    def clean(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(document), indent=indent, allow_nan=False)
 
 
 def _bundled_or_given(path: Path | str | None, checkpoint_sha256: str, explicit: bool):
@@ -347,7 +363,7 @@ def calibrate_cmd(
     )
     parse_calibration(document)  # what the gateway will read back
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    out.write_text(_strict_json(document, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} (validation seed {seed})")
     for group, choices in (("category", by_category), ("served kind", by_kind)):
         for name, choice in choices.items():
@@ -465,7 +481,7 @@ def eval_ensemble_cmd(
         "contrastive": evaluate_ensemble(bundles, rules, config),
     }
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=2) + "\n"
+    text = _strict_json(document, indent=2) + "\n"
     (out / "ensemble-two-models.json").write_text(text, encoding="utf-8")
     (out / "ensemble-two-models.md").write_text(markdown_report(document), encoding="utf-8")
     if as_json:

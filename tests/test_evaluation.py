@@ -122,3 +122,18 @@ def test_served_rows_score_the_auto_rule_at_each_kinds_calibrated_scale(shipped_
     assert report["served_raw"] == report["clip"]  # the raw reward needs no contrastive set
     table_md = markdown_table(report)
     assert "| `served_textnorm` |" in table_md and "| `paper: TextNorm` | 0.807 |" in table_md
+
+
+def test_eval_json_is_strict_json_with_nan_as_null():
+    # `eval --json` printed bare NaN for a category without a two-class prompt: strict parsers
+    # (jq, JavaScript, Go) refuse the whole document.
+    import json
+
+    from evaluation.commands import _strict_json
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    document = {"raw_clip": {"counting": float("nan"), "color": 0.75}, "seeds": (1, float("inf"))}
+    parsed = json.loads(_strict_json(document), parse_constant=refuse)
+    assert parsed == {"raw_clip": {"counting": None, "color": 0.75}, "seeds": [1, None]}
