@@ -88,6 +88,7 @@ def test_counting_design_examples(prompt: str, expected: list[str]) -> None:
             ["my one egg on a plate", "my three eggs on a plate", "my four eggs on a plate"],
         ),  # fmt: skip
         ("The Two Cats", ["The One Cat", "The Three Cats", "The Four Cats"]),
+        ("two 18-wheelers", ["an 18-wheeler", "three 18-wheelers", "four 18-wheelers"]),
     ],
 )
 def test_counting_articles_digits_and_words(prompt: str, expected: list[str]) -> None:

@@ -8,6 +8,7 @@ case style is kept. :func:`article` picks "a" or "an" by sound for the common ex
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from service.contrastive.tokens import match_case, word_set
@@ -73,7 +74,10 @@ def article(word: str) -> str:
         return "an"
     if lower.startswith(_A_PREFIXES):
         return "a"
-    if lower[:1] in ("a", "e", "i", "o", "u") or lower.startswith("8") or lower in ("11", "18"):
+    if lower[:1] in ("a", "e", "i", "o", "u") or lower.startswith("8"):
+        return "an"
+    digits = re.match(r"[0-9][0-9,]*", lower)  # "eleven…"/"eighteen…": 11, 18, 11,000, 18-wheeler
+    if digits and lower[:2] in ("11", "18") and len(digits[0].replace(",", "")) % 3 == 2:
         return "an"
     return "a"
 
