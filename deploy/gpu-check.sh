@@ -51,6 +51,32 @@ run() {
   echo "+ $*"
   "$@"
 }
+# The time taken, then what failed (exit 1) or that all passed (exit 0).
+summary() {
+  echo
+  local took=$((SECONDS - T0))
+  if ((took > BUDGET_S)); then
+    echo "WARNING: took ${took}s, over the ${BUDGET_S}s budget"
+  else
+    echo "took ${took}s (budget ${BUDGET_S}s)"
+  fi
+  if ((${#FAILED[@]})); then
+    printf 'FAILED: %s\n' "${FAILED[@]}"
+    exit 1
+  fi
+  echo "gpu-check: all checks passed"
+  exit 0
+}
+# A step the later ones need: when it fails, say so and stop with status 1 (its own status,
+# say 2 for an export's one-line error, would read as "no usable GPU").
+required() {
+  local what=$1
+  shift
+  "$@" || {
+    FAILED+=("$what")
+    summary
+  }
+}
 cleanup() {
   if [[ -n $TRITON_PID ]] && kill -0 "$TRITON_PID" 2> /dev/null; then
     kill -TERM "$TRITON_PID" 2> /dev/null || true
@@ -92,6 +118,7 @@ else
 fi
 "$PY" -c "import tensorrt" 2> /dev/null || die "TensorRT is not importable by $PY (install the gpu extra)"
 usable "$PY" || die "$PY lacks the project's export extra (torch, onnxruntime) or the project"
+# shellcheck disable=SC2329 # called through `required`
 rs() { run "$PY" -m service.cli "$@"; }
 T0=$SECONDS # the budget starts once the environment is there
 
@@ -105,19 +132,22 @@ FAILED=()
 # -- 1. export -------------------------------------------------------------------------------
 step "1/5 export: shipped model and a ViT-B/32-sized random CLIP, --target gpu --precision fp16"
 if "$PY" -m service.cli build-vit-b32 --help > /dev/null 2>&1; then
-  rs build-vit-b32 --out "$VIT_CKPT"
+  required "building the ViT-B/32 checkpoint" rs build-vit-b32 --out "$VIT_CKPT"
 else
-  run "$PY" -c "import sys; from pathlib import Path; from export.bench import vit_b32_checkpoint; \
+  required "building the ViT-B/32 checkpoint" run "$PY" -c "import sys; from pathlib import Path; \
+from export.bench import vit_b32_checkpoint; \
 from export.clip_model import load_clip; from service.settings import get_settings; \
 print(vit_b32_checkpoint(Path(sys.argv[1]), load_clip(get_settings().model)))" "$VIT_CKPT"
 fi
-rs export --out "$SHIPPED" --target gpu --precision fp16 --max-batch 64
-rs export --out "$VIT" --model "$VIT_CKPT" --no-head --target gpu --precision fp16 --max-batch 64
+required "export of the shipped model" \
+  rs export --out "$SHIPPED" --target gpu --precision fp16 --max-batch 64
+required "export of the ViT-B/32 model" \
+  rs export --out "$VIT" --model "$VIT_CKPT" --no-head --target gpu --precision fp16 --max-batch 64
 
 # -- 2. engines --------------------------------------------------------------------------------
 step "2/5 build-engines (cache $CACHE: GPU name + TensorRT version + ONNX hash)"
-rs build-engines "$SHIPPED" --cache "$CACHE"
-rs build-engines "$VIT" --cache "$CACHE"
+required "engines of the shipped model" rs build-engines "$SHIPPED" --cache "$CACHE"
+required "engines of the ViT-B/32 model" rs build-engines "$VIT" --cache "$CACHE"
 
 # -- 3. parity ---------------------------------------------------------------------------------
 step "3/5 fp16 parity: embeddings within 1e-2, rewards within 5e-3 of the fp32 ONNX"
@@ -172,16 +202,4 @@ sys.exit(urllib.request.urlopen(sys.argv[1], timeout=2).status != 200)" \
   TRITON_PID=""
 fi
 
-# -- summary -----------------------------------------------------------------------------------
-echo
-took=$((SECONDS - T0))
-if ((took > BUDGET_S)); then
-  echo "WARNING: took ${took}s, over the ${BUDGET_S}s budget"
-else
-  echo "took ${took}s (budget ${BUDGET_S}s)"
-fi
-if ((${#FAILED[@]})); then
-  printf 'FAILED: %s\n' "${FAILED[@]}"
-  exit 1
-fi
-echo "gpu-check: all checks passed"
+summary

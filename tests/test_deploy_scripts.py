@@ -101,6 +101,28 @@ def test_a_gpu_without_tensorrt_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "TensorRT is not importable" in one_line_error(result)
 
 
+def test_a_failed_export_is_reported_as_a_failed_step_with_exit_1(tmp_path: Path) -> None:
+    # Under `set -e` the export's own status (2: a one-line error) ended the script, without
+    # the summary, as if no GPU were usable.
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA Test GPU, 555.42'\n")
+    smi.chmod(0o755)
+    python = tmp_path / "python"  # TensorRT importable; every command works but `export`
+    python.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        '  *"service.cli export"*) echo "error: not a CLIP checkpoint" >&2; exit 2 ;;\n'
+        '  *"print(tensorrt.__version__)"*) echo 10.5.0 ;;\n'
+        "esac\n"
+        "exit 0\n"
+    )
+    python.chmod(0o755)
+    result = run_script(tmp_path, NVIDIA_SMI=str(smi), PYTHON=str(python))
+    assert result.returncode == 1, result
+    assert "FAILED: export of the shipped model" in result.stdout
+    assert "budget" in result.stdout and "build-engines" not in result.stdout
+
+
 # -- the helper's pieces -------------------------------------------------------------------------
 def test_vit_multiply_adds_match_the_known_sizes() -> None:
     b32, l14 = gpu_parity.VIT_TOWERS["vit-b32"], gpu_parity.VIT_TOWERS["vit-l14"]
