@@ -12,6 +12,7 @@ checked only through the head-graph comparison.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from service import model_contract as contract
 from service.contrastive import CONTRASTIVE_RULES
 from service.onnx_models import OnnxModel, open_served_model
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
-from shapes_world.benchmark import build_benchmark
+from shapes_world.benchmark import CATEGORIES, build_benchmark
 
 # fp32: the issue's 1e-4 on rewards. Embeddings: one grey level of preprocessing difference
 # moves a unit embedding by ~1e-5..1e-4 per component; 1e-3 leaves margin yet catches real bugs.
@@ -109,12 +110,18 @@ def _session(repo: Path, model: str) -> OnnxModel:
 
 
 def _held_out(n_prompts: int, seed: int) -> list[tuple[list[Image.Image], list[str]]]:
-    """Per prompt: its images and [prompt, contrastive...] texts, from a held-out benchmark."""
+    """Per prompt: its images and [prompt, contrastive...] texts, from a held-out benchmark:
+    `n_prompts` of them, the categories taken in turn."""
+    per_category = -(-n_prompts // len(CATEGORIES))
     bench = build_benchmark(
-        seed=seed, prompts_per_category=max(1, n_prompts // 5), images_per_prompt=len(IMAGE_SIZES)
+        seed=seed, prompts_per_category=per_category, images_per_prompt=len(IMAGE_SIZES)
     )
-    cases = []
+    by_category: dict[str, list] = {}
     for p in bench:
+        by_category.setdefault(p.category, []).append(p)
+    in_turn = [p for row in itertools.zip_longest(*by_category.values()) for p in row if p]
+    cases = []
+    for p in in_turn[:n_prompts]:
         texts = [p.prompt, *CONTRASTIVE_RULES[p.category](p.prompt)][: contract.MAX_PROMPTS]
         images = [
             item.image(size=max(w, h)).resize((w, h), Image.Resampling.BICUBIC)

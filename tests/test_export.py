@@ -540,3 +540,14 @@ def test_encoder_bench_measures_onnx_parity_and_a_bf16_flavour(repo, shipped_mod
     assert res["max_abs_diff_onnxruntime"][2] < 1e-4  # the served fp32 path: parity
     # bf16 really runs in lower precision, and stays near fp32 on unit embeddings
     assert 1e-5 < res["max_abs_diff_torch_bf16"][2] < 0.05
+
+
+def test_verify_checks_as_many_prompts_as_asked_over_every_category():
+    # `--prompts N` ran max(1, N // 5) per category: 1 → 5, 3 → 5, 7 → 5, 12 → 10.
+    from export.verify import _held_out
+
+    for n in (1, 3, 7, 12):
+        cases = _held_out(n, seed=99)
+        assert len(cases) == n
+    firsts = {texts[0] for _, texts in _held_out(5, seed=99)}
+    assert len(firsts) == 5  # one of each category, not five of the first
