@@ -208,7 +208,7 @@ def test_parity_passes_for_identical_engines(
     fake_gpu(monkeypatch, noise=0.0)
     assert gpu_parity.main(["parity", str(gpu_repo), "--images", "6"]) == 0
     out = capsys.readouterr().out
-    for name in ("IMAGE_EMBEDS", "TEXT_EMBEDS", "RAW", "TEXTNORM", "HEAD", "ENSEMBLE_UW"):
+    for name in ("IMAGE_EMBEDS", "TEXT_EMBEDS", "TEXT_EMBEDS_TRIMMED", "RAW", "TEXTNORM", "HEAD"):
         assert f"{name} " in out and "FAIL" not in out
 
 
