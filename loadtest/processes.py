@@ -58,3 +58,22 @@ def rss_bytes(pids: Iterable[int]) -> int:
         with contextlib.suppress(*_GONE):
             total += psutil.Process(pid).memory_info().rss
     return total
+
+
+def listener(port: int, host: str = "127.0.0.1") -> int | None:
+    """The pid of the process listening on TCP `host:port` (None: nobody, or not ours to see)."""
+    with contextlib.suppress(psutil.AccessDenied):
+        for conn in psutil.net_connections(kind="tcp"):
+            here = conn.laddr and conn.laddr.port == port and conn.laddr.ip in (host, "0.0.0.0")
+            if here and conn.status == psutil.CONN_LISTEN and conn.pid is not None:
+                return conn.pid
+    return None
+
+
+def in_tree(pid: int, root: int) -> bool:
+    """True when `pid` is `root` or one of its live descendants."""
+    if pid == root:
+        return True
+    with contextlib.suppress(*_GONE):
+        return any(p.pid == pid for p in psutil.Process(root).children(recursive=True))
+    return False

@@ -78,6 +78,7 @@ from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
 from loadtest.baselines import LITSERVE_MODULE, NAIVE_MODULE
 from loadtest.cpu_time import STACK_SYSTEMS, CpuReader, point_reader, used_s
+from loadtest.processes import in_tree, listener
 from service.cli_support import integer_list
 from service.contrastive import contrastive_prompts
 from service.model_contract import CONTEXT_LENGTH, MAX_PROMPTS, RAW_TOLERANCE
@@ -119,6 +120,20 @@ def all_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+_HANDED_OUT: set[int] = set()  # every port given to a server of this process
+
+
+def fresh_ports(count: int) -> list[int]:
+    """`count` loopback ports free now and never given to another server of this run (the
+    OS may hand a just-closed port out again, to the next server that asks)."""
+    for _ in range(100):
+        ports = free_ports(count, "127.0.0.1")
+        if not _HANDED_OUT.intersection(ports):
+            _HANDED_OUT.update(ports)
+            return ports
+    raise RuntimeError(f"no {count} fresh loopback ports after 100 tries")
+
+
 # -- servers ---------------------------------------------------------------------------------------
 class _Process:
     """A server subprocess in its own session (process group): stopped by PID, group included."""
@@ -136,13 +151,23 @@ class _Process:
         )
 
     def _wait_http(self, url: str, timeout_s: float) -> None:
+        """Until `url` answers 200 from this server's own process tree: a port picked free
+        may be taken by the time the server binds it (once, LitServe's port was Triton's
+        metrics port; LitServe failed to bind and the run measured Triton's 405s)."""
         deadline = time.monotonic() + timeout_s
+        port = httpx.URL(url).port
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url, timeout=2).status_code == 200:
-                    return
+                    owner = listener(port) if port is not None else None
+                    if owner is None or in_tree(owner, self.proc.pid):
+                        return
+                    raise RuntimeError(
+                        f"{self.name}: port {port} answers from pid {owner}, not from "
+                        f"{self.name} (pid {self.proc.pid}): {self.log_tail()}"
+                    )
             time.sleep(0.5)
         raise RuntimeError(
             f"{self.name} did not become ready in {timeout_s:.0f} s: {self.log_tail()}"
@@ -189,7 +214,7 @@ class Stack(_Process):
         env: dict[str, str] | None = None,
         wait: bool = True,
     ) -> None:
-        self.gateway_port, self.grpc_port, http, metrics = free_ports(4, "127.0.0.1")
+        self.gateway_port, self.grpc_port, http, metrics = fresh_ports(4)
         full_env = dict(
             os.environ,
             REWARD_PORT=str(self.gateway_port),
@@ -244,7 +269,7 @@ class BaselineServer(_Process):
         precision: str = "fp32",
     ) -> None:
         self.name = name
-        (self.port,) = free_ports(1, "127.0.0.1")
+        (self.port,) = fresh_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.health = health
         cmd = [sys.executable, "-m", module, "--model", model, "--port", str(self.port)]
@@ -530,10 +555,10 @@ async def closed_loop(
 
     async def client(k: int) -> None:
         while not stopping:
-            prepared = target.prepare(workload.items(images), mode, workload.repeats)
-            start = time.perf_counter()
-            ok = True
+            start, ok = time.perf_counter(), True
             try:
+                prepared = target.prepare(workload.items(images), mode, workload.repeats)
+                start = time.perf_counter()  # latency: from the send
                 await target.send(prepared)
             except Exception as exc:  # every failure is counted (and a few kept), never dropped
                 ok = False
@@ -550,6 +575,7 @@ async def closed_loop(
             warm = min(answered) >= warmup_answers
             if elapsed >= warmup_s and (warm or elapsed >= max_warmup_s):
                 break
+            _raise_if_a_client_died(tasks)
             await asyncio.sleep(0.02)
         cpu_before = cpu() if cpu else {}
         t0 = time.perf_counter()
@@ -559,7 +585,14 @@ async def closed_loop(
     finally:
         stopping = True
         await asyncio.gather(*tasks, return_exceptions=True)  # drain: in-flight calls finish
+    _raise_if_a_client_died(tasks)  # measured at fewer clients than C: no result
     return LoopResult(records, t0, t1, samples, cpu_s)
+
+
+def _raise_if_a_client_died(tasks: Sequence[asyncio.Task]) -> None:
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"a load-generator client died: {task.exception()!r}")
 
 
 def _percentiles(latencies_s: Sequence[float]) -> dict[str, float | None]:
@@ -702,15 +735,27 @@ def texts_per_pair_textnorm(corpus: Corpus) -> float:
 
 
 # -- ratios ----------------------------------------------------------------------------------------
-def best_ceiling(ceiling: Sequence[dict[str, Any]]) -> float | None:
-    rates = [c["pairs_s"] for c in ceiling if c["variant"] == "pair"]
+def best_ceiling(ceiling: Sequence[dict[str, Any]], variant: str = "pair") -> float | None:
+    rates = [c["pairs_s"] for c in ceiling if c["variant"] == variant]
     return max(rates) if rates else None
+
+
+def same_work_variant(system: str, workload: str, textnorm: str) -> str:
+    """The ceiling variant that does what `system` does per image at such a point: the stack
+    has every rl prompt cached (images only) and encodes a cold prompt's counting set with
+    TextNorm on; the baselines encode one prompt per image, always."""
+    if system in BASELINES or system == "ceiling":
+        return "pair"
+    if workload == "rl":
+        return "image"
+    return "pair_textnorm" if textnorm == "on" else "pair"
 
 
 def compute_ratios(
     points: Sequence[dict[str, Any]], ceiling: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """img/s of every system ÷ each baseline's at the same point, and ÷ the best pair ceiling."""
+    """img/s of every system ÷ each baseline's at the same point, ÷ the best pair ceiling (the
+    issue's reference), and ÷ the best ceiling doing the same work (`same_work_variant`)."""
     key = ("workload", "images", "textnorm", "concurrency")
     at = {(p["system"], *(p[k] for k in key)): p for p in points}
     best = best_ceiling(ceiling)
@@ -736,6 +781,17 @@ def compute_ratios(
                     **dict(zip(key, where, strict=True)),
                     "baseline": "ceiling",
                     "ratio": p["img_s"] / best,
+                }
+            )
+        variant = same_work_variant(p["system"], p["workload"], p["textnorm"])
+        if same := best_ceiling(ceiling, variant):
+            out.append(
+                {
+                    "system": p["system"],
+                    **dict(zip(key, where, strict=True)),
+                    "baseline": "ceiling_same_work",
+                    "variant": variant,
+                    "ratio": p["img_s"] / same,
                 }
             )
     # The ceiling at batch = images × C against the baselines at the same point.
