@@ -173,6 +173,12 @@ def aggregated(stats_csv: Path) -> dict[str, float]:
     return out
 
 
+def missed_bursts(per_step: dict[str, Any], ranks: int, steps: int) -> int:
+    """Ranks × steps that sent no burst: a rank still waiting on its last answer skips the
+    step (it cannot start the next one early), as a trainer that fell behind would."""
+    return sum(max(ranks - per_step.get(str(s), {}).get("ranks", 0), 0) for s in range(steps))
+
+
 def bursts(request_log: Path) -> dict[str, Any]:
     """Per trainer step of the request log: requests, ranks, start spread and lag (ms)."""
     rows = (
@@ -214,20 +220,25 @@ def run_scenario(name: str, args: argparse.Namespace, target: Target) -> dict[st
     if history.is_file():
         title = f"{name}: {SCENARIOS[name].user_class}, {args.images} images/request"
         plot.plot_run(history, folder / "plot.png", title, folder / "requests.csv")
-    if SCENARIOS[name].trainer:
-        summary["steps"] = bursts(folder / "requests.csv")
     summary["ok"] = rc == 0 and summary["requests"] > 0 and summary["failures"] == 0
+    if SCENARIOS[name].trainer:  # every rank bursts at every step, or the scenario fails
+        summary["steps"] = bursts(folder / "requests.csv")
+        summary["missed_bursts"] = missed_bursts(summary["steps"], args.ranks, args.steps)
+        summary["ok"] = summary["ok"] and summary["missed_bursts"] == 0
     return summary
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| scenario | requests | failures | req/s | p50 ms | p95 ms | p99 ms | ok |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | requests | failures | missed bursts | req/s | p50 ms | p95 ms | p99 ms "
+        "| ok |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
+        missed = r.get("missed_bursts")
         lines.append(
-            f"| {r['scenario']} | {r['requests']:.0f} | {r['failures']:.0f} | {r['rps']:.2f} "
+            f"| {r['scenario']} | {r['requests']:.0f} | {r['failures']:.0f} "
+            f"| {'–' if missed is None else missed} | {r['rps']:.2f} "
             f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} "
             f"| {'yes' if r['ok'] else 'NO'} |"
         )

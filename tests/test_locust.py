@@ -76,6 +76,21 @@ def test_every_scenario_writes_csv_html_and_png(results: Path) -> None:
         png = (folder / "plot.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
     assert (results / "summary.md").read_text().count("| yes |") == len(SCENARIOS)
+    import json
+
+    (trainer,) = [r for r in json.loads((results / "summary.json").read_text())
+                  if r["scenario"] == "trainer-rest"]  # fmt: skip
+    assert trainer["missed_bursts"] == 0 and trainer["ok"]
+
+
+def test_a_trainer_run_that_skipped_bursts_is_not_ok() -> None:
+    # A rank still waiting for its answer skips the step; the run said "ok" regardless, while
+    # the README promises N ranks bursting at every step.
+    from loadtest.run_locust import missed_bursts
+
+    per_step = {"0": {"ranks": 4}, "1": {"ranks": 3}}  # step 1: one rank late; step 2: none
+    assert missed_bursts(per_step, ranks=4, steps=3) == 1 + 4
+    assert missed_bursts({str(s): {"ranks": 4} for s in range(3)}, ranks=4, steps=3) == 0
 
 
 @pytest.mark.parametrize("name", CLOSED_LOOP)
