@@ -228,6 +228,9 @@ def test_full_profile_renders_every_optional_object() -> None:
         ("gateway.settings.max_contrastive_prompts", 33),
         ("gateway.settings.triton_url", "set-by-the-chart"),  # chart-managed, not a knob
         ("gateway.settings.max_itmes_per_request", 8),  # a typo is not silently ignored
+        # export-time: the gateway serves provenance.json's c and λ and ignored these
+        ("gateway.settings.textnorm_scale", 10.0),
+        ("gateway.settings.ensemble_lambda", 0.25),
         ("triton.autoscaling.minReplicas", 0.5),
         ("replicaCount", 2),  # unknown top-level key
     ],
@@ -246,6 +249,10 @@ def test_schema_rejects_wrong_values(path: str, value: Any) -> None:
         ("gateway.replicas", 3),
         ("triton.gpu.count", 2),
         ("gateway.settings.max_items_per_request", 8),
+        # the README's security and admission settings (refused by the schema before)
+        ("gateway.settings.rate_limit_per_key_rps", 5.0),
+        ("gateway.settings.expose_docs", False),
+        ("gateway.settings.max_requests_in_flight", 16),
     ],
 )
 def test_schema_accepts_right_values(path: str, value: Any) -> None:
@@ -293,8 +300,22 @@ EVERY_SETTING: dict[str, Any] = {
     "retry_after_s": 3,
     "embedding_cache_entries": 1000,
     "max_prompt_sets": 50,
-    "textnorm_scale": 3.0,
-    "ensemble_lambda": 0.5,
+    "text_token_bucket": 8,
+    "access_log": True,
+    "max_requests_in_flight": 32,
+    "max_body_bytes_in_flight": 512 * 1024 * 1024,
+    "max_images_in_flight": 512,
+    "max_decoded_bytes_in_flight": 256 * 1024 * 1024,
+    "max_backend_calls": 32,
+    "merged_calls_in_flight": 2,
+    "max_backend_calls_per_request": 8,
+    "overload_retry_after_s": 2,
+    "decode_threads": 2,
+    "idempotency_cache_entries": 256,
+    "rate_limit_per_key_rps": 2.5,
+    "rate_limit_burst": 5,
+    "expose_metrics": False,
+    "expose_docs": False,
 }
 
 
@@ -652,6 +673,12 @@ def test_export_job_as_a_hook() -> None:
     assert int(pvc["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
         job["metadata"]["annotations"]["helm.sh/hook-weight"]
     )
+    # The release's ServiceAccount is created after pre-install hooks: naming it, the Job's
+    # pods could not be created and `helm install` timed out. An existing account is fine.
+    assert "serviceAccountName" not in job["spec"]["template"]["spec"]
+    existing = {"serviceAccount": {"create": False, "name": "exporter"}}
+    job = find(manifests(with_key(FULL, {"model": {"exportJob": {"hook": True}}}, existing)), "Job")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "exporter"
 
 
 # -- scaling, disruption, network, monitoring ------------------------------------------------------
@@ -755,3 +782,46 @@ def test_notes_tell_how_to_call_it() -> None:
     assert f"port-forward service/{FULLNAME}-gateway 8000:8000" in text
     assert "/v1/score" in text and "Authorization: Bearer" in text
     assert f"dns:///{FULLNAME}-triton-grpc.{NAMESPACE}.svc.cluster.local:8001" in text
+
+
+def test_the_gateway_may_take_minutes_to_listen_before_liveness_counts() -> None:
+    # It encodes the configured prompt sets before it listens (150 sets on a ViT-B/32: 34 s),
+    # and the liveness probe alone killed it after 30 s: CrashLoopBackOff on every rollout.
+    pod = find(manifests(with_key()), "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]
+    (gateway,) = [c for c in pod["spec"]["containers"] if c["name"] == "gateway"]
+    startup = gateway["startupProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+@pytest.mark.parametrize(
+    "enabled",
+    [
+        {"metrics": {"serviceMonitor": {"enabled": True}}},
+        {"triton": {"autoscaling": {"enabled": True}}},
+    ],
+)
+def test_prometheus_may_scrape_triton_when_its_metrics_are_used(enabled: dict[str, Any]) -> None:
+    # The policy opened the metrics port only with networkPolicy.prometheus.enabled: with a
+    # ServiceMonitor or the queue-time autoscaler on, nothing was scraped and it never scaled.
+    policy = find(manifests(with_key(enabled)), "NetworkPolicy")
+    ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert "metrics" in ports
+    default = find(manifests(with_key()), "NetworkPolicy")
+    assert "metrics" not in [
+        p["port"] for rule in default["spec"]["ingress"] for p in rule["ports"]
+    ]
+
+
+@pytest.mark.parametrize("secret", ['["sk-1", "sk-2"]', "sk-1", '"sk-1"'])
+def test_the_notes_read_the_first_key_of_any_accepted_form(secret: str) -> None:
+    import re
+    import subprocess
+    import sys
+
+    notes = render(with_key())["textnorm-reward/templates/NOTES.txt"]
+    (snippet,) = re.findall(r"python3 -c '([^']+)'", notes)[:1]
+    out = subprocess.run(
+        [sys.executable, "-c", snippet], input=secret, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "sk-1", out.stderr

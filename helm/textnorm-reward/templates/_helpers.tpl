@@ -78,6 +78,15 @@ An image reference: (dict "image" .Values.images.<target> "root" $). Empty tag: 
 {{- end }}
 
 {{/*
+The image of the build-engines init container: the export image's export-gpu target (TensorRT),
+`<appVersion>-gpu` unless images.export.tag is set (the CPU export image has no TensorRT).
+*/}}
+{{- define "textnorm-reward.buildEnginesImage" -}}
+{{- $image := .Values.images.export }}
+{{- printf "%s:%s" $image.repository ($image.tag | default (printf "%s-gpu" .Chart.AppVersion)) }}
+{{- end }}
+
+{{/*
 Whether an API (group/version or group/version/Kind) is available: the cluster's
 (.Capabilities, i.e. `helm template --api-versions`) or listed in .Values.extraApiVersions.
 Call with (dict "api" "monitoring.coreos.com/v1/ServiceMonitor" "root" $); "true" or "".
