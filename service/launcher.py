@@ -412,6 +412,7 @@ def _triton_backends(
             text_model=names["text_encoder"],
             reward_model=names["reward_head"],
             on_stub_unhealthy=on_stub_unhealthy,
+            channel_max_age_s=settings.triton_channel_max_age_s,
         )
         for names in [
             {role: member_model(role, 0) for role in MEMBER_ROLES},

@@ -288,6 +288,13 @@ class Settings(BaseSettings):
         "from each image's header before it is decoded; raised to 3 × max_request_pixels if "
         "lower",
     )
+    triton_channel_max_age_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="seconds the gateway uses one gRPC channel to Triton before a new one "
+        "replaces it (calls in flight finish on the old): a new channel resolves the Triton "
+        "address again, so pods added behind a headless Service get traffic (0: never)",
+    )
     max_backend_calls: int = Field(
         default=64,
         ge=1,

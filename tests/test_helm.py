@@ -316,6 +316,7 @@ EVERY_SETTING: dict[str, Any] = {
     "rate_limit_burst": 5,
     "expose_metrics": False,
     "expose_docs": False,
+    "triton_channel_max_age_s": 30.0,
 }
 
 

@@ -278,3 +278,32 @@ def test_stop_makes_backend_unavailable_and_restart_recovers(triton_server):
             await backend.close()
 
     run(scenario())
+
+
+def test_an_old_channel_is_replaced_and_closed_after_its_calls(triton_server):
+    # gRPC resolves DNS again only when a connection fails: with one channel for ever, Triton
+    # pods added behind the headless Service never got a call from the gateway (0 of ~3,900
+    # over 87 s in a review's test). A channel past its age is replaced; calls on it finish.
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+
+    async def scenario():
+        backend = RewardBackend(triton_server.grpc_url, timeout=1.0, channel_max_age_s=0.3)
+        try:
+            first = await backend.encode_images(image)
+            old = backend._grpc()
+            in_flight = asyncio.create_task(backend.encode_images(image))  # on the old channel
+            await asyncio.sleep(0.4)
+            again = await backend.encode_images(image)  # on a new one
+            assert backend._grpc() is not old and old in backend._retired
+            np.testing.assert_array_equal(await in_flight, first)
+            np.testing.assert_array_equal(again, first)
+            deadline = time.monotonic() + 10
+            while old in backend._retired:  # closed once its calls' timeout has passed
+                assert time.monotonic() < deadline, "the old channel was never closed"
+                await asyncio.sleep(0.1)
+        finally:
+            await backend.close()
+        assert not backend._retired
+
+    run(scenario())

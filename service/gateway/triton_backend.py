@@ -24,6 +24,7 @@ without being recreated. Torch-free.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -139,6 +140,7 @@ class RewardBackend:
         channel_args: Sequence[tuple[str, Any]] = (),
         model_version: int | None = None,
         on_stub_unhealthy: Callable[[], None] | None = None,
+        channel_max_age_s: float = 0.0,
     ) -> None:
         self.url = url
         self.on_stub_unhealthy = on_stub_unhealthy  # `serve`: tells the watchdog
@@ -162,6 +164,12 @@ class RewardBackend:
             *channel_args,
         ]
         self._client: InferenceServerClient | None = None
+        # gRPC resolves DNS again only when a connection fails: a channel kept for ever never
+        # sees Triton pods added behind a headless Service. A channel older than this is
+        # replaced (0: never); calls in flight finish on it, then it is closed.
+        self.channel_max_age_s = channel_max_age_s
+        self._client_since = 0.0
+        self._retired: dict[InferenceServerClient, asyncio.Task] = {}
         self.reward_outputs: tuple[str, ...] | None = None  # from reward_head's metadata
         self.embed_dim: int | None = None
 
@@ -172,9 +180,25 @@ class RewardBackend:
 
     # -- connection ----------------------------------------------------------------------------
     def _grpc(self) -> InferenceServerClient:
+        now = time.monotonic()
+        age = now - self._client_since
+        if self._client is not None and self.channel_max_age_s and age > self.channel_max_age_s:
+            self._retire(self._client)
+            self._client = None
         if self._client is None:  # created inside the running loop
             self._client = InferenceServerClient(self.url, channel_args=self._channel_args)
+            self._client_since = now
         return self._client
+
+    def _retire(self, client: InferenceServerClient) -> None:
+        """Close `client` once every call on it has ended (each is bounded by the timeout)."""
+
+        async def close_later() -> None:
+            await asyncio.sleep(self.timeout + 1.0)
+            self._retired.pop(client, None)
+            await client.close()
+
+        self._retired[client] = asyncio.get_running_loop().create_task(close_later())
 
     async def _call(self, what: str, coro_fn, *args, **kwargs):
         try:
@@ -210,6 +234,10 @@ class RewardBackend:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+        for old, task in list(self._retired.items()):
+            task.cancel()
+            await old.close()
+        self._retired.clear()
 
     async def __aenter__(self) -> RewardBackend:
         return await self.connect()
