@@ -826,3 +826,25 @@ def test_the_notes_read_the_first_key_of_any_accepted_form(secret: str) -> None:
         [sys.executable, "-c", snippet], input=secret, capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.strip() == "sk-1", out.stderr
+
+
+def test_a_changed_export_under_the_same_name_rolls_the_pods_that_serve_it() -> None:
+    # Only the Job changed: both Deployments rendered the same, so running pods kept the old
+    # export while any restarted Triton pod loaded the new one (and failed the identity check).
+    def export_of(model: str) -> tuple[str, str, str]:
+        job = {"model": {"name": "b32", "source": "exportJob", "exportJob": {"model": model}}}
+        docs = manifests(with_key(job))
+        return (
+            find(docs, "Job")["metadata"]["name"],
+            *(
+                find(docs, "Deployment", f"{FULLNAME}-{c}")["spec"]["template"]["metadata"][
+                    "annotations"
+                ]["checksum/export"]
+                for c in ("triton", "gateway")
+            ),
+        )
+
+    b32 = export_of("openai/clip-vit-base-patch32")
+    large = export_of("openai/clip-vit-large-patch14")
+    assert b32[1] == b32[2] and b32[0].endswith(b32[1][:8])  # the Job's hash is the pods'
+    assert all(x != y for x, y in zip(b32, large, strict=True))

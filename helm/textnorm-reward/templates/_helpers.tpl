@@ -245,3 +245,29 @@ maxUnavailable: {{ include "textnorm-reward.envValue" $max }}
 {{- fail (printf "%s: set minAvailable or maxUnavailable" .what) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The export Job's `reward-service` arguments, as a JSON array.
+*/}}
+{{- define "textnorm-reward.exportArgs" -}}
+{{- $job := .Values.model.exportJob }}
+{{- $out := printf "/models/%s" (include "textnorm-reward.modelName" .) }}
+{{- $args := list "export" "--out" $out "--target" (include "textnorm-reward.exportTarget" .) }}
+{{- if $job.model }}
+{{- $args = concat $args (list "--model" $job.model) }}
+{{- end }}
+{{- range $job.members }}
+{{- $args = concat $args (list "--member" .) }}
+{{- end }}
+{{- $args = concat $args $job.extraArgs }}
+{{- toJson $args }}
+{{- end }}
+
+{{/*
+What the export Job exports (its arguments and image), hashed: it names the Job, and the pods
+that serve the export carry it, so a changed export under the same model.name rolls them.
+*/}}
+{{- define "textnorm-reward.exportChecksum" -}}
+{{- $image := include "textnorm-reward.image" (dict "image" .Values.images.export "root" .) }}
+{{- toJson (list (include "textnorm-reward.exportArgs" . | fromJsonArray) $image) | sha256sum }}
+{{- end }}
