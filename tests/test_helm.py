@@ -700,15 +700,18 @@ def test_autoscalers_are_off_by_default_and_autoscaling_v2() -> None:
 
 def test_pod_disruption_budgets() -> None:
     docs = manifests(with_key())
-    assert find(docs, "PodDisruptionBudget", f"{FULLNAME}-gateway")["spec"]["minAvailable"] == 1
-    assert find(docs, "PodDisruptionBudget", f"{FULLNAME}-triton")["spec"]["maxUnavailable"] == 1
+    # maxUnavailable: 1 for both: minAvailable: 1 blocked every node drain at replicas=1
+    for component in ("gateway", "triton"):
+        pdb = find(docs, "PodDisruptionBudget", f"{FULLNAME}-{component}")["spec"]
+        assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
     assert "PodDisruptionBudget" not in kinds(manifests(with_key(PROFILES["minimal"])))
-    docs = manifests(with_key({"gateway": {"pdb": {"minAvailable": "50%"}}}))
+    half = {"gateway": {"pdb": {"minAvailable": "50%", "maxUnavailable": None}}}
+    docs = manifests(with_key(half))
     pdb = find(docs, "PodDisruptionBudget", f"{FULLNAME}-gateway")["spec"]
     selector = find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["selector"]
     assert pdb == {"minAvailable": "50%", "selector": selector}
     with pytest.raises(helm.HelmRenderError, match="not both"):
-        render(with_key({"gateway": {"pdb": {"maxUnavailable": 1}}}))
+        render(with_key({"gateway": {"pdb": {"minAvailable": 1}}}))
 
 
 def test_network_policy_admits_only_gateway_trainers_and_prometheus() -> None:
