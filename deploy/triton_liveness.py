@@ -137,7 +137,8 @@ def live_stubs(server_pid: int, proc: Path = PROC) -> dict[str, int]:
             state, parent = _stat(pid_dir)
         except (OSError, ValueError, IndexError):  # exited while being read
             continue
-        if parent != server_pid or state in ("Z", "X", "T", "t"):  # exited, or stopped
+        # exited, or stopped by a signal (not "t": a debugger or py-spy attached for a moment)
+        if parent != server_pid or state in ("Z", "X", "T"):
             continue
         model = Path(argv[1].decode(errors="replace")).parent.parent.name
         live[model] = live.get(model, 0) + 1

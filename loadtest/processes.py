@@ -64,7 +64,8 @@ def listener(port: int, host: str = "127.0.0.1") -> int | None:
     """The pid of the process listening on TCP `host:port` (None: nobody, or not ours to see)."""
     with contextlib.suppress(psutil.AccessDenied):
         for conn in psutil.net_connections(kind="tcp"):
-            here = conn.laddr and conn.laddr.port == port and conn.laddr.ip in (host, "0.0.0.0")
+            anywhere = (host, "0.0.0.0", "::", "::1", f"::ffff:{host}")
+            here = conn.laddr and conn.laddr.port == port and conn.laddr.ip in anywhere
             if here and conn.status == psutil.CONN_LISTEN and conn.pid is not None:
                 return conn.pid
     return None

@@ -555,10 +555,12 @@ async def closed_loop(
 
     async def client(k: int) -> None:
         while not stopping:
+            try:  # the harness's own work: a failure ends the point (no C - 1 measurement)
+                prepared = target.prepare(workload.items(images), mode, workload.repeats)
+            except Exception as exc:
+                raise RuntimeError(f"client {k} could not prepare a request: {exc!r}") from exc
             start, ok = time.perf_counter(), True
             try:
-                prepared = target.prepare(workload.items(images), mode, workload.repeats)
-                start = time.perf_counter()  # latency: from the send
                 await target.send(prepared)
             except Exception as exc:  # every failure is counted (and a few kept), never dropped
                 ok = False
@@ -592,7 +594,7 @@ async def closed_loop(
 def _raise_if_a_client_died(tasks: Sequence[asyncio.Task]) -> None:
     for task in tasks:
         if task.done() and not task.cancelled() and task.exception() is not None:
-            raise RuntimeError(f"a load-generator client died: {task.exception()!r}")
+            raise RuntimeError(f"a load-generator client died: {task.exception()}")
 
 
 def _percentiles(latencies_s: Sequence[float]) -> dict[str, float | None]:

@@ -269,8 +269,8 @@ class TritonServer:
             return None
         if children is None:
             return None
+        # stopped by a signal, not "tracing stop": py-spy or strace attached for a moment
         gone = {psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED}
-        gone.add(getattr(psutil, "STATUS_TRACING_STOP", psutil.STATUS_STOPPED))
         live = 0
         for child in children:
             try:

@@ -115,14 +115,15 @@ def test_live_stubs_counts_the_servers_living_children_per_model(tmp_path: Path)
     _fake_process(proc, 21, "triton_python_b", _stub_argv("score", "score_0_1"), "R", 7)
     _fake_process(proc, 22, "triton_python_b", _stub_argv("text_encoder", "t_0_0"), "Z", 7)
     _fake_process(proc, 23, "triton_python_b", _stub_argv("image_encoder", "i_0_0"), "S", 8)
-    # stopped (SIGSTOP, or a debugger): Triton calls it not healthy and every call fails
+    # stopped by SIGSTOP: Triton calls it not healthy and every call fails (out); stopped by a
+    # tracer (py-spy dump, strace) for a moment: in
     _fake_process(proc, 26, "triton_python_b", _stub_argv("image_encoder", "i_0_1"), "T", 8)
     _fake_process(proc, 27, "triton_python_b", _stub_argv("image_encoder", "i_0_2"), "t", 8)
     _fake_process(proc, 24, "python3", ["python3", "/models/x/1/model.py"], "S", 7)
 
     assert probe.server_pids(proc) == [7, 8]
     assert probe.live_stubs(7, proc) == {"score": 2}  # the zombie and the other server's: out
-    assert probe.live_stubs(8, proc) == {"image_encoder": 1}
+    assert probe.live_stubs(8, proc) == {"image_encoder": 2}
     assert probe.live_stubs(99, proc) == {}
 
 
