@@ -332,6 +332,16 @@ def test_truncation_drops_contrastive_prompts_that_only_differ_past_the_cut(
         r = c.post("/v1/score", json={"items": [counting], "textnorm": {"rule": "counting"}})
         body = assert_error(r, 422, "no_contrastive_prompts", "items[0].prompt", CONTEXT_LENGTH)
         assert "past the cut" in body["error"]["message"]
+        # A registered set is cut the same way when registered: its id, hash and calibrated c
+        # name the prompts it is scored with (before, the set kept them, scoring dropped them,
+        # and its hash no longer matched what was used).
+        created = c.post(
+            "/v1/prompt-sets", json={"prompt": f"{head} grass", "contrastive": differ_late}
+        )
+        assert created.status_code == 201, created.text
+        assert created.json()["prompt_set"]["contrastive"] == differ_late[2:]
+        same = {"prompt": f"{head} grass", "contrastive": differ_late[:2]}
+        assert_error(c.post("/v1/prompt-sets", json=same), 422, "no_contrastive_prompts")
 
 
 def test_missing_contrastive_prompts_422_unless_allowed(client):

@@ -337,6 +337,9 @@ class Scorer:
                 raise self._too_long(where, what, n_tokens)
             item.prompt_truncated = bool(truncated[0])
             item.contrastive_truncated = int(truncated[1:].sum())
+        used = {key for item in items for key in item.keys}
+        for key in [k for k in plan.texts if k not in used]:  # dropped above: not encoded
+            del plan.texts[key]
         return plan
 
     def _drop_cut_repeats(self, item: PlannedItem, plan: TextPlan, rows: list[int]) -> list[int]:
