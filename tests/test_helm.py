@@ -587,6 +587,13 @@ def test_gpu_values_build_engines_on_the_node() -> None:
     assert "/models/shapes-clip-gpu/." in copy["command"][-1]
     build = container(dep, "build-engines", init=True)
     assert build["image"] == "textnorm-reward/export:0.2.0-gpu"  # the export-gpu target
+    # a pinned CPU export tag gave build-engines the CPU image (no TensorRT)
+    for export, image in (({"tag": "1.2.3"}, "1.2.3-gpu"), ({"gpuTag": "trt10"}, "trt10")):
+        pinned = manifests(with_key(PROFILES["gpu"], {"images": {"export": export}}))
+        tagged = container(
+            find(pinned, "Deployment", f"{FULLNAME}-triton"), "build-engines", init=True
+        )
+        assert tagged["image"] == f"textnorm-reward/export:{image}"
     assert [*build["command"], *build["args"]] == [
         "reward-service",
         "build-engines",
@@ -674,12 +681,19 @@ def test_export_job_as_a_hook() -> None:
     assert int(pvc["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
         job["metadata"]["annotations"]["helm.sh/hook-weight"]
     )
-    # The release's ServiceAccount is created after pre-install hooks: naming it, the Job's
-    # pods could not be created and `helm install` timed out. An existing account is fine.
-    assert "serviceAccountName" not in job["spec"]["template"]["spec"]
-    existing = {"serviceAccount": {"create": False, "name": "exporter"}}
-    job = find(manifests(with_key(FULL, {"model": {"exportJob": {"hook": True}}}, existing)), "Job")
-    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "exporter"
+    # The release's ServiceAccount was created after pre-install hooks: the Job's pods could
+    # not be created and `helm install` timed out. It is a hook too now, made before the Job,
+    # so the Job keeps its annotations (IRSA, Workload Identity for a bucket's checkpoint).
+    account = find(docs, "ServiceAccount")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    hook = account["metadata"]["annotations"]
+    assert hook["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(hook["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
+    assert "helm.sh/hook" not in (
+        find(manifests(with_key(FULL)), "ServiceAccount")["metadata"].get("annotations") or {}
+    )
 
 
 # -- scaling, disruption, network, monitoring ------------------------------------------------------
@@ -700,18 +714,15 @@ def test_autoscalers_are_off_by_default_and_autoscaling_v2() -> None:
 
 def test_pod_disruption_budgets() -> None:
     docs = manifests(with_key())
-    # maxUnavailable: 1 for both: minAvailable: 1 blocked every node drain at replicas=1
-    for component in ("gateway", "triton"):
-        pdb = find(docs, "PodDisruptionBudget", f"{FULLNAME}-{component}")["spec"]
-        assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
+    assert find(docs, "PodDisruptionBudget", f"{FULLNAME}-gateway")["spec"]["minAvailable"] == 1
+    assert find(docs, "PodDisruptionBudget", f"{FULLNAME}-triton")["spec"]["maxUnavailable"] == 1
     assert "PodDisruptionBudget" not in kinds(manifests(with_key(PROFILES["minimal"])))
-    half = {"gateway": {"pdb": {"minAvailable": "50%", "maxUnavailable": None}}}
-    docs = manifests(with_key(half))
+    docs = manifests(with_key({"gateway": {"pdb": {"minAvailable": "50%"}}}))
     pdb = find(docs, "PodDisruptionBudget", f"{FULLNAME}-gateway")["spec"]
     selector = find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["selector"]
     assert pdb == {"minAvailable": "50%", "selector": selector}
     with pytest.raises(helm.HelmRenderError, match="not both"):
-        render(with_key({"gateway": {"pdb": {"minAvailable": 1}}}))
+        render(with_key({"gateway": {"pdb": {"maxUnavailable": 1}}}))
 
 
 def test_network_policy_admits_only_gateway_trainers_and_prometheus() -> None:

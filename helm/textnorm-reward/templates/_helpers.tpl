@@ -79,11 +79,13 @@ An image reference: (dict "image" .Values.images.<target> "root" $). Empty tag: 
 
 {{/*
 The image of the build-engines init container: the export image's export-gpu target (TensorRT),
-`<appVersion>-gpu` unless images.export.tag is set (the CPU export image has no TensorRT).
+tag images.export.gpuTag, else `<images.export.tag or appVersion>-gpu` (the CPU export image,
+images.export.tag, has no TensorRT).
 */}}
 {{- define "textnorm-reward.buildEnginesImage" -}}
 {{- $image := .Values.images.export }}
-{{- printf "%s:%s" $image.repository ($image.tag | default (printf "%s-gpu" .Chart.AppVersion)) }}
+{{- $cpu := $image.tag | default .Chart.AppVersion }}
+{{- printf "%s:%s" $image.repository ($image.gpuTag | default (printf "%s-gpu" $cpu)) }}
 {{- end }}
 
 {{/*
