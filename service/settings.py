@@ -405,6 +405,8 @@ class Settings(BaseSettings):
                     value = json.loads(text)
                 except json.JSONDecodeError:
                     raise ValueError("not valid JSON (a list of keys, or one bare key)") from None
+            elif any(ch.isspace() or ch == "," for ch in text):
+                raise ValueError('several keys go in a JSON list: \'["key1", "key2"]\'')
             else:
                 value = [text] if text else []
             if isinstance(value, str):

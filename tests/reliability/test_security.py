@@ -350,6 +350,7 @@ def test_openapi_documents_every_error_with_the_error_schema(exported_repo, prov
         ('{"trainer": "sk-live-1"}', None),  # an object: refused
         ('["sk-live-1", 2]', None),
         ('["sk-live-1"', None),  # broken JSON
+        ("sk-live-1,sk-live-2", None),  # not one key: a list goes in JSON
     ],
 )
 def test_api_keys_from_the_environment_and_errors_that_never_quote_them(monkeypatch, value, keys):
