@@ -488,6 +488,19 @@ def test_grpc_client_gives_the_gateway_rewards_in_item_order(triton_server, trit
             client.score(images, PROMPT, [PROMPT, " "])  # nothing left once cleaned
         repeated = client.score(images, PROMPT, [*CONTRASTIVE, CONTRASTIVE[0], PROMPT])
         assert np.allclose(repeated.rewards("textnorm"), textnorm, atol=1e-6)  # cleaned alike
+    # A channel kept for ever never resolves its address again (pods added behind a headless
+    # Service get no calls): an old one is replaced, and closed once its calls had their time.
+    with GrpcRewardClient(
+        triton_server.grpc_url, triton_repo, timeout_s=1, channel_max_age_s=0.2
+    ) as client:
+        first = client._channels.next()
+        time.sleep(0.3)
+        again = client.score(images, PROMPT, CONTRASTIVE)
+        assert np.allclose(again.rewards("textnorm"), textnorm, atol=1e-6)
+        ((timer, retired),) = client._channels._retired
+        assert retired is first and client._channels.next() is not first
+        timer.join(5)  # closed after timeout + 1 s
+        assert not timer.is_alive()
     other = tmp_path / "other-export"  # provenance naming another export's model version
     other.mkdir()
     shutil.copyfile(triton_repo / "tokenizer.json", other / "tokenizer.json")

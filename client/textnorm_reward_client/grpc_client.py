@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from collections.abc import Sequence
 from math import isfinite
@@ -68,6 +69,48 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, InferenceServerException) and _status(exc) in _RETRYABLE
 
 
+class _Channels:
+    """One tritonclient per address, taken in turn (thread-safe). gRPC resolves a DNS name
+    again only when a connection fails, so a client kept for ever never calls Triton pods
+    added behind a headless Service: one older than `max_age_s` (0: never) is replaced, and
+    closed `grace_s` later, once the calls on it have ended."""
+
+    def __init__(self, urls: Sequence[str], max_age_s: float, grace_s: float) -> None:
+        self.urls, self.max_age_s, self.grace_s = list(urls), max_age_s, grace_s
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+        self._clients = [(self._open(u), time.monotonic()) for u in self.urls]
+        self._retired: list[tuple[threading.Timer, Any]] = []
+
+    @staticmethod
+    def _open(url: str) -> Any:
+        return grpcclient.InferenceServerClient(
+            url, channel_args=[("grpc.lb_policy_name", "round_robin")]
+        )
+
+    def next(self) -> Any:
+        with self._lock:
+            i = next(self._turn) % len(self.urls)
+            client, since = self._clients[i]
+            if self.max_age_s and time.monotonic() - since > self.max_age_s:
+                timer = threading.Timer(self.grace_s, client.close)
+                timer.daemon = True
+                timer.start()
+                self._retired.append((timer, client))
+                client = self._open(self.urls[i])
+                self._clients[i] = (client, time.monotonic())
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            for timer, client in self._retired:
+                timer.cancel()
+                client.close()
+            self._retired.clear()
+            for client, _ in self._clients:
+                client.close()
+
+
 class GrpcRewardClient:
     """Args:
     urls: `host:port`, `dns:///name:port`, or several `host:port` to rotate over.
@@ -76,6 +119,8 @@ class GrpcRewardClient:
     each request passed them (default: per set, as the gateway: calibrated, else the export's).
     timeout_s: per call; attempts: tries per call (unavailable / timed-out servers), with the
     REST clients' backoff (`retry`); deadline_s: per call, over every retry.
+    channel_max_age_s: a channel older than this is replaced (it resolves the address again:
+    Triton pods added behind a headless Service get calls); 0: never.
     """
 
     def __init__(
@@ -90,6 +135,7 @@ class GrpcRewardClient:
         deadline_s: float | None = None,
         retry: RetryPolicy | None = None,
         model: str = "score",
+        channel_max_age_s: float = 60.0,
     ) -> None:
         self.provenance = json.loads((Path(repository) / "provenance.json").read_text())
         defaults = self.provenance.get("textnorm_defaults") or {}
@@ -98,9 +144,7 @@ class GrpcRewardClient:
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("no Triton address given")
-        balance = [("grpc.lb_policy_name", "round_robin")]
-        self._clients = [grpcclient.InferenceServerClient(u, channel_args=balance) for u in urls]
-        self._next = itertools.cycle(self._clients)
+        self._channels = _Channels(urls, channel_max_age_s, grace_s=timeout_s + 1.0)
         self.tokenizer = ClipTokenizer(Path(repository) / "tokenizer.json")
         self.default_scale = float(defaults.get("scale", 5.0))
         self.default_lambda = float(defaults.get("ensemble_lambda", 1.0))
@@ -175,7 +219,7 @@ class GrpcRewardClient:
             reraise=True,
         ):
             with attempt:
-                client = next(self._next)  # rotate; a retry goes to the next address
+                client = self._channels.next()  # rotate; a retry goes to the next address
                 timeout = self.timeout_s
                 if deadline is not None:
                     timeout = max(0.001, min(timeout, deadline - time.monotonic()))
@@ -315,8 +359,7 @@ class GrpcRewardClient:
         return GroupResult.from_json(payload)
 
     def close(self) -> None:
-        for client in self._clients:
-            client.close()
+        self._channels.close()
 
     def __enter__(self) -> GrpcRewardClient:
         return self
