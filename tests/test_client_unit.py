@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import itertools
 import json
 import subprocess
 import sys
 import threading
 import time
+import types
 
 import httpx
 import numpy as np
@@ -499,7 +499,7 @@ def test_grpc_attempts_running_out_before_the_deadline_report_the_last_error():
             raise InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
 
     client = object.__new__(GrpcRewardClient)  # only what _infer reads
-    client._next = itertools.repeat(Down())
+    client._channels = types.SimpleNamespace(next=Down)  # every turn: an unavailable Triton
     client.timeout_s, client.model, client.version = 60.0, "score", "1"
 
     class NoWaitThenLong(RetryPolicy):  # a retry at once; the wait after the last is long
@@ -917,7 +917,7 @@ def test_the_grpc_backoff_never_sleeps_past_the_calls_deadline():
             raise InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
 
     client = object.__new__(GrpcRewardClient)  # only what _infer reads
-    client._next = itertools.repeat(Down())
+    client._channels = types.SimpleNamespace(next=Down)  # every turn: an unavailable Triton
     client.timeout_s, client.model, client.version = 60.0, "score", "1"
     client.retry = RetryPolicy(attempts=4, backoff_base_s=2.0, backoff_max_s=10.0)
     start = time.monotonic()
