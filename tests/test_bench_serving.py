@@ -363,25 +363,31 @@ class _OneItem:
         return [(0, "a red circle")] * n
 
 
+def _closed_loop(target, **options):
+    """closed_loop on one image of one prompt, TextNorm on, a warm-up of one answer."""
+    return asyncio.run(
+        closed_loop(
+            target,
+            _OneItem(),
+            Mode("on", "auto"),
+            **{"images": 1, "max_warmup_s": 30.0, "warmup_answers": 1, **options},
+        )
+    )
+
+
 @pytest.mark.parametrize("warmup_answers", [1, 3])
 def test_the_windows_start_after_every_client_had_its_warmup_answers(warmup_answers):
     """With no warm-up time, the windows wait for `warmup_answers` answers per client (the
     default 3; one round was not enough at C = 32 on a ViT-B/32), not more than one round
     beyond them, and every record before the windows belongs to the warm-up."""
     concurrency, delay = 4, 0.05
-    loop = asyncio.run(
-        closed_loop(
-            _SleepyTarget(delay),
-            _OneItem(),
-            Mode("on", "auto"),
-            images=1,
-            concurrency=concurrency,
-            seconds=0.2,
-            runs=1,
-            warmup_s=0.0,
-            max_warmup_s=30.0,
-            warmup_answers=warmup_answers,
-        )
+    loop = _closed_loop(
+        _SleepyTarget(delay),
+        concurrency=concurrency,
+        seconds=0.2,
+        runs=1,
+        warmup_s=0.0,
+        warmup_answers=warmup_answers,
     )
     before = [r for r in loop.records if r.end <= loop.t0]
     assert warmup_answers * concurrency <= len(before) <= (warmup_answers + 1) * concurrency
@@ -392,20 +398,13 @@ def test_the_windows_start_after_every_client_had_its_warmup_answers(warmup_answ
 def test_the_cpu_reader_is_read_at_the_edges_of_the_windows():
     """What closed_loop reports as CPU seconds is the reader's change over exactly the
     windows: a reader counting wall time gives their length, warm-up and drain excluded."""
-    loop = asyncio.run(
-        closed_loop(
-            _SleepyTarget(0.05),
-            _OneItem(),
-            Mode("on", "auto"),
-            images=1,
-            concurrency=2,
-            seconds=0.3,
-            runs=2,
-            warmup_s=0.3,
-            max_warmup_s=30.0,
-            warmup_answers=1,
-            cpu=lambda: {"clock": time.perf_counter()},
-        )
+    loop = _closed_loop(
+        _SleepyTarget(0.05),
+        concurrency=2,
+        seconds=0.3,
+        runs=2,
+        warmup_s=0.3,
+        cpu=lambda: {"clock": time.perf_counter()},
     )
     assert loop.cpu_s["clock"] == pytest.approx(loop.t1 - loop.t0, abs=0.02)
 
@@ -428,17 +427,4 @@ def test_a_request_that_fails_to_prepare_ends_the_point_loudly():
     # `prepare` (the harness's own tokenising and serialising) ran outside any accounting: the
     # client died silently and the point was measured at C - 1 clients with 0 errors.
     with pytest.raises(RuntimeError, match="client .* could not prepare a request"):
-        asyncio.run(
-            closed_loop(
-                _FailsToPrepareOnce(0.02),
-                _OneItem(),
-                Mode("on", "auto"),
-                images=1,
-                concurrency=4,
-                seconds=0.3,
-                runs=1,
-                warmup_s=0.1,
-                max_warmup_s=30.0,
-                warmup_answers=1,
-            )
-        )
+        _closed_loop(_FailsToPrepareOnce(0.02), concurrency=4, seconds=0.3, runs=1, warmup_s=0.1)

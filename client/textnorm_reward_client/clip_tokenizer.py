@@ -31,6 +31,17 @@ class Tokenized:
     truncated: np.ndarray  # bool [N]
     lengths: np.ndarray  # int [N], tokens before truncation (special tokens included)
 
+    def distinct(self, index: list[int]) -> list[int]:
+        """Positions in `index` whose row no earlier one equals: cut to the context, texts that
+        differ only past the cut have the same ids, so the same embedding."""
+        seen: set[bytes] = set()
+        first = []
+        for position, row in enumerate(index):
+            if (ids := self.ids[row].tobytes()) not in seen:
+                seen.add(ids)
+                first.append(position)
+        return first
+
     def rows(self, index: list[int] | np.ndarray, bucket: int) -> np.ndarray:
         """ids of `index`, only as many columns as the longest of them needs, rounded up to a
         multiple of `bucket` (fewer distinct shapes, so Triton's batcher can merge calls).

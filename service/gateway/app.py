@@ -96,7 +96,7 @@ from service.gateway.schemas import (
     ScoreResponse,
     ServiceLimits,
 )
-from service.gateway.scoring import PlannedItem, Scorer, ScoringModel
+from service.gateway.scoring import PlannedItem, Scorer, ScoringModel, cut_to_the_prompt
 from service.settings import Settings
 
 log = logging.getLogger("service.gateway")
@@ -601,22 +601,10 @@ def _validated_set(
     if tokenized.truncated.any() and state.settings.truncate_long_prompts:
         # as scoring does: kept, they would be dropped there, and the set's id, hash and
         # calibrated c would name prompts that are never used
-        seen = {tokenized.ids[0].tobytes()}
-        kept = []
-        for text, ids in zip(cleaned, tokenized.ids[1:], strict=True):
-            if ids.tobytes() not in seen:
-                seen.add(ids.tobytes())
-                kept.append(text)
-        if not kept:
-            raise ApiError(
-                422,
-                "no_contrastive_prompts",
-                f"{set_field}: cut to CLIP's {state.tokenizer.context_length}-token context, "
-                f"every contrastive prompt is the prompt {quote_prompt(prompt)}",
-                field=set_field,
-                limit=state.tokenizer.context_length,
-            )
-        cleaned = tuple(kept)
+        first = tokenized.distinct(list(range(len(cleaned) + 1)))
+        if len(first) == 1:
+            raise cut_to_the_prompt(set_field, prompt, state.tokenizer.context_length)
+        cleaned = tuple(cleaned[j - 1] for j in first[1:])
     if tokenized.truncated.any() and not state.settings.truncate_long_prompts:
         j = int(np.argmax(tokenized.truncated))
         where = prompt_field if j == 0 else set_field

@@ -101,6 +101,18 @@ class ScoringModel:
     backend: GuardedBackend
 
 
+def cut_to_the_prompt(where: str, prompt: str, context_length: int) -> ApiError:
+    """422: every contrastive prompt has the prompt's token ids once cut to the context."""
+    return ApiError(
+        422,
+        "no_contrastive_prompts",
+        f"{where}: cut to CLIP's {context_length}-token context, every contrastive prompt is "
+        f"the prompt {quote_prompt(prompt)} (they differ only past the cut)",
+        field=where,
+        limit=context_length,
+    )
+
+
 class Scorer:
     def __init__(
         self,
@@ -337,41 +349,26 @@ class Scorer:
                 raise self._too_long(where, what, n_tokens)
             item.prompt_truncated = bool(truncated[0])
             item.contrastive_truncated = int(truncated[1:].sum())
-        used = {key for item in items for key in item.keys}
-        for key in [k for k in plan.texts if k not in used]:  # dropped above: not encoded
-            del plan.texts[key]
+        if self.truncate_long_prompts:  # texts `_drop_cut_repeats` dropped are not encoded
+            used = {key for item in items for key in item.keys}
+            for key in [k for k in plan.texts if k not in used]:
+                del plan.texts[key]
         return plan
 
     def _drop_cut_repeats(self, item: PlannedItem, plan: TextPlan, rows: list[int]) -> list[int]:
         """Cut to CLIP's context, texts that differ only past the cut have the same token ids,
         so the same embedding: contrastive prompts that became the prompt's or an earlier
         one's tokens are dropped, as repeats are before tokenising. The rows left."""
-        seen: set[bytes] = set()
-        kept_rows, kept_keys, kept = [], [], []
-        for j, (row, key) in enumerate(zip(rows, item.keys, strict=True)):
-            ids = plan.tokenized.ids[row].tobytes()
-            if ids in seen:
-                continue
-            seen.add(ids)
-            kept_rows.append(row)
-            kept_keys.append(key)
-            if j:
-                kept.append(item.plan.prompts[j - 1])
-        if len(kept_rows) == len(rows):
+        assert plan.tokenized is not None
+        first = plan.tokenized.distinct(rows)  # position 0, the prompt, is always first
+        if len(first) == len(rows):
             return rows
-        if not kept:
+        if len(first) == 1:
             where = item.plan.field or item.prompt_field
-            raise ApiError(
-                422,
-                "no_contrastive_prompts",
-                f"{where}: cut to CLIP's {self.tokenizer.context_length}-token context, every "
-                f"contrastive prompt is the prompt {quote_prompt(item.prompt)} (they differ "
-                "only past the cut)",
-                field=where,
-                limit=self.tokenizer.context_length,
-            )
-        item.keys, item.plan = kept_keys, replace(item.plan, prompts=kept)
-        return kept_rows
+            raise cut_to_the_prompt(where, item.prompt, self.tokenizer.context_length)
+        item.keys = [item.keys[j] for j in first]
+        item.plan = replace(item.plan, prompts=[item.plan.prompts[j - 1] for j in first[1:]])
+        return [rows[j] for j in first]
 
     # -- backend work --------------------------------------------------------------------------
     def cache_key(self, normalised: str, model: ScoringModel | None = None) -> CacheKey:
