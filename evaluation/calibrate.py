@@ -23,6 +23,7 @@ from service.textnorm import ensemble_uncertainty, textnorm
 
 SCALE_GRID: tuple[float, ...] = (0.1, 1.0, 3.0, 5.0, 10.0, 20.0, 50.0)  # authors' + 20, 50
 LAMBDA_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+Groups = dict[str, list[int]]  # group name → indices of its benchmark prompts
 
 
 def _auroc(scored: Sequence[ScoredPrompt], reward) -> float:
@@ -59,32 +60,97 @@ def choose(
     return out
 
 
+def by_groups(
+    scored: Sequence[ScoredPrompt], groups: Groups, **grids: Any
+) -> dict[str, dict[str, Any]]:
+    """One :func:`choose` per group of prompts."""
+    return {name: choose([scored[i] for i in indices], **grids) for name, indices in groups.items()}
+
+
 def by_category(scored: Sequence[ScoredPrompt], **grids: Any) -> dict[str, dict[str, Any]]:
-    categories = dict.fromkeys(p.prompt.category for p in scored)
-    return {c: choose([p for p in scored if p.prompt.category == c], **grids) for c in categories}
+    return by_groups(scored, groups_by_category(scored), **grids)
 
 
 def by_prompt_kind(scored: Sequence[ScoredPrompt], **grids: Any) -> dict[str, dict[str, Any]]:
     """One choice per kind of prompt the gateway tells apart (calibration.PROMPT_KINDS)."""
-    kinds: dict[str, list[ScoredPrompt]] = {}
-    for p in scored:
-        kinds.setdefault(prompt_kind(p.prompt.prompt), []).append(p)
-    return {kind: choose(group, **grids) for kind, group in kinds.items()}
+    return by_groups(scored, groups_by_prompt_kind(scored), **grids)
 
 
 def by_prompt_set(scored: Sequence[ScoredPrompt], **grids: Any) -> dict[str, dict[str, Any]]:
     """For prompts scored with a prompt-set file's sets: one choice per category of those
     prompts, stored under each set's content hash (the gateway looks sets up by it)."""
-    out: dict[str, dict[str, Any]] = {}
-    for category, choice in by_category(scored, **grids).items():
-        for p in scored:
-            if p.prompt.category == category:
-                sha = contrastive_set_sha256(p.prompt.prompt, p.contrastive)
-                out[sha] = {
-                    "prompt": p.prompt.prompt,
-                    "category": category,
-                    "scale": choice["scale"],
-                    "ensemble_lambda": choice["ensemble_lambda"],
-                    "auroc_by_scale": choice["auroc_by_scale"],
-                }
-    return out
+    return per_set(by_category(scored, **grids), scored)
+
+
+def groups_by_category(scored: Sequence[ScoredPrompt]) -> Groups:
+    groups: Groups = {}
+    for i, p in enumerate(scored):
+        groups.setdefault(p.prompt.category, []).append(i)
+    return groups
+
+
+def groups_by_prompt_kind(scored: Sequence[ScoredPrompt]) -> Groups:
+    groups: Groups = {}
+    for i, p in enumerate(scored):
+        groups.setdefault(prompt_kind(p.prompt.prompt), []).append(i)
+    return groups
+
+
+def per_set(
+    choices: dict[str, dict[str, Any]], scored: Sequence[ScoredPrompt]
+) -> dict[str, dict[str, Any]]:
+    """Per-category choices stored under each prompt's set hash."""
+    return {
+        contrastive_set_sha256(p.prompt.prompt, p.contrastive): {
+            "prompt": p.prompt.prompt,
+            "category": p.prompt.category,
+            **choices[p.prompt.category],
+        }
+        for p in scored
+    }
+
+
+# -- a multi-model export: each member's own c, then the models' λ ---------------------------------
+def with_members(
+    first: dict[str, dict[str, Any]],
+    groups: Groups,
+    models: Sequence[Sequence[ScoredPrompt]],
+    scale_grid: Sequence[float] = SCALE_GRID,
+    lambda_grid: Sequence[float] = LAMBDA_GRID,
+) -> list[dict[str, dict[str, Any]]]:
+    """Per group, each member's own c (as :func:`choose`: its TextNorm's AUROC), then the λ of
+    the models' uncertainty-regularised ensemble at those c, written into `first`'s entries as
+    `models_lambda` (with `auroc_by_models_lambda`). `models`: every model's scored prompts,
+    the first model's first, aligned prompt by prompt. Returns each member's {group: choice}."""
+    first_scored, *members = models
+    for scored in members:
+        for a, b in zip(first_scored, scored, strict=True):
+            if a.prompt != b.prompt or a.contrastive != b.contrastive:
+                raise ValueError(f"the models scored different sets for {a.prompt.prompt!r}")
+    member_choices: list[dict[str, dict[str, Any]]] = [{} for _ in members]
+    for group, indices in groups.items():
+        for k, scored in enumerate(members):
+            choice = choose([scored[i] for i in indices], scale_grid, lambda_grid)
+            member_choices[k][group] = {
+                "scale": choice["scale"],
+                "auroc_by_scale": choice["auroc_by_scale"],
+            }
+        scales = [first[group]["scale"], *(m[group]["scale"] for m in member_choices)]
+
+        def uw(i: int, lam: float, scales: list[float] = scales) -> np.ndarray:
+            probs = [
+                textnorm(m[i].clip.astype(np.float64), c)
+                for m, c in zip(models, scales, strict=True)
+            ]
+            return ensemble_uncertainty(np.stack(probs), lam=lam)
+
+        by_lambda = {
+            lam: mean_per_prompt_auroc(
+                [(uw(i, lam), first_scored[i].prompt.labels) for i in indices]
+            )[0]
+            for lam in lambda_grid
+        }
+        lam = max(lambda_grid, key=lambda x: (by_lambda[x], -lambda_grid.index(x)))
+        first[group]["models_lambda"] = lam
+        first[group]["auroc_by_models_lambda"] = {str(x): round(v, 6) for x, v in by_lambda.items()}
+    return member_choices

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from export.sources import check_local_source
+from models import resolve_shipped
 from service.cli_support import integer_list, print_auroc_report, user_errors
 from service.settings import Settings, get_settings
 
@@ -288,10 +289,18 @@ def calibrate_cmd(
         str, typer.Option(help="grid of c, comma-separated (the authors' values, then 20 and 50)")
     ] = "0.1,1,3,5,10,20,50",
     lambdas: Annotated[str, typer.Option(help="grid of λ, comma-separated")] = "0,0.5,1,2",
+    member: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a member model of a multi-model export (repeatable): also choose its own c "
+            "and the models' λ (`export --member` bundles the file then)"
+        ),
+    ] = None,
 ) -> None:
     """Choose TextNorm's c (and the ensemble's λ) per category, per kind of served prompt and
     per prompt set on a validation seed; write the calibration JSON the gateway reads
-    (`REWARD_TEXTNORM_CALIBRATION_FILE`)."""
+    (`REWARD_TEXTNORM_CALIBRATION_FILE`). With --member, each member model gets its own c for
+    the same groups, and each group the λ of the models' ensemble at those c."""
     settings = get_settings()
     seed = settings.calibration_seed if seed is None else seed
     held_out = Settings.model_fields["benchmark_seed"].default  # the README's tables' seed
@@ -300,33 +309,34 @@ def calibrate_cmd(
             f"seed {seed} is a held-out benchmark seed: calibrate on a validation seed"
         )
     grids = {"scale_grid": _grid(scales, "scales", 0.0), "lambda_grid": _grid(lambdas, "lambdas")}
-    check_local_source(model)  # all of the above before torch loads
+    members = [resolve_shipped(m) for m in member or []]
+    for source in (model, *members):
+        check_local_source(source)  # all of the above before torch loads
     from evaluation import calibrate as cal
-    from evaluation.evaluate import encode_benchmark_images, score_benchmark
+    from evaluation.evaluate import category_contrastive, encode_benchmark_images, score_benchmark
     from evaluation.served import served_contrastive
-    from export.clip_model import checkpoint_hash
+    from export.clip_model import check_member, checkpoint_hash, load_clip
     from service.contrastive import load_prompt_sets
     from service.contrastive.dedupe import normalise
     from service.gateway.calibration import calibration_document, parse_calibration
     from shapes_world.benchmark import build_benchmark
 
     source, bundle, reward_head = _load_models(model, head, no_head)
+    member_shas = [checkpoint_hash(m) for m in members]
+    if len({checkpoint_hash(source), *member_shas}) != 1 + len(members):
+        raise ValueError("a member is the model itself or another member: members must differ")
+    member_bundles = [load_clip(m) for m in members]
+    for other in member_bundles:
+        check_member(bundle, other)
     bench = build_benchmark(
         seed=seed, prompts_per_category=prompts_per_category, images_per_prompt=images_per_prompt
-    )
-    images = encode_benchmark_images(bundle, bench)
-    by_category = cal.by_category(
-        score_benchmark(bundle, bench, reward_head, images=images), **grids
     )
     served = served_contrastive(
         _served_tokenizer(source),
         _served_max_contrastive(),
         vocabulary=_served_vocabulary(),
     )
-    by_kind = cal.by_prompt_kind(
-        score_benchmark(bundle, bench, reward_head, served, images), **grids
-    )
-    by_set: dict = {}
+    rules = {"category": category_contrastive, "served": served}
     if prompt_sets is not None:
         sets = {normalise(k): v for k, v in load_prompt_sets(prompt_sets).items()}
         covered = [i for i, p in enumerate(bench) if normalise(p.prompt) in sets]
@@ -335,17 +345,39 @@ def calibrate_cmd(
                 f"{prompt_sets}: none of its prompts is a validation prompt of seed {seed}; "
                 "calibrating a set needs labelled images of its prompt"
             )
-        chosen = [bench[i] for i in covered]
-        by_set = cal.by_prompt_set(
-            score_benchmark(
-                bundle,
-                chosen,
-                reward_head,
-                lambda p: sets[normalise(p.prompt)][: _served_max_contrastive()],
-                [images[i] for i in covered],
-            ),
-            **grids,
-        )
+        rules["sets"] = lambda p: sets[normalise(p.prompt)][: _served_max_contrastive()]
+    # every model scores the benchmark with every rule: [model][rule] → scored prompts
+    scored: list[dict] = []
+    for k, model_bundle in enumerate((bundle, *member_bundles)):
+        images = encode_benchmark_images(model_bundle, bench)
+        model_head = reward_head if k == 0 else None
+        by_rule = {}
+        for rule, contrastive in rules.items():
+            prompts, imgs = bench, images
+            if rule == "sets":
+                prompts, imgs = [bench[i] for i in covered], [images[i] for i in covered]
+            by_rule[rule] = score_benchmark(model_bundle, prompts, model_head, contrastive, imgs)
+        scored.append(by_rule)
+    by_category = cal.by_category(scored[0]["category"], **grids)
+    by_kind = cal.by_prompt_kind(scored[0]["served"], **grids)
+    set_categories = cal.by_category(scored[0]["sets"], **grids) if "sets" in rules else {}
+    member_sections: dict = {
+        sha: {"name": Path(m).name} for m, sha in zip(members, member_shas, strict=True)
+    }
+    for part, rule, first, grouping in (
+        ("categories", "category", by_category, cal.groups_by_category),
+        ("prompt_kinds", "served", by_kind, cal.groups_by_prompt_kind),
+        ("prompt_sets", "sets", set_categories, cal.groups_by_category),
+    ):
+        if rule not in rules or not members:
+            continue
+        models = [s[rule] for s in scored]
+        chosen = cal.with_members(first, grouping(models[0]), models, **grids)
+        for sha, choices in zip(member_shas, chosen, strict=True):
+            member_sections[sha][part] = (
+                cal.per_set(choices, models[0]) if part == "prompt_sets" else choices
+            )
+    by_set = cal.per_set(set_categories, scored[0]["sets"]) if "sets" in rules else {}
     document = calibration_document(
         checkpoint_sha256=checkpoint_hash(source),
         validation_seed=seed,
@@ -353,21 +385,33 @@ def calibrate_cmd(
         categories=by_category,
         prompt_kinds=by_kind,
         prompt_sets=by_set,
+        members=member_sections,
         extra={
             "benchmark": {
                 "prompts_per_category": prompts_per_category,
                 "images_per_prompt": images_per_prompt,
             },
-            "criterion": "max mean per-prompt AUROC of textnorm (c), then of ensemble_uw (λ)",
+            "criterion": "max mean per-prompt AUROC of textnorm (c), then of ensemble_uw (λ); "
+            "members: their own textnorm (c), then the models' ensemble_uw (models_lambda)",
         },
     )
     parse_calibration(document)  # what the gateway will read back
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_strict_json(document, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} (validation seed {seed})")
-    for group, choices in (("category", by_category), ("served kind", by_kind)):
+    for group, part, choices in (
+        ("category", "categories", by_category),
+        ("served kind", "prompt_kinds", by_kind),
+    ):
         for name, choice in choices.items():
-            print(f"  {group} {name}: c = {choice['scale']:g}, λ = {choice['ensemble_lambda']:g}")
+            line = f"  {group} {name}: c = {choice['scale']:g}, λ = {choice['ensemble_lambda']:g}"
+            if members:
+                line += "".join(
+                    f"; {section['name']} c = {section[part][name]['scale']:g}"
+                    for section in member_sections.values()
+                )
+                line += f"; models λ = {choice['models_lambda']:g}"
+            print(line)
     if by_set:
         print(f"  {len(by_set)} prompt sets of {prompt_sets} calibrated")
 
@@ -397,6 +441,35 @@ def _model_identity(source: str, bundle) -> dict:
     }
 
 
+def _ensemble_calibration(
+    path: Path | None, checkpoint_sha256: str, member_sha256: str, seeds: tuple[int, ...]
+):
+    """The calibration eval-ensemble's calibrated rows use, as `eval` picks one: `path`, else
+    the gateway's file, else the one the export bundles; None when a default one has no c for
+    the member (an explicit one must have). Refused when it chose c on an evaluation seed."""
+    settings = get_settings()
+    explicit = bool(path or settings.textnorm_calibration_file)
+    calibration = _bundled_or_given(
+        path or settings.textnorm_calibration_file or settings.calibration,
+        checkpoint_sha256,
+        explicit,
+    )
+    if calibration is None:
+        return None
+    if member_sha256 not in calibration.members:
+        if explicit:
+            raise ValueError(
+                f"the calibration has no c for member {member_sha256[:12]}: calibrate --member"
+            )
+        return None
+    if calibration.validation_seed in seeds:
+        raise ValueError(
+            f"seed {calibration.validation_seed} is the seed this calibration chose c on: its "
+            "rows would be in-sample; evaluate other seeds, or pass --no-calibration"
+        )
+    return calibration
+
+
 @app.command("eval-ensemble")
 @user_errors
 def eval_ensemble_cmd(
@@ -420,12 +493,24 @@ def eval_ensemble_cmd(
         "evaluation/results"
     ),
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON document")] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="calibration JSON with a c for member B (`calibrate --member`): adds the "
+            "served rows at each model's calibrated c and the models' λ [default: the one "
+            "the export bundles, when it calibrates B]"
+        ),
+    ] = None,
+    no_calibration: Annotated[
+        bool, typer.Option("--no-calibration", help="no calibrated rows")
+    ] = False,
 ) -> None:
     """Mean per-prompt AUROC of two different CLIPs' TextNorm rewards and their mean and
-    uncertainty-regularised ensembles (λ chosen on the validation seed), spread over seeds."""
+    uncertainty-regularised ensembles (λ chosen on the validation seed), spread over seeds;
+    with a calibration that has B's c, also the served rows at the calibrated c and λ."""
     check_local_source(model)  # before torch loads
     check_local_source(member)
-    from evaluation.ensemble import EnsembleSettings, evaluate_ensemble
+    from evaluation.ensemble import EnsembleSettings, calibrated_choice, evaluate_ensemble
     from evaluation.ensemble_report import markdown_report
     from evaluation.evaluate import category_contrastive
     from evaluation.served import served_contrastive
@@ -460,12 +545,27 @@ def eval_ensemble_cmd(
     ]
     if identities[0]["checkpoint_sha256"] == identities[1]["checkpoint_sha256"]:
         raise ValueError(f"{member_source} is the same checkpoint as {source}: nothing to ensemble")
-    rules = {
-        "category": category_contrastive,
-        "served": served_contrastive(
-            _served_tokenizer(source), _served_max_contrastive(), vocabulary=_served_vocabulary()
-        ),
-    }
+    served = served_contrastive(
+        _served_tokenizer(source), _served_max_contrastive(), vocabulary=_served_vocabulary()
+    )
+    rules = {"category": category_contrastive, "served": served}
+    cal = None
+    if not no_calibration:
+        cal = _ensemble_calibration(
+            calibration,
+            identities[0]["checkpoint_sha256"],
+            identities[1]["checkpoint_sha256"],
+            config.seeds,
+        )
+    calibrated = {}
+    if cal is not None:
+        rules["served_calibrated"] = served
+        calibrated["served_calibrated"] = calibrated_choice(
+            cal,
+            identities[1]["checkpoint_sha256"],
+            settings.textnorm_scale,
+            settings.ensemble_lambda,
+        )
     document = {
         "models": dict(zip("ab", identities, strict=True)),
         "textnorm_scale": config.textnorm_scale,
@@ -478,7 +578,10 @@ def eval_ensemble_cmd(
             "images_per_prompt": images_per_prompt,
         },
         "criterion": "λ: max mean AUROC of models_uw over categories on the validation seed",
-        "contrastive": evaluate_ensemble(bundles, rules, config),
+        "calibration": None
+        if cal is None
+        else {"sha256": cal.sha256, "validation_seed": cal.validation_seed},
+        "contrastive": evaluate_ensemble(bundles, rules, config, calibrated),
     }
     out.mkdir(parents=True, exist_ok=True)
     text = _strict_json(document, indent=2) + "\n"

@@ -19,7 +19,7 @@ and for the ensembles on how many seeds they beat each member's TextNorm.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,8 @@ from evaluation.evaluate import (
     score_benchmark,
 )
 from export.clip_model import ClipBundle
+from service.gateway.calibration import Calibration
+from service.gateway.prompt_set_registry import contrastive_set_sha256
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
 from shapes_world.benchmark import BenchmarkPrompt, build_benchmark
 
@@ -63,12 +65,44 @@ def score_pairs(
     return out
 
 
-def row_scores(pair: Pair, scale: float, lam: float) -> dict[str, np.ndarray]:
-    """Every row's per-image reward [N] for one prompt scored by both members."""
+PairChoice = Callable[[Pair], tuple[float, float, float]]  # one prompt's (c of A, c of B, λ)
+
+
+def fixed_choice(scale: float, lam: float) -> PairChoice:
+    """Both members at the same c, the ensemble at λ, for every prompt."""
+    return lambda _pair: (scale, scale, lam)
+
+
+def calibrated_choice(
+    calibration: Calibration, member_sha256: str, default_scale: float, default_lambda: float
+) -> PairChoice:
+    """What the gateway picks from `calibration` for a rule-built set: A's c, B's own c (its
+    `members` entry, else A's) and the models' λ (service/gateway/calibration.py)."""
+
+    def choose(pair: Pair) -> tuple[float, float, float]:
+        a = pair[0]
+        sha = contrastive_set_sha256(a.prompt.prompt, a.contrastive)
+        choice = calibration.choose(
+            a.prompt.prompt, sha, None, None, default_scale, default_lambda, members=[member_sha256]
+        )
+        lam = choice.models_lambda if choice.models_lambda is not None else choice.ensemble_lambda
+        return choice.scale, choice.member_scales[0], lam
+
+    return choose
+
+
+def row_scores(pair: Pair, scale_a: float, scale_b: float, lam: float) -> dict[str, np.ndarray]:
+    """Every row's per-image reward [N] for one prompt scored by both members, each member's
+    TextNorm at its own c."""
     a, b = pair
     if a.prompt != b.prompt or a.contrastive != b.contrastive:
         raise ValueError(f"the members scored different prompt sets for {a.prompt.prompt!r}")
-    probs = np.stack([textnorm(m.clip.astype(np.float64), scale) for m in pair])
+    probs = np.stack(
+        [
+            textnorm(m.clip.astype(np.float64), c)
+            for m, c in zip(pair, (scale_a, scale_b), strict=True)
+        ]
+    )
     return {
         "raw_a": a.clip[:, 0],
         "raw_b": b.clip[:, 0],
@@ -79,9 +113,9 @@ def row_scores(pair: Pair, scale: float, lam: float) -> dict[str, np.ndarray]:
     }
 
 
-def auroc_rows(pairs: Sequence[Pair], scale: float, lam: float) -> Rows:
-    """{row: {category: mean per-prompt AUROC}} at TextNorm scale c and ensemble λ."""
-    scores = [row_scores(pair, scale, lam) for pair in pairs]
+def auroc_rows(pairs: Sequence[Pair], choice: PairChoice) -> Rows:
+    """{row: {category: mean per-prompt AUROC}}, each prompt at the c and λ `choice` gives."""
+    scores = [row_scores(pair, *choice(pair)) for pair in pairs]
     categories = list(dict.fromkeys(a.prompt.category for a, _ in pairs))
     return {
         row: {
@@ -104,7 +138,9 @@ def choose_lambda(
     """(λ of `grid` with the highest mean AUROC of `models_uw` over categories, that AUROC by λ);
     ties go to the earlier grid value. Pass validation-seed pairs only."""
     by_lambda = {
-        lam: float(np.nanmean(list(auroc_rows(pairs, scale, lam)["models_uw"].values())))
+        lam: float(
+            np.nanmean(list(auroc_rows(pairs, fixed_choice(scale, lam))["models_uw"].values()))
+        )
         for lam in grid
     }
     best = max(grid, key=lambda lam: (by_lambda[lam], -list(grid).index(lam)))
@@ -183,16 +219,27 @@ def evaluate_ensemble(
     bundles: tuple[ClipBundle, ClipBundle],
     rules: Mapping[str, ContrastiveFn],
     settings: EnsembleSettings,
+    calibrated: Mapping[str, PairChoice] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per contrastive rule: {ensemble_lambda, validation_auroc_by_lambda (mean over categories),
-    per_seed: {seed: Rows}, summary: :func:`summarise`}. λ comes from the validation seed alone."""
+    per_seed: {seed: Rows}, summary: :func:`summarise`}. λ comes from the validation seed alone,
+    at the settings' c; a rule named in `calibrated` takes each prompt's c and λ from its
+    choice instead (a calibration file, itself chosen on the validation seed) and reports
+    ensemble_lambda "calibrated"."""
     c = settings.textnorm_scale
+    calibrated = calibrated or {}
     out: dict[str, dict[str, Any]] = {}
+    choices: dict[str, PairChoice] = {}
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmarks (validation first)", total=1 + len(settings.seeds))
         validation = score_pairs(bundles, settings.benchmark(settings.validation_seed), rules)
         for rule, pairs in validation.items():
+            if rule in calibrated:
+                choices[rule] = calibrated[rule]
+                out[rule] = {"ensemble_lambda": "calibrated", "per_seed": {}}
+                continue
             lam, by_lambda = choose_lambda(pairs, c, settings.lambda_grid)
+            choices[rule] = fixed_choice(c, lam)
             out[rule] = {
                 "ensemble_lambda": lam,
                 "validation_auroc_by_lambda": {str(k): v for k, v in by_lambda.items()},
@@ -202,7 +249,7 @@ def evaluate_ensemble(
         for seed in settings.seeds:
             scored = score_pairs(bundles, settings.benchmark(seed), rules)
             for rule, pairs in scored.items():
-                out[rule]["per_seed"][seed] = auroc_rows(pairs, c, out[rule]["ensemble_lambda"])
+                out[rule]["per_seed"][seed] = auroc_rows(pairs, choices[rule])
             progress.advance(task)
     for result in out.values():
         result["summary"] = summarise(result["per_seed"])

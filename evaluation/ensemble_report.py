@@ -14,6 +14,7 @@ from evaluation.ensemble import ENSEMBLE_ROWS, ROWS
 RULE_TITLES = {
     "category": "each category's own contrastive rule",
     "served": "the served default (`auto` rule, cut and de-duplicated as the gateway does)",
+    "served_calibrated": "the served default at the calibrated c of each model and the models' λ",
 }
 ROW_LABELS = {
     "raw_a": "`raw_a` (A: raw cosine)",
@@ -77,15 +78,20 @@ def markdown_report(document: dict[str, Any]) -> str:
         "member's TextNorm; Δ = ensemble − the better member's TextNorm, seed by seed",
     ]
     for rule, result in document["contrastive"].items():
-        by_lambda = ", ".join(
-            f"{k}: {v:.4f}" for k, v in result["validation_auroc_by_lambda"].items()
-        )
-        lines += [
-            "",
-            f"## {RULE_TITLES.get(rule, rule)}",
-            "",
-            f"Chosen λ = {result['ensemble_lambda']:g} (validation mean AUROC by λ: {by_lambda}).",
-            "",
-            *rule_table(result),
-        ]
+        if result["ensemble_lambda"] == "calibrated":
+            cal = document["calibration"]
+            chosen = (
+                f"Each model's c and the models' λ per prompt kind from the calibration "
+                f"{cal['sha256'][:12]} (`calibrate --member`, validation seed "
+                f"{cal['validation_seed']}), as the gateway serving a two-model export uses them."
+            )
+        else:
+            by_lambda = ", ".join(
+                f"{k}: {v:.4f}" for k, v in result["validation_auroc_by_lambda"].items()
+            )
+            chosen = (
+                f"Chosen λ = {result['ensemble_lambda']:g}, c = {document['textnorm_scale']:g} "
+                f"(validation mean AUROC by λ: {by_lambda})."
+            )
+        lines += ["", f"## {RULE_TITLES.get(rule, rule)}", "", chosen, "", *rule_table(result)]
     return "\n".join(lines) + "\n"

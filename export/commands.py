@@ -124,7 +124,7 @@ def export_cmd(
 
     head_dir = None if no_head else head or (settings.head if model is None else None)
     # An explicit file must fit the checkpoint; the shipped default applies only to the
-    # checkpoint it was calibrated for, exported alone (it was chosen for one model's TextNorm).
+    # checkpoint it was calibrated for, and with members only when it has each member's c.
     only_if_fitting = calibration is None and is_shipped_calibration(settings.calibration)
     if calibration is None and not no_calibration and settings.calibration:
         calibration = Path(settings.calibration)

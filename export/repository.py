@@ -435,7 +435,8 @@ def export_repository(
     checkpoint) copied into the repository as `calibration.json`, inside the export hash: the
     gateway serving the repository uses it as its default c/λ per prompt kind (provenance
     `textnorm_calibration` carries the document too). `calibration_only_if_fitting`: skip it,
-    instead of refusing, when it was calibrated for another checkpoint or members are given.
+    instead of refusing, when it was calibrated for another checkpoint or does not calibrate
+    every member (`calibrate --member`).
 
     `--target gpu` writes ONNX files, configs and `engines.json`; TensorRT engines are built
     where they run, by `build_engines` (`reward-service build-engines`) on the GPU node."""
@@ -460,7 +461,7 @@ def export_repository(
                 "ensemble needs different models"
             )
     calibration_bytes = _calibration_bytes(
-        calibration, checkpoint_sha, skip_unfitting=calibration_only_if_fitting, members=members
+        calibration, checkpoint_sha, skip_unfitting=calibration_only_if_fitting, members=member_shas
     )
     calibration_sha = hashlib.sha256(calibration_bytes).hexdigest() if calibration_bytes else None
     key = cache_key(checkpoint_sha, head_sha, options, member_shas, calibration_sha)
@@ -543,8 +544,9 @@ def _calibration_bytes(
     path: Path | None, checkpoint_sha: str, *, skip_unfitting: bool, members: Sequence[str]
 ) -> bytes | None:
     """The calibration file's bytes, checked (format, checkpoint) once: what the export
-    writes and hashes. None without one, or when `skip_unfitting` and it does not fit."""
-    if path is None or (skip_unfitting and members):
+    writes and hashes. None without one, or when `skip_unfitting` and it does not fit: another
+    checkpoint, or a member (by checkpoint hash in `members`) it has no c for."""
+    if path is None:
         return None
     from service.gateway.calibration import load_calibration
 
@@ -555,6 +557,8 @@ def _calibration_bytes(
         if skip_unfitting:
             return None
         raise
+    if skip_unfitting and any(sha not in calibration.members for sha in members):
+        return None
     if data is None or calibration.sha256 != hashlib.sha256(data).hexdigest():
         raise ValueError(f"{path}: changed while it was being read")
     return data

@@ -7,8 +7,9 @@
   noise; the same tokenizer), the other member of the two-model ensemble,
   reproduced by `reward-service train-clip --member shapes-clip-b --out models/shapes-clip-b`;
 - `shapes-clip-calibration.json`: TextNorm's c and λ for shapes-clip per prompt kind and benchmark
-  category, chosen on the validation seed (`reward-service calibrate --out ...`); the export
-  bundles it, so it is the served default.
+  category, and shapes-clip-b's own c and the two models' λ, chosen on the validation seed
+  (`reward-service calibrate --member shapes-clip-b --out ...`); the export bundles it (alone,
+  or with shapes-clip-b as member), so it is the served default.
 """
 
 from pathlib import Path

@@ -92,6 +92,78 @@ def test_summarise_sources():
     assert summarise_sources([None]) is None
 
 
+MEMBER_B, MEMBER_C = "b" * 64, "c" * 64  # member checkpoints: B calibrated, C not
+
+
+def test_each_member_gets_its_own_c_and_the_ensemble_its_models_lambda():
+    known = contrastive_set_sha256(SINGLE, ["two red triangles on a grass background"])
+    doc = _doc(
+        composition={"scale": 3.0, "ensemble_lambda": 0.5, "models_lambda": 2.0},
+        single_object={"scale": 10.0, "ensemble_lambda": 2.0},  # no models_lambda
+    )
+    doc["members"] = {
+        MEMBER_B: {
+            "name": "b",
+            "prompt_kinds": {"composition": {"scale": 20.0}, "single_object": {"scale": 0.1}},
+            "prompt_sets": {known: {"scale": 7.0}},
+        }
+    }
+    calibration = parse_calibration(doc)
+
+    def pick(prompt, sha=None, source="rule", scale=None, lam=None):
+        members = (MEMBER_B, MEMBER_C)
+        return choose_scale(calibration, prompt, sha, source, scale, lam, 5.0, 1.0, members=members)
+
+    chosen = pick(COMPOSITION)
+    # B its own c; C (no entry) the item's c, as every model had before per-model calibration
+    assert (chosen.scale, chosen.member_scales) == (3.0, (20.0, 3.0))
+    assert (chosen.ensemble_lambda, chosen.models_lambda) == (0.5, 2.0)
+    single = pick(SINGLE)
+    assert single.member_scales == (0.1, 10.0)
+    assert single.models_lambda == 2.0  # no models_lambda: the item's λ
+    assert pick(SINGLE, known, source="prompt_set").member_scales == (7.0, 0.1)
+    # an explicit set nobody calibrated: every model at the default
+    assert pick(SINGLE, source="explicit").member_scales == (5.0, 5.0)
+    # the request's c and λ apply to every model and to both ensembles
+    asked = pick(COMPOSITION, scale=1.5, lam=0.25)
+    assert (asked.member_scales, asked.ensemble_lambda, asked.models_lambda) == (
+        (1.5, 1.5),
+        0.25,
+        0.25,
+    )
+    # a single-model export asks for no member: nothing changes for it
+    alone = choose_scale(calibration, COMPOSITION, None, "rule", None, None, 5.0, 1.0)
+    assert (alone.member_scales, alone.models_lambda) == ((), None)
+    # a calibration without members: every model at the item's c and λ
+    plain = parse_calibration(_doc(composition={"scale": 3.0, "ensemble_lambda": 0.5}))
+    shared = choose_scale(plain, COMPOSITION, None, "rule", None, None, 5.0, 1.0, members=["b"])
+    assert (shared.member_scales, shared.models_lambda) == ((3.0,), 0.5)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([], "members must be an object"),
+        ({"b": []}, r"members\.b: must be an object"),
+        ({"b": {"prompt_kinds": {"counting": {"scale": 1}}}}, "unknown prompt kind 'counting'"),
+        ({"b": {"prompt_kinds": {"composition": {}}}}, "composition: expected an object with"),
+        (
+            {"b": {"prompt_sets": {"x": {"scale": 1e39}}}},
+            r"members\.b\.prompt_sets\.x\.scale: must be > 0 and <= 10000",
+        ),
+        ({"b": {"categories": {"color": {"scale": "big"}}}}, "must be a number"),
+    ],
+)
+def test_bad_member_sections_name_the_problem(members, message):
+    doc = _doc(composition={"scale": 3.0, "ensemble_lambda": 0.5})
+    doc["members"] = members
+    with pytest.raises(ValueError, match=message):
+        parse_calibration(doc)
+    doc = _doc(composition={"scale": 3.0, "ensemble_lambda": 0.5, "models_lambda": -1})
+    with pytest.raises(ValueError, match="composition.models_lambda: must be >= 0"):
+        parse_calibration(doc)
+
+
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
@@ -177,7 +249,7 @@ def calibrated(tmp_path_factory) -> dict:
     sets_file.write_text(json.dumps(sets))
     out = tmp / "cal.json"
     args = ["calibrate", "--out", str(out), "--prompt-sets", str(sets_file), *SMALL]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, [*args, "--member", "shapes-clip-b"])
     assert result.exit_code == 0, result.output
     return {"doc": json.loads(out.read_text()), "path": out, "sets": sets, "output": result.output}
 
@@ -194,6 +266,49 @@ def test_calibrate_picks_the_best_grid_value_per_group(calibrated):
         by_lambda = {float(k): v for k, v in choice["auroc_by_lambda"].items()}
         assert by_lambda[choice["ensemble_lambda"]] == max(by_lambda.values())
     assert doc["prompt_kinds"]["single_object"]["prompts"] == 8  # four categories pooled
+
+
+def test_calibrate_member_chooses_its_own_c_and_the_models_lambda(calibrated):
+    """`--member`: B's c per group from B's own TextNorm (recomputed here for one group), the
+    models' λ per group of the first model's entries, and the gateway reads them back."""
+    from evaluation.calibrate import _auroc
+    from evaluation.evaluate import category_contrastive, score_benchmark
+    from export.clip_model import checkpoint_hash, load_clip
+    from models import SHIPPED_MEMBER_DIR
+    from service.textnorm import textnorm
+    from shapes_world.benchmark import build_benchmark
+
+    doc = calibrated["doc"]
+    (sha,) = doc["members"]
+    assert sha == checkpoint_hash(SHIPPED_MEMBER_DIR)
+    member = doc["members"][sha]
+    assert member["name"] == "shapes-clip-b"
+    assert set(member["categories"]) == set(doc["categories"])
+    assert set(member["prompt_kinds"]) == set(doc["prompt_kinds"])
+    assert set(member["prompt_sets"]) == set(doc["prompt_sets"])
+    for part in ("categories", "prompt_kinds"):
+        for name, choice in member[part].items():
+            by_scale = {float(k): v for k, v in choice["auroc_by_scale"].items()}
+            assert by_scale[choice["scale"]] == max(by_scale.values())
+            first = doc[part][name]
+            by_lambda = {float(k): v for k, v in first["auroc_by_models_lambda"].items()}
+            assert by_lambda[first["models_lambda"]] == max(by_lambda.values())
+    # B's numbers are B's: its counting AUROC at each c, recomputed from B's own scores
+    bench = build_benchmark(seed=4242, prompts_per_category=2, images_per_prompt=16)
+    counting = [p for p in bench if p.category == "counting"]
+    scored = score_benchmark(load_clip(SHIPPED_MEMBER_DIR), counting, None, category_contrastive)
+    for c, value in member["categories"]["counting"]["auroc_by_scale"].items():
+        want = _auroc(scored, lambda p, c=float(c): textnorm(p.clip.astype("float64"), c))
+        assert value == pytest.approx(want, abs=1e-6), c
+    assert (
+        member["categories"]["counting"]["auroc_by_scale"]
+        != (doc["categories"]["counting"]["auroc_by_scale"])
+    )
+    calibration = load_calibration(calibrated["path"])
+    chosen = calibration.choose(SINGLE, None, None, None, 5.0, 1.0, members=[sha])
+    assert chosen.member_scales == (member["prompt_kinds"]["single_object"]["scale"],)
+    assert chosen.models_lambda == doc["prompt_kinds"]["single_object"]["models_lambda"]
+    assert "shapes-clip-b c = " in calibrated["output"]
 
 
 def test_calibrate_stores_each_prompt_sets_scale_by_its_content_hash(calibrated):

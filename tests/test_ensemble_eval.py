@@ -30,6 +30,7 @@ from evaluation.ensemble import (
     ENSEMBLE_ROWS,
     ROWS,
     EnsembleSettings,
+    calibrated_choice,
     choose_lambda,
     evaluate_ensemble,
     row_scores,
@@ -38,9 +39,10 @@ from evaluation.ensemble import (
 )
 from evaluation.evaluate import category_contrastive, score_benchmark
 from evaluation.served import served_contrastive
-from export.clip_model import check_member, load_clip
+from export.clip_model import check_member, checkpoint_hash, load_clip
 from export.tokenizer_build import save_clip_tokenizer, train_bpe
-from models import SHIPPED_MEMBER_DIR, SHIPPED_MODEL_DIR
+from models import SHIPPED_CALIBRATION_FILE, SHIPPED_MEMBER_DIR, SHIPPED_MODEL_DIR
+from service.gateway.calibration import load_calibration, prompt_kind
 from service.settings import get_settings
 from service.textnorm import ensemble_mean, ensemble_uncertainty, textnorm
 from shapes_world.benchmark import CATEGORIES, build_benchmark
@@ -106,7 +108,7 @@ def test_rows_are_the_members_textnorms_ensembled(bundles, rules, result):
                 # a genuinely different second model: its TextNorm is not the first's
                 assert not np.allclose(pa, pb)
                 # the per-image rows, at a λ that makes the two ensembles differ
-                rows = row_scores((sa, sb), C, 2.0)
+                rows = row_scores((sa, sb), C, C, 2.0)
                 np.testing.assert_allclose(rows["models_mean"], (pa + pb) / 2, atol=1e-12)
                 np.testing.assert_allclose(
                     rows["models_uw"], (pa + pb) / 2 - 2.0 * ((pa - pb) / 2) ** 2, atol=1e-12
@@ -224,6 +226,38 @@ def test_a_member_with_another_tokenizer_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@needs_member
+def test_calibrated_rows_score_each_model_at_its_own_c_and_the_models_lambda(bundles, rules):
+    """The served rows at the calibration: per prompt, A's TextNorm at A's calibrated c, B's at
+    B's own (the file's `members` entry), the ensemble at `models_lambda`: recomputed here from
+    the file itself; and B's c really differs from A's somewhere, so the test can tell."""
+    calibration = load_calibration(SHIPPED_CALIBRATION_FILE)
+    member_sha = checkpoint_hash(MEMBER)
+    assert member_sha in calibration.members
+    choice = calibrated_choice(calibration, member_sha, 5.0, 1.0)
+    got = evaluate_ensemble(
+        bundles,
+        {"served": rules["served"]},
+        EnsembleSettings((1,), VALIDATION, **SIZES),
+        {"served": choice},
+    )["served"]
+    assert got["ensemble_lambda"] == "calibrated"
+    bench = build_benchmark(seed=1, **SIZES)
+    a, b = (score_benchmark(m, bench, None, rules["served"]) for m in bundles)
+    uw: list[np.ndarray] = []
+    scales_differ = False
+    for sa, sb in zip(a, b, strict=True):
+        kind = calibration.prompt_kinds[prompt_kind(sa.prompt.prompt)]
+        c_b = calibration.members[member_sha].prompt_kinds[prompt_kind(sa.prompt.prompt)]
+        scales_differ |= c_b != kind.scale
+        probs = np.stack([textnorm(sa.clip, kind.scale), textnorm(sb.clip, c_b)])
+        uw.append(ensemble_uncertainty(probs, lam=kind.models_lambda))
+    assert scales_differ
+    for cat in CATEGORIES:
+        rows = [(s, p.labels) for s, p in zip(uw, bench, strict=True) if p.category == cat]
+        assert _same(got["per_seed"][1]["models_uw"][cat], mean_per_prompt_auroc(rows)[0]), cat
+
+
 def test_the_command_refuses_tuning_seeds_and_a_member_that_is_the_model(tmp_path):
     member = _copy_checkpoint(tmp_path)
     cases = {
@@ -252,7 +286,14 @@ def test_the_command_writes_json_and_markdown_with_every_category(tmp_path, resu
     assert document["benchmark"]["validation_seed"] == VALIDATION
     assert document["models"]["b"]["image_size"] != document["models"]["a"]["image_size"]
     markdown = (out / "ensemble-two-models.md").read_text()
-    assert set(document["contrastive"]) == {"category", "served"}
+    # the shipped calibration has B's own c: the served rows at the calibrated c come too
+    assert set(document["contrastive"]) == {"category", "served", "served_calibrated"}
+    shipped = load_calibration(SHIPPED_CALIBRATION_FILE)
+    assert document["calibration"]["sha256"] == shipped.sha256
+    calibrated = document["contrastive"].pop("served_calibrated")
+    assert calibrated["ensemble_lambda"] == "calibrated"
+    assert f"from the calibration {shipped.sha256[:12]}" in markdown
+    assert set(calibrated["per_seed"]) == {str(s) for s in SEEDS}
     for rule, res_rule in document["contrastive"].items():
         assert res_rule["ensemble_lambda"] == result[rule]["ensemble_lambda"]
         for seed in SEEDS:
@@ -267,7 +308,7 @@ def test_the_command_writes_json_and_markdown_with_every_category(tmp_path, resu
         stats = res_rule["summary"]["rows"]["textnorm_b"]["counting"]
         assert f"{stats['mean']:.3f} ± {stats['std']:.3f}" in markdown
     header = "| reward | " + " | ".join(CATEGORIES) + " |"
-    assert markdown.count(header) == 2  # one table per contrastive rule, every category
-    assert markdown.count("beats both members on k/N seeds") == 4  # 2 ensembles × 2 rules
+    assert markdown.count(header) == 3  # one table per contrastive rule, every category
+    assert markdown.count("beats both members on k/N seeds") == 6  # 2 ensembles × 3 rules
     for row in ROWS:
         assert markdown.count(f"`{row}`") >= 2

@@ -26,9 +26,10 @@ from export.clip_model import checkpoint_hash, image_embeddings, load_clip, text
 from export.clip_model import tokenize as torch_tokenize
 from export.tokenizer_build import save_clip_tokenizer, train_bpe
 from export.verify import verify_repository
-from models import SHIPPED_MEMBER_DIR, SHIPPED_MODEL_DIR
+from models import SHIPPED_CALIBRATION_FILE, SHIPPED_MEMBER_DIR, SHIPPED_MODEL_DIR
 from service.contrastive import contrastive_prompts
 from service.gateway import create_app
+from service.gateway.calibration import load_calibration, prompt_kind
 from service.gateway.onnx_backend import OnnxBackend
 from service.gateway.provenance import load_provenance
 from service.model_contract import member_model, version_dir
@@ -92,8 +93,20 @@ def _request() -> dict:
     return {"items": [{"image": _b64(im), "prompt": PROMPT} for im in _images()]}
 
 
+SHIPPED_CALIBRATION = load_calibration(SHIPPED_CALIBRATION_FILE)
+
+
+def _calibrated_scale(source: Path) -> float:
+    """The c the shipped calibration gives `source` for PROMPT's kind (auto-rule sets)."""
+    kind = prompt_kind(PROMPT)
+    if source == SHIPPED_MODEL_DIR:
+        return SHIPPED_CALIBRATION.prompt_kinds[kind].scale
+    return SHIPPED_CALIBRATION.members[checkpoint_hash(source)].prompt_kinds[kind]
+
+
 def _reference(source: Path) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch: (raw cosine [N], TextNorm at c = 5 [N]) over the served `auto` set."""
+    """PyTorch: (raw cosine [N], TextNorm at the model's own calibrated c [N]) over the served
+    `auto` set."""
     bundle = load_clip(source)
     texts = [PROMPT, *contrastive_prompts(PROMPT, "auto")]
     pixels = bundle.processor(images=_images(), return_tensors="pt")["pixel_values"]
@@ -101,7 +114,7 @@ def _reference(source: Path) -> tuple[np.ndarray, np.ndarray]:
         img = image_embeddings(bundle.model, pixels).numpy().astype(np.float64)
         txt = text_embeddings(bundle.model, torch_tokenize(bundle.tokenizer, texts)).numpy()
     scores = img @ txt.astype(np.float64).T
-    return scores[:, 0], textnorm(scores, scale=5.0)
+    return scores[:, 0], textnorm(scores, scale=_calibrated_scale(source))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +133,8 @@ def in_process(ensemble_repo, provenance) -> dict:
 # -- export ----------------------------------------------------------------------------------------
 def test_export_writes_each_member_as_its_own_models(ensemble_repo, provenance, member_dir):
     (member,) = provenance["members"]
-    assert provenance["textnorm_calibration"] is None  # the shipped one is for one model alone
+    # the shipped calibration has this member's own c (calibrate --member): it is bundled
+    assert provenance["textnorm_calibration"]["sha256"] == SHIPPED_CALIBRATION.sha256
     assert member["checkpoint_sha256"] == checkpoint_hash(member_dir)
     assert member["checkpoint_sha256"] != provenance["model"]["checkpoint_sha256"]
     assert member["image_size"] == 48 and provenance["model"]["image_size"] == 64
@@ -130,6 +144,31 @@ def test_export_writes_each_member_as_its_own_models(ensemble_repo, provenance, 
         assert member_model(role, 1) in provenance["models"]
         config = (ensemble_repo / member_model(role, 1) / "config.pbtxt").read_text()
         assert provenance["export_sha256"] in config
+
+
+def test_the_default_calibration_is_bundled_only_with_every_members_c(tmp_path, member_dir):
+    """export/repository.py: the default (shipped) calibration goes with members only when it
+    has each member's own c; an explicit file is bundled as given (members at the item's c)."""
+    from export.repository import _calibration_bytes
+
+    first, member = checkpoint_hash(SHIPPED_MODEL_DIR), checkpoint_hash(member_dir)
+    shipped = SHIPPED_CALIBRATION_FILE.read_bytes()
+    assert (
+        _calibration_bytes(SHIPPED_CALIBRATION_FILE, first, skip_unfitting=True, members=[member])
+        == shipped
+    )
+    document = json.loads(shipped)
+    del document["members"]
+    single = tmp_path / "single-model.json"
+    single.write_text(json.dumps(document))
+    assert _calibration_bytes(single, first, skip_unfitting=True, members=[member]) is None
+    assert _calibration_bytes(single, first, skip_unfitting=True, members=[]) is not None
+    assert _calibration_bytes(single, first, skip_unfitting=False, members=[member]) is not None
+    other = "f" * 64  # a member the shipped file does not know
+    assert (
+        _calibration_bytes(SHIPPED_CALIBRATION_FILE, first, skip_unfitting=True, members=[other])
+        is None
+    )
 
 
 def test_verify_checks_every_member_against_pytorch(ensemble_repo, tmp_path):
@@ -185,10 +224,20 @@ def test_every_model_scores_every_item_as_its_pytorch_reference(in_process, refe
     assert np.max(np.abs(member_raw - np.array([r["raw"] for r in results]))) > 1e-2
 
 
+def test_each_model_uses_its_own_calibrated_c(in_process, member_dir):
+    first, member = _calibrated_scale(SHIPPED_MODEL_DIR), _calibrated_scale(member_dir)
+    assert first != member  # the shipped calibration chose different c: the test can tell
+    for item in in_process["results"]:
+        assert [m["textnorm_scale"] for m in item["members"]] == [first, member]
+        assert item["textnorm_scale"] == first and item["textnorm_scale_source"] == "calibrated"
+
+
 def test_model_ensembles_combine_the_two_textnorm_probabilities(in_process):
+    models_lambda = SHIPPED_CALIBRATION.prompt_kinds[prompt_kind(PROMPT)].models_lambda
     for item in in_process["results"]:
         probs = np.array([[m["textnorm"]] for m in item["members"]])
-        lam = item["ensemble_lambda"]
+        lam = item["ensemble_models_lambda"]
+        assert lam == models_lambda  # the calibration's models λ, not the item's ensemble λ
         assert item["ensemble_models_mean"] == pytest.approx(ensemble_mean(probs)[0], abs=1e-12)
         uw = ensemble_uncertainty(probs, lam=lam)[0]
         assert item["ensemble_models_uw"] == pytest.approx(uw, abs=1e-12)
@@ -248,6 +297,10 @@ def test_the_client_reads_each_models_rewards(in_process):
     assert [m.name for m in item.members] == ["shapes-clip", "shapes-clip-b"]
     assert isinstance(item.members[1], MemberReward)
     assert item.members[1].raw == in_process["results"][0]["members"][1]["raw"]
+    assert (
+        item.members[1].textnorm_scale == in_process["results"][0]["members"][1]["textnorm_scale"]
+    )
+    assert item.ensemble_models_lambda == in_process["results"][0]["ensemble_models_lambda"]
     expected = [r["ensemble_models_uw"] for r in in_process["results"]]
     np.testing.assert_array_equal(result.rewards("ensemble_models_uw"), expected)
 
@@ -282,7 +335,7 @@ def test_serve_with_a_member_answers_as_the_in_process_gateway(
     tmp = tmp_path_factory.mktemp("serve-ensemble")
     members = json.dumps([str(member_dir)])
     with (
-        # no head; no calibration either: the shipped one is for the first model alone
+        # no head; the shipped calibration, with each model's own c
         serve_stack(tmp, tmp / "repositories", head="", members=members) as stack,
         httpx.Client(base_url=stack.url, headers=AUTH, trust_env=False, timeout=60) as client,
     ):

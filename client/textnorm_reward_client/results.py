@@ -38,10 +38,16 @@ class MemberReward:
     name: str
     raw: float
     textnorm: float | None = None
+    textnorm_scale: float | None = None  # the c this model's TextNorm used
 
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> MemberReward:
-        return cls(name=item["name"], raw=item["raw"], textnorm=item.get("textnorm"))
+        return cls(
+            name=item["name"],
+            raw=item["raw"],
+            textnorm=item.get("textnorm"),
+            textnorm_scale=item.get("textnorm_scale"),
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class ItemResult:
     members: list[MemberReward] | None = None
     ensemble_models_mean: float | None = None
     ensemble_models_uw: float | None = None
+    ensemble_models_lambda: float | None = None  # the λ of ensemble_models_uw
     extra: dict[str, Any] = field(default_factory=dict)  # fields this client does not know
 
     @classmethod

@@ -15,7 +15,15 @@ prompt set when given a prompt-set file, and writes a calibration JSON
    those benchmark categories are pooled into one kind;
 4. the model's defaults (provenance ``textnorm_defaults``; source "default").
 
-A request that sets only one of c and λ takes the other from the same lookup. The file is JSON
+A request that sets only one of c and λ takes the other from the same lookup.
+
+A multi-model export (members) is calibrated per model, as the TextNorm authors chose c for each
+reward model: `calibrate --member DIR` adds a ``members`` section (each member's c, by its
+checkpoint hash, for the same categories, kinds and sets) and a ``models_lambda`` to each entry
+(the λ of ``ensemble_models_uw`` at those c). A member uses the request's c, else its own
+calibrated c by the same lookup, else the item's c (the first model's); ``ensemble_models_uw``
+uses the request's λ, else the entry's ``models_lambda``, else the item's λ. Without a
+``members`` section every model uses the item's c and λ. The file is JSON
 only, checked when the gateway starts (one-line ValueError naming the problem), and refused
 when it was calibrated for another checkpoint.
 """
@@ -26,10 +34,10 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from service.contrastive.composition import find_composition
 from service.contrastive.tokens import tokenize
@@ -42,17 +50,57 @@ CALIBRATED_RULE = "auto"  # the rule whose sets `calibrate` chose the prompt kin
 
 @dataclass(frozen=True)
 class ScaleChoice:
-    """The c and λ one item is scored with, and where c came from (SCALE_SOURCES)."""
+    """The c and λ one item is scored with, and where c came from (SCALE_SOURCES);
+    `member_scales`: each member model's c (served order), `models_lambda`: the λ of the
+    models' ensemble (both empty/None for a single-model export)."""
 
     scale: float
     ensemble_lambda: float
     source: str
+    member_scales: tuple[float, ...] = ()
+    models_lambda: float | None = None
 
 
 @dataclass(frozen=True)
 class Calibrated:
     scale: float
     ensemble_lambda: float
+    models_lambda: float | None = None  # λ of ensemble_models_uw (a calibration with members)
+
+
+_Entry = TypeVar("_Entry")
+
+
+@dataclass(frozen=True)
+class MemberScales:
+    """One member model's calibrated c, looked up like the first model's."""
+
+    prompt_kinds: Mapping[str, float] = field(default_factory=dict)
+    prompt_sets: Mapping[str, float] = field(default_factory=dict)
+    categories: Mapping[str, float] = field(default_factory=dict)
+
+    def lookup(
+        self, prompt: str, contrastive_sha256: str | None, source: str, rule: str
+    ) -> float | None:
+        return _lookup(
+            self.prompt_kinds, self.prompt_sets, prompt, contrastive_sha256, source, rule
+        )
+
+
+def _lookup(
+    kinds: Mapping[str, _Entry],
+    sets: Mapping[str, _Entry],
+    prompt: str,
+    contrastive_sha256: str | None,
+    source: str,
+    rule: str,
+) -> _Entry | None:
+    """An exact set's entry (by hash), else for a set the `auto` rule built its prompt kind's."""
+    if contrastive_sha256 is not None and contrastive_sha256 in sets:
+        return sets[contrastive_sha256]
+    if source == "rule" and rule == CALIBRATED_RULE:
+        return kinds.get(prompt_kind(prompt))
+    return None
 
 
 @dataclass(frozen=True)
@@ -65,6 +113,7 @@ class Calibration:
     prompt_sets: Mapping[str, Calibrated] = field(default_factory=dict)
     categories: Mapping[str, Calibrated] = field(default_factory=dict)  # benchmark categories
     validation_seed: int | None = None  # the benchmark seed c was chosen on
+    members: Mapping[str, MemberScales] = field(default_factory=dict)  # by checkpoint sha256
 
     def lookup(
         self, prompt: str, contrastive_sha256: str | None, source: str, rule: str = "auto"
@@ -72,11 +121,9 @@ class Calibration:
         """The calibrated values for a set (by hash), else for a set the `auto` rule built, its
         prompt kind's (`calibrate` chose those on the auto rule's sets: another rule's set gets
         none of them)."""
-        if contrastive_sha256 is not None and contrastive_sha256 in self.prompt_sets:
-            return self.prompt_sets[contrastive_sha256]
-        if source == "rule" and rule == CALIBRATED_RULE:
-            return self.prompt_kinds.get(prompt_kind(prompt))
-        return None
+        return _lookup(
+            self.prompt_kinds, self.prompt_sets, prompt, contrastive_sha256, source, rule
+        )
 
     def choose(
         self,
@@ -88,6 +135,7 @@ class Calibration:
         default_lambda: float,
         source: str = "rule",
         rule: str = CALIBRATED_RULE,
+        members: Sequence[str] = (),
     ) -> ScaleChoice:
         return choose_scale(
             self,
@@ -99,6 +147,7 @@ class Calibration:
             default_scale,
             default_lambda,
             rule=rule,
+            members=members,
         )
 
 
@@ -117,9 +166,11 @@ def choose_scale(
     default_scale: float,
     default_lambda: float,
     rule: str = CALIBRATED_RULE,
+    members: Sequence[str] = (),
 ) -> ScaleChoice:
     """The item's (c, λ) by the order of the module docstring; `source`: its set's source,
-    `rule`: the rule that built it (when `source` is "rule")."""
+    `rule`: the rule that built it (when `source` is "rule"); `members`: the member models'
+    checkpoint hashes, in served order (their c and the models' λ are chosen too)."""
     found = calibration.lookup(prompt, contrastive_sha256, source, rule) if calibration else None
     if request_scale is not None:
         scale, where = float(request_scale), "request"
@@ -131,7 +182,19 @@ def choose_scale(
         lam = float(request_lambda)
     else:
         lam = found.ensemble_lambda if found is not None else default_lambda
-    return ScaleChoice(scale, lam, where)
+    if not members:
+        return ScaleChoice(scale, lam, where)
+    member_scales = []
+    for checkpoint in members:
+        own = calibration.members.get(checkpoint) if calibration else None
+        calibrated = own.lookup(prompt, contrastive_sha256, source, rule) if own else None
+        member_scales.append(
+            scale if request_scale is not None or calibrated is None else calibrated
+        )
+    models_lambda = lam
+    if request_lambda is None and found is not None and found.models_lambda is not None:
+        models_lambda = found.models_lambda
+    return ScaleChoice(scale, lam, where, tuple(member_scales), models_lambda)
 
 
 def summarise_sources(sources: Iterable[str | None]) -> str | None:
@@ -183,22 +246,63 @@ SCALE_BOUND = 1e4
 LAMBDA_BOUND = 1e4
 
 
+def _number(where: str, value: object, low: float, high: float, low_open: bool) -> float:
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: must be a number") from None
+    if isinstance(value, bool) or not (
+        math.isfinite(x) and (x > low if low_open else x >= low) and x <= high
+    ):
+        bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
+        raise ValueError(f"{where}: must be {bound}, got {value!r}")
+    return x
+
+
 def _calibrated(where: str, value: object) -> Calibrated:
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected an object with scale and ensemble_lambda")
-    try:
-        scale, lam = float(value["scale"]), float(value["ensemble_lambda"])
-    except KeyError as exc:
-        raise ValueError(f"{where}: missing {exc.args[0]}") from None
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: scale and ensemble_lambda must be numbers") from None
-    if not (math.isfinite(scale) and 0 < scale <= SCALE_BOUND):
-        raise ValueError(f"{where}.scale: must be > 0 and <= {SCALE_BOUND:g}, got {scale}")
-    if not (math.isfinite(lam) and 0 <= lam <= LAMBDA_BOUND):
-        raise ValueError(
-            f"{where}.ensemble_lambda: must be >= 0 and <= {LAMBDA_BOUND:g}, got {lam}"
+    missing = [k for k in ("scale", "ensemble_lambda") if k not in value]
+    if missing:
+        raise ValueError(f"{where}: missing {missing[0]}")
+    scale = _number(f"{where}.scale", value["scale"], 0, SCALE_BOUND, True)
+    lam = _number(f"{where}.ensemble_lambda", value["ensemble_lambda"], 0, LAMBDA_BOUND, False)
+    models_lambda = value.get("models_lambda")
+    if models_lambda is not None:
+        models_lambda = _number(f"{where}.models_lambda", models_lambda, 0, LAMBDA_BOUND, False)
+    return Calibrated(scale, lam, models_lambda)
+
+
+def _scales(where: str, entries: object) -> dict[str, float]:
+    """A member's {name: {"scale": c}} section."""
+    if not isinstance(entries, dict):
+        raise ValueError(f"{where}: must be an object")
+    out = {}
+    for name, value in entries.items():
+        if not isinstance(value, dict) or "scale" not in value:
+            raise ValueError(f"{where}.{name}: expected an object with scale")
+        out[name] = _number(f"{where}.{name}.scale", value["scale"], 0, SCALE_BOUND, True)
+    return out
+
+
+def _members(data: object) -> dict[str, MemberScales]:
+    if not isinstance(data, dict):
+        raise ValueError("calibration: members must be an object")
+    members = {}
+    for checkpoint, section in data.items():
+        where = f"members.{checkpoint[:12]}"
+        if not isinstance(section, dict):
+            raise ValueError(f"{where}: must be an object")
+        unknown = [k for k in section.get("prompt_kinds") or {} if k not in PROMPT_KINDS]
+        if unknown:
+            raise ValueError(f"{where}: unknown prompt kind {unknown[0]!r}")
+        members[checkpoint] = MemberScales(
+            **{
+                part: MappingProxyType(_scales(f"{where}.{part}", section.get(part) or {}))
+                for part in ("prompt_kinds", "prompt_sets", "categories")
+            }
         )
-    return Calibrated(scale, lam)
+    return members
 
 
 def parse_calibration(data: object, sha256: str = "") -> Calibration:
@@ -223,6 +327,7 @@ def parse_calibration(data: object, sha256: str = "") -> Calibration:
     model = data.get("model") or {}
     checkpoint = model.get("checkpoint_sha256") if isinstance(model, dict) else None
     seed = data.get("validation_seed")
+    members = _members(data["members"] if data.get("members") is not None else {})
     return Calibration(
         sha256=sha256,
         checkpoint_sha256=checkpoint,
@@ -230,6 +335,7 @@ def parse_calibration(data: object, sha256: str = "") -> Calibration:
         prompt_sets=MappingProxyType(sets),
         categories=MappingProxyType(categories),
         validation_seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        members=MappingProxyType(members),
     )
 
 
@@ -269,9 +375,12 @@ def calibration_document(
     categories: Mapping[str, Mapping[str, Any]],
     prompt_kinds: Mapping[str, Mapping[str, Any]],
     prompt_sets: Mapping[str, Mapping[str, Any]] | None = None,
+    members: Mapping[str, Mapping[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON a calibration file holds (what `calibrate` writes, `parse_calibration` reads)."""
+    """The JSON a calibration file holds (what `calibrate` writes, `parse_calibration` reads);
+    `members`: {member checkpoint sha256: {"name", "categories", "prompt_kinds",
+    "prompt_sets"}}, each entry {"scale": c, ...}."""
     return {
         "format": CALIBRATION_FORMAT,
         "model": {"checkpoint_sha256": checkpoint_sha256},
@@ -280,6 +389,7 @@ def calibration_document(
         "categories": dict(categories),
         "prompt_kinds": dict(prompt_kinds),
         "prompt_sets": dict(prompt_sets or {}),
+        **({"members": dict(members)} if members else {}),
         **dict(extra or {}),
     }
 
@@ -290,6 +400,7 @@ __all__ = [
     "SCALE_SOURCES",
     "Calibrated",
     "Calibration",
+    "MemberScales",
     "ScaleChoice",
     "calibration_document",
     "choose_scale",

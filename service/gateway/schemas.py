@@ -216,6 +216,11 @@ class MemberReward(BaseModel):
     name: str = Field(description="the model (provenance.members[k].name)")
     raw: float
     textnorm: float | None
+    textnorm_scale: float | None = Field(
+        default=None,
+        description="the c this model's TextNorm used (a calibration with members gives each "
+        "model its own; null without a contrastive set)",
+    )
 
 
 class ItemResult(BaseModel):
@@ -237,6 +242,11 @@ class ItemResult(BaseModel):
         default=None,
         description="uncertainty-regularised ensemble of the models' TextNorm probabilities: "
         "mean − λ · their variance (multi-model)",
+    )
+    ensemble_models_lambda: float | None = Field(
+        default=None,
+        description="the λ of ensemble_models_uw: the request's, else the calibration's "
+        "models_lambda, else ensemble_lambda (multi-model)",
     )
     contrastive_count: int
     contrastive_source: Literal["explicit", "prompt_set", "rule", "none"]

@@ -34,7 +34,7 @@ from service.contrastive import NoContrastivePrompts, Vocabulary, contrastive_pr
 from service.contrastive.dedupe import normalise as normalise_prompt
 from service.contrastive.errors import quote_prompt
 from service.gateway.backend import GuardedBackend, gather_or_cancel
-from service.gateway.calibration import Calibration, choose_scale
+from service.gateway.calibration import Calibration, ScaleChoice, choose_scale
 from service.gateway.embedding_cache import CacheKey, EmbeddingCache
 from service.gateway.errors import ApiError
 from service.gateway.metrics import GatewayMetrics
@@ -149,6 +149,7 @@ class Scorer:
             provenance.model.name, provenance.checkpoint_sha256, provenance.embed_dim, backend
         )
         self.models = (first, *members)  # every model scores every item; [0] the first
+        self.member_checkpoints = tuple(m.checkpoint_sha256 for m in members)
 
     # -- checks --------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field_name: str) -> str:
@@ -453,18 +454,23 @@ class Scorer:
                 self.provenance.default_scale,
                 self.provenance.default_lambda,
                 rule=it.plan.rule or "auto",
+                members=self.member_checkpoints,
             )
             for it, sha in zip(items, shas, strict=True)
         ]
         n = len(items)
-        scales = np.array([c.scale for c in choices], np.float32).reshape(n, 1)
+        # each model's c per item: the first model's, then each member's own (calibration.py)
+        scales = [
+            np.array([(c.scale, *c.member_scales)[k] for c in choices], np.float32).reshape(n, 1)
+            for k in range(len(self.models))
+        ]
         lambdas = np.array([c.ensemble_lambda for c in choices], np.float32).reshape(n, 1)
         # stacked once for every model, off the loop, while the text embeddings are looked up
         batches = asyncio.ensure_future(self.image_batches(images))
         outs = await gather_or_cancel(
             *(
-                self._model_rewards(model, items, text_plan, batches, scales, lambdas)
-                for model in self.models
+                self._model_rewards(model, items, text_plan, batches, model_scales, lambdas)
+                for model, model_scales in zip(self.models, scales, strict=True)
             )
         )
         out = outs[0]
@@ -479,7 +485,7 @@ class Scorer:
                 if name in out and (has_set or name not in _NEED_CONTRASTIVE):
                     values[key] = float(out[name][i])
             if len(self.models) > 1:
-                values |= self._model_ensemble(outs, i, has_set, choices[i].ensemble_lambda)
+                values |= self._model_ensemble(outs, i, has_set, choices[i])
             results.append(
                 ItemResult(
                     **values,
@@ -530,24 +536,29 @@ class Scorer:
         return await model.backend.rewards(image_embeds, prompt_embeds, mask, scales, lambdas)
 
     def _model_ensemble(
-        self, outs: Sequence[dict[str, np.ndarray]], i: int, has_set: bool, lam: float
+        self, outs: Sequence[dict[str, np.ndarray]], i: int, has_set: bool, choice: ScaleChoice
     ) -> dict[str, object]:
-        """Item `i`'s per-model rewards and the ensembles of the models' TextNorm (DESIGN 2.3)."""
+        """Item `i`'s per-model rewards and the ensembles of the models' TextNorm (DESIGN 2.3),
+        each model's TextNorm at its own c, the ensemble at the models' λ."""
+        model_scales = (choice.scale, *choice.member_scales)
         members = [
             MemberReward(
                 name=model.name,
                 raw=float(out["RAW"][i]),
                 textnorm=float(out["TEXTNORM"][i]) if has_set else None,
+                textnorm_scale=c if has_set else None,
             )
-            for model, out in zip(self.models, outs, strict=True)
+            for model, out, c in zip(self.models, outs, model_scales, strict=True)
         ]
         if not has_set:
             return {"members": members}
+        lam = choice.models_lambda if choice.models_lambda is not None else choice.ensemble_lambda
         probs = np.array([[out["TEXTNORM"][i]] for out in outs], np.float64)
         return {
             "members": members,
             "ensemble_models_mean": float(ensemble_mean(probs)[0]),
             "ensemble_models_uw": float(ensemble_uncertainty(probs, lam=lam)[0]),
+            "ensemble_models_lambda": lam,
         }
 
     async def pre_encode(self, texts: Sequence[str]) -> None:
