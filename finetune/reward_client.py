@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,8 @@ from textnorm_reward_client import RewardClient
 
 # ensemble_models_uw: the two-model ensemble, from a service with REWARD_MEMBERS set
 REWARD_FIELDS = ("raw", "textnorm", "head", "textnorm_head", "ensemble_uw", "ensemble_models_uw")
+# The fields that need no contrastive set: the set a service builds does not change them.
+SET_FREE_FIELDS = ("raw", "head")
 
 
 @dataclass
@@ -27,6 +29,8 @@ class RewardBatch:
     rewards: np.ndarray  # float64 [N], the chosen field
     provenance: dict[str, Any]
     latency_s: float  # wall time of the service call (encoding included)
+    # per item, the sha256 of the contrastive set TextNorm used (None: no set)
+    contrastive_sha256: list[str | None] = field(default_factory=list)
 
 
 class ServiceReward:
@@ -67,7 +71,8 @@ class ServiceReward:
                 f"the service returned no {self.field!r} reward (is a head, or a second "
                 "model, served?)"
             )
-        return RewardBatch(rewards, provenance, latency)
+        sets = [item.contrastive_sha256 for item in out.results]
+        return RewardBatch(rewards, provenance, latency, sets)
 
     def submit(self, images: np.ndarray, prompts: list[str]) -> Future[RewardBatch]:
         """The same call on the worker thread: returns at once."""

@@ -41,7 +41,7 @@ from finetune.generator import (
     to_uint8,
 )
 from finetune.judge import alignment, check_reads, load_judge
-from finetune.reward_client import ServiceReward
+from finetune.reward_client import SET_FREE_FIELDS, ServiceReward
 from finetune.stat_tracker import PerPromptStatTracker
 from finetune.text_encoder import TextConditioner
 from finetune.world_data import (
@@ -61,6 +61,10 @@ class _Batch:
     latents: torch.Tensor
     log_probs: torch.Tensor
     timesteps: torch.Tensor
+
+
+def _short(sha: str | None) -> str:
+    return sha[:12] if sha else "none"
 
 
 class Trainer:
@@ -88,6 +92,7 @@ class Trainer:
         self.tracker = PerPromptStatTracker(cfg.tracker_buffer, cfg.tracker_min_count)
         self.step = 0
         self.provenance: dict[str, Any] | None = None
+        self.contrastive_sets: dict[str, str | None] = {}  # prompt → its set's sha256
         self.pretrain = None
         if cfg.algorithm == "rwl":
             miscount = float(self.generator_meta.get("config", {}).get("miscount_rate", 0.0))
@@ -118,6 +123,7 @@ class Trainer:
                 )
             self.tracker.load_state(state["tracker"])
             self.provenance = state.get("provenance")
+            self.contrastive_sets = dict(state.get("contrastive_sets") or {})
             self.step = state["step"]
         rd.truncate_metrics(self.run, self.step)
 
@@ -125,6 +131,7 @@ class Trainer:
         extra = {
             "config": asdict(self.cfg),
             "provenance": self.provenance,
+            "contrastive_sets": self.contrastive_sets,
             "tracker": self.tracker.state(),
         }
         path = rd.save_checkpoint(
@@ -158,8 +165,9 @@ class Trainer:
             futures.append(reward.submit(batch.images, batch.prompts))
         results = [f.result() for f in futures]
         self.provenance = self.provenance or results[0].provenance  # a new run: its first batch
-        for result in results:
+        for batch, result in zip(batches, results, strict=True):
             self._check_same_reward_model(result.provenance)
+            self._check_same_contrastive_sets(batch.prompts, result.contrastive_sha256)
         self.provenance = results[-1].provenance
         rewards = np.concatenate([r.rewards for r in results])
         return batches, rewards, float(np.mean([r.latency_s for r in results]))
@@ -176,6 +184,23 @@ class Trainer:
                 f"the reward service now serves {now}, but this run's rewards came from "
                 f"{before}: point --url at a service serving that, or start a new run directory"
             )
+
+    def _check_same_contrastive_sets(self, prompts: list[str], sets: list[str | None]) -> None:
+        """A TextNorm reward also depends on the contrastive set the service builds for a
+        prompt, which the gateway's settings choose (max_contrastive_prompts, a prompt-sets or
+        vocabulary file) and neither hash names: each prompt's set (its sha256) must stay the
+        one its first reward used, across a resume or a redeploy too."""
+        if self.cfg.reward in SET_FREE_FIELDS:
+            return
+        for prompt, sha in zip(prompts, sets, strict=True):
+            first = self.contrastive_sets.setdefault(prompt, sha)
+            if first != sha:
+                raise ValueError(
+                    f"the reward service now scores {prompt!r} against another contrastive set "
+                    f"({_short(sha)}, was {_short(first)}): its contrastive settings "
+                    "(max_contrastive_prompts, prompt-sets or vocabulary file) changed; point "
+                    "--url at a service configured as before, or start a new run directory"
+                )
 
     # -- updates --------------------------------------------------------------------------------
     def _ddpo_update(self, batches: list[_Batch], rewards: np.ndarray) -> dict[str, float]:
@@ -213,7 +238,7 @@ class Trainer:
                     losses.append(loss.item())
                     kls.append(0.5 * ((lp - old_lp[mb, j]) ** 2).mean().item())
                     clipfracs.append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
-                torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
+                self._clip_finite_gradients()
                 self.opt.step()
         return {
             "loss": float(np.mean(losses)),
@@ -247,10 +272,25 @@ class Trainer:
                 loss = (weights[mb] * per_sample).mean() + cfg.rwl_beta * pre_loss
                 self.opt.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
+                self._clip_finite_gradients()
                 self.opt.step()
                 losses.append(loss.item())
         return {"loss": float(np.mean(losses)), "approx_kl": float("nan"), "clipfrac": float("nan")}
+
+    def _clip_finite_gradients(self) -> None:
+        """Clip the gradient norm; a non-finite one (a NaN or inf loss, or weights gone NaN)
+        stops the run before the optimizer step, so no NaN weights are checkpointed and the
+        last finite checkpoints are not pruned."""
+        try:
+            torch.nn.utils.clip_grad_norm_(
+                self.unet.parameters(), self.cfg.max_grad_norm, error_if_nonfinite=True
+            )
+        except RuntimeError:
+            raise ValueError(
+                f"step {self.step + 1}: the gradient is not finite (NaN or inf); the update was "
+                "not applied and the run stops: resume from the last checkpoint, e.g. with a "
+                "lower learning rate"
+            ) from None
 
     def distance_to_init(self) -> float:
         with torch.no_grad():

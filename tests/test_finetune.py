@@ -211,6 +211,10 @@ def _assert_rescored(run, cfg: FinetuneConfig) -> None:
     state = json.loads((rd.checkpoint_dir(run, cfg.steps) / "trainer_state.json").read_text())
     assert state["config"]["reward"] == cfg.reward and state["step"] == cfg.steps
     assert state["provenance"]["export_sha256"] == again.provenance["export_sha256"]
+    if cfg.reward not in ("raw", "head"):  # each prompt's set, kept for the next resume
+        logged = {str(p) for row in rows for p in rd.load_samples(run, int(row["step"]))["prompts"]}
+        assert set(state["contrastive_sets"]) == logged
+        assert all(len(sha) == 64 for sha in state["contrastive_sets"].values())
 
 
 def _resume_and_check(run, cfg: FinetuneConfig) -> Trainer:
@@ -394,6 +398,44 @@ def test_a_run_refuses_rewards_from_another_reward_model() -> None:
             check(run, other)
         assert named in str(refused.value)
         assert f"came from export {'a' * 64}, calibration {'c' * 64}" in str(refused.value)
+
+
+def test_a_run_refuses_another_contrastive_set_for_a_prompt() -> None:
+    """The gateway's contrastive settings (max_contrastive_prompts, a prompt-sets file) change
+    TextNorm without changing the export or calibration hash: each prompt's set must stay the
+    one its first reward used; a set-free reward (raw) does not care."""
+    from types import SimpleNamespace
+
+    check = Trainer._check_same_contrastive_sets
+    run = SimpleNamespace(cfg=SimpleNamespace(reward="textnorm"), contrastive_sets={})
+    check(run, ["two cats", "a dog"], ["a" * 64, "b" * 64])
+    check(run, ["a dog", "two cats"], ["b" * 64, "a" * 64])  # the same sets: fine
+    with pytest.raises(ValueError, match=r"scores 'a dog' against another contrastive set"):
+        check(run, ["a dog"], ["c" * 64])
+    with pytest.raises(ValueError, match=r"\(none, was aaaaaaaaaaaa\)"):
+        check(run, ["two cats"], [None])  # the service built no set for it any more
+    raw = SimpleNamespace(cfg=SimpleNamespace(reward="raw"), contrastive_sets={})
+    check(raw, ["a dog"], ["b" * 64])
+    check(raw, ["a dog"], ["c" * 64])
+    assert raw.contrastive_sets == {}
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_update(tmp_path) -> None:
+    """Weights gone NaN (or an inf loss): the update is refused before the optimizer step, so
+    the run stops with finite checkpoints kept, instead of training on black images."""
+    cfg = _tiny("ddpo", "textnorm", "http://127.0.0.1:9", steps=1)
+    trainer = Trainer(cfg, tmp_path / "run")
+    batches = [trainer._sample_batch() for _ in range(cfg.batches_per_step)]
+    rewards = np.linspace(0.1, 0.9, sum(len(b.prompts) for b in batches))
+    first = next(trainer.unet.parameters())
+    with torch.no_grad():
+        first.view(-1)[0] = float("nan")
+    before = _params(trainer.unet)
+    with pytest.raises(ValueError, match="step 1: the gradient is not finite"):
+        trainer._ddpo_update(batches, rewards)
+    for a, b in zip(_params(trainer.unet), before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # not stepped
+    assert not trainer.opt.state  # Adam never took a step
 
 
 @pytest.mark.parametrize(
