@@ -169,11 +169,8 @@ def eval_cmd(
             checkpoint_hash(source),
             explicit=bool(calibration or settings.textnorm_calibration_file),
         )
-    if calib is not None and calib.validation_seed == seed:
-        raise ValueError(
-            f"seed {seed} is the seed this calibration chose c on: its rows would be "
-            "in-sample; evaluate another seed, or pass --no-calibration"
-        )
+    if calib is not None:
+        _check_out_of_sample(calib, (seed,))
     bench = build_benchmark(
         seed=seed, prompts_per_category=prompts_per_category, images_per_prompt=images_per_prompt
     )
@@ -445,29 +442,40 @@ def _ensemble_calibration(
     path: Path | None, checkpoint_sha256: str, member_sha256: str, seeds: tuple[int, ...]
 ):
     """The calibration eval-ensemble's calibrated rows use, as `eval` picks one: `path`, else
-    the gateway's file, else the one the export bundles; None when a default one has no c for
-    the member (an explicit one must have). Refused when it chose c on an evaluation seed."""
+    the gateway's file, else the one the export bundles; None when one not given by --calibration
+    has no c of the member's own (an explicitly given one must have). Refused when it chose c
+    on an evaluation seed, or does not say which seed it chose c on."""
     settings = get_settings()
-    explicit = bool(path or settings.textnorm_calibration_file)
     calibration = _bundled_or_given(
         path or settings.textnorm_calibration_file or settings.calibration,
         checkpoint_sha256,
-        explicit,
+        bool(path or settings.textnorm_calibration_file),
     )
     if calibration is None:
         return None
-    if member_sha256 not in calibration.members:
-        if explicit:
+    if not calibration.calibrates_member(member_sha256):
+        if path is not None:
             raise ValueError(
-                f"the calibration has no c for member {member_sha256[:12]}: calibrate --member"
+                f"{path}: no c of member {member_sha256[:12]}'s own for every prompt kind: "
+                "calibrate --member"
             )
         return None
+    _check_out_of_sample(calibration, seeds)
+    return calibration
+
+
+def _check_out_of_sample(calibration, seeds) -> None:
+    """A calibration's rows are a measurement only on seeds it did not choose c on."""
+    if calibration.validation_seed is None:
+        raise ValueError(
+            "the calibration does not say which seed it chose c on (no validation_seed), so "
+            "its rows may be in-sample: recalibrate, or pass --no-calibration"
+        )
     if calibration.validation_seed in seeds:
         raise ValueError(
             f"seed {calibration.validation_seed} is the seed this calibration chose c on: its "
-            "rows would be in-sample; evaluate other seeds, or pass --no-calibration"
+            "rows would be in-sample; evaluate another seed, or pass --no-calibration"
         )
-    return calibration
 
 
 @app.command("eval-ensemble")

@@ -557,7 +557,7 @@ def _calibration_bytes(
         if skip_unfitting:
             return None
         raise
-    if skip_unfitting and any(sha not in calibration.members for sha in members):
+    if skip_unfitting and not all(calibration.calibrates_member(sha) for sha in members):
         return None
     if data is None or calibration.sha256 != hashlib.sha256(data).hexdigest():
         raise ValueError(f"{path}: changed while it was being read")

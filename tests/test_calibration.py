@@ -140,18 +140,28 @@ def test_each_member_gets_its_own_c_and_the_ensemble_its_models_lambda():
     assert (shared.member_scales, shared.models_lambda) == ((3.0,), 0.5)
 
 
+B = "b" * 64
+B12 = "b" * 12
+
+
 @pytest.mark.parametrize(
     ("members", "message"),
     [
         ([], "members must be an object"),
-        ({"b": []}, r"members\.b: must be an object"),
-        ({"b": {"prompt_kinds": {"counting": {"scale": 1}}}}, "unknown prompt kind 'counting'"),
-        ({"b": {"prompt_kinds": {"composition": {}}}}, "composition: expected an object with"),
+        ({"shapes-clip-b": {}}, "members key 'shapes-clip-b' is not a checkpoint sha256"),
+        ({B: []}, rf"members\.{B12}: must be an object"),
+        ({B: {"prompt_kind": {}}}, rf"members\.{B12}: unknown key 'prompt_kind'"),
+        ({B: {"prompt_kinds": 5}}, rf"members\.{B12}\.prompt_kinds: must be an object"),
+        ({B: {"prompt_kinds": 0}}, rf"members\.{B12}\.prompt_kinds: must be an object"),
+        ({B: {"prompt_kinds": "composition"}}, r"prompt_kinds: must be an object"),
+        ({B: {"prompt_kinds": {"counting": {"scale": 1}}}}, "unknown prompt kind 'counting'"),
+        ({B: {"prompt_kinds": {"composition": {}}}}, "composition: expected an object with"),
         (
-            {"b": {"prompt_sets": {"x": {"scale": 1e39}}}},
-            r"members\.b\.prompt_sets\.x\.scale: must be > 0 and <= 10000",
+            {B: {"prompt_sets": {"x": {"scale": 1e39}}}},
+            rf"members\.{B12}\.prompt_sets\.x\.scale: must be > 0 and <= 10000",
         ),
-        ({"b": {"categories": {"color": {"scale": "big"}}}}, "must be a number"),
+        ({B: {"categories": {"color": {"scale": "big"}}}}, "must be a number"),
+        ({B: {"categories": {"color": {"scale": 10**400}}}}, "within float range"),
     ],
 )
 def test_bad_member_sections_name_the_problem(members, message):
@@ -162,6 +172,32 @@ def test_bad_member_sections_name_the_problem(members, message):
     doc = _doc(composition={"scale": 3.0, "ensemble_lambda": 0.5, "models_lambda": -1})
     with pytest.raises(ValueError, match="composition.models_lambda: must be >= 0"):
         parse_calibration(doc)
+
+
+@pytest.mark.parametrize("seed", ["1", 1.0, True])
+def test_a_validation_seed_that_is_not_an_integer_is_refused(seed):
+    """eval refuses in-sample seeds by comparing with it: a seed it cannot read would pass."""
+    doc = _doc(composition={"scale": 3.0, "ensemble_lambda": 0.5})
+    doc["validation_seed"] = seed
+    with pytest.raises(ValueError, match="validation_seed must be an integer"):
+        parse_calibration(doc)
+
+
+def test_a_member_is_calibrated_only_with_a_c_for_every_prompt_kind():
+    doc = _doc(
+        composition={"scale": 3.0, "ensemble_lambda": 0.5},
+        single_object={"scale": 10.0, "ensemble_lambda": 2.0},
+    )
+    doc["members"] = {
+        B: {"prompt_kinds": {"composition": {"scale": 1.0}, "single_object": {"scale": 2.0}}},
+        "c" * 64: {"name": "named only"},
+        "d" * 64: {"prompt_kinds": {"composition": {"scale": 1.0}}},
+    }
+    calibration = parse_calibration(doc)
+    assert calibration.calibrates_member(B)
+    assert not calibration.calibrates_member("c" * 64)
+    assert not calibration.calibrates_member("d" * 64)
+    assert not calibration.calibrates_member("e" * 64)
 
 
 @pytest.mark.parametrize(
@@ -368,6 +404,12 @@ def test_eval_uses_the_calibrated_scale_per_category(calibrated):
     args = ["eval", "--json", "--no-head", "--calibration", str(calibrated["path"]), *SMALL]
     in_sample = CliRunner().invoke(app, args)  # the seed c was chosen on: refused
     assert in_sample.exit_code == 2 and "in-sample" in in_sample.output, in_sample.output
+    unknown = calibrated["path"].with_name("no-seed.json")  # which seed it chose c on: unknown
+    document = dict(calibrated["doc"])
+    del document["validation_seed"]
+    unknown.write_text(json.dumps(document))
+    no_seed = CliRunner().invoke(app, [*args, "--calibration", str(unknown), "--seed", "4243"])
+    assert no_seed.exit_code == 2 and "no validation_seed" in no_seed.output, no_seed.output
     result = CliRunner().invoke(app, [*args, "--seed", "4243"])  # the last --seed wins
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

@@ -250,6 +250,7 @@ def test_calibrated_rows_score_each_model_at_its_own_c_and_the_models_lambda(bun
         kind = calibration.prompt_kinds[prompt_kind(sa.prompt.prompt)]
         c_b = calibration.members[member_sha].prompt_kinds[prompt_kind(sa.prompt.prompt)]
         scales_differ |= c_b != kind.scale
+        assert choice((sa, sb)) == (kind.scale, c_b, kind.models_lambda)  # the gateway's lookup
         probs = np.stack([textnorm(sa.clip, kind.scale), textnorm(sb.clip, c_b)])
         uw.append(ensemble_uncertainty(probs, lam=kind.models_lambda))
     assert scales_differ

@@ -164,6 +164,9 @@ def test_the_default_calibration_is_bundled_only_with_every_members_c(tmp_path, 
     assert _calibration_bytes(single, first, skip_unfitting=True, members=[member]) is None
     assert _calibration_bytes(single, first, skip_unfitting=True, members=[]) is not None
     assert _calibration_bytes(single, first, skip_unfitting=False, members=[member]) is not None
+    document["members"] = {member: {"name": "shapes-clip-b"}}  # named, but no c of its own
+    single.write_text(json.dumps(document))
+    assert _calibration_bytes(single, first, skip_unfitting=True, members=[member]) is None
     other = "f" * 64  # a member the shipped file does not know
     assert (
         _calibration_bytes(SHIPPED_CALIBRATION_FILE, first, skip_unfitting=True, members=[other])
@@ -230,6 +233,10 @@ def test_each_model_uses_its_own_calibrated_c(in_process, member_dir):
     for item in in_process["results"]:
         assert [m["textnorm_scale"] for m in item["members"]] == [first, member]
         assert item["textnorm_scale"] == first and item["textnorm_scale_source"] == "calibrated"
+    used = in_process["provenance"]["textnorm"]  # the response's block says the same
+    models_lambda = SHIPPED_CALIBRATION.prompt_kinds[prompt_kind(PROMPT)].models_lambda
+    assert (used["scale"], used["member_scales"]) == (first, [first, member])
+    assert used["ensemble_models_lambda"] == models_lambda != used["ensemble_lambda"]
 
 
 def test_model_ensembles_combine_the_two_textnorm_probabilities(in_process):

@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -124,6 +125,14 @@ class Calibration:
         return _lookup(
             self.prompt_kinds, self.prompt_sets, prompt, contrastive_sha256, source, rule
         )
+
+    def calibrates_member(self, checkpoint_sha256: str) -> bool:
+        """Whether the member has its own c for every prompt kind the first model has one for
+        (what the gateway uses for rule-built sets); else it would be served at the item's c."""
+        own = self.members.get(checkpoint_sha256)
+        if own is None or not (own.prompt_kinds or own.prompt_sets or own.categories):
+            return False
+        return set(self.prompt_kinds) <= set(own.prompt_kinds)
 
     def choose(
         self,
@@ -236,6 +245,19 @@ def with_scale_sources(provenance: Any, results: Iterable[Any], calibration: Cal
         provenance.textnorm.scale = scales.pop() if len(scales) == 1 else None
     if lambdas:
         provenance.textnorm.ensemble_lambda = lambdas.pop() if len(lambdas) == 1 else None
+    members = {  # each model's c, of the items that have a set
+        tuple(m.textnorm_scale for m in r.members)
+        for r in results
+        if r.members and r.textnorm_scale is not None
+    }
+    if members:
+        provenance.textnorm.member_scales = list(members.pop()) if len(members) == 1 else None
+    models_lambdas = {r.ensemble_models_lambda for r in results}
+    models_lambdas.discard(None)
+    if models_lambdas:
+        provenance.textnorm.ensemble_models_lambda = (
+            models_lambdas.pop() if len(models_lambdas) == 1 else None
+        )
     provenance.textnorm.calibration_sha256 = calibration.sha256 if calibration else None
     return provenance
 
@@ -249,8 +271,8 @@ LAMBDA_BOUND = 1e4
 def _number(where: str, value: object, low: float, high: float, low_open: bool) -> float:
     try:
         x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: must be a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{where}: must be a number within float range") from None
     if isinstance(value, bool) or not (
         math.isfinite(x) and (x > low if low_open else x >= low) and x <= high
     ):
@@ -285,23 +307,34 @@ def _scales(where: str, entries: object) -> dict[str, float]:
     return out
 
 
+_MEMBER_PARTS = ("prompt_kinds", "prompt_sets", "categories")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _members(data: object) -> dict[str, MemberScales]:
+    """The `members` section: {checkpoint sha256: {"name", *_MEMBER_PARTS}}."""
     if not isinstance(data, dict):
         raise ValueError("calibration: members must be an object")
     members = {}
     for checkpoint, section in data.items():
+        if not _SHA256.fullmatch(checkpoint):
+            raise ValueError(
+                f"calibration: members key {checkpoint[:70]!r} is not a checkpoint sha256 (64 "
+                "hex digits; `calibrate --member` writes them)"
+            )
         where = f"members.{checkpoint[:12]}"
         if not isinstance(section, dict):
             raise ValueError(f"{where}: must be an object")
-        unknown = [k for k in section.get("prompt_kinds") or {} if k not in PROMPT_KINDS]
+        unknown = sorted(set(section) - {"name", *_MEMBER_PARTS})
         if unknown:
-            raise ValueError(f"{where}: unknown prompt kind {unknown[0]!r}")
-        members[checkpoint] = MemberScales(
-            **{
-                part: MappingProxyType(_scales(f"{where}.{part}", section.get(part) or {}))
-                for part in ("prompt_kinds", "prompt_sets", "categories")
-            }
-        )
+            raise ValueError(
+                f"{where}: unknown key {unknown[0]!r}; known: name, {', '.join(_MEMBER_PARTS)}"
+            )
+        parts = {p: _scales(f"{where}.{p}", section.get(p, {})) for p in _MEMBER_PARTS}
+        kinds = [k for k in parts["prompt_kinds"] if k not in PROMPT_KINDS]
+        if kinds:
+            raise ValueError(f"{where}: unknown prompt kind {kinds[0]!r}")
+        members[checkpoint] = MemberScales(**{p: MappingProxyType(v) for p, v in parts.items()})
     return members
 
 
@@ -327,6 +360,8 @@ def parse_calibration(data: object, sha256: str = "") -> Calibration:
     model = data.get("model") or {}
     checkpoint = model.get("checkpoint_sha256") if isinstance(model, dict) else None
     seed = data.get("validation_seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"calibration: validation_seed must be an integer, got {seed!r}")
     members = _members(data["members"] if data.get("members") is not None else {})
     return Calibration(
         sha256=sha256,
@@ -334,7 +369,7 @@ def parse_calibration(data: object, sha256: str = "") -> Calibration:
         prompt_kinds=MappingProxyType(kinds),
         prompt_sets=MappingProxyType(sets),
         categories=MappingProxyType(categories),
-        validation_seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        validation_seed=seed,
         members=MappingProxyType(members),
     )
 

@@ -151,11 +151,22 @@ class HeadInfo(BaseModel):
 
 class TextNormUsed(BaseModel):
     scale: float | None = Field(
-        description="the c every item used (null when items used different calibrated values: "
-        "see each item's textnorm_scale)"
+        description="the c every item used — the first model's, in a multi-model export (null "
+        "when items used different calibrated values: see each item's textnorm_scale, and "
+        "members[k].textnorm_scale for each model's)"
     )
     ensemble_lambda: float | None = Field(
         description="the λ every item used (null when items differ: each item's ensemble_lambda)"
+    )
+    member_scales: list[float] | None = Field(
+        default=None,
+        description="multi-model export: each model's c, in members order, when every item used "
+        "the same (null otherwise: see members[k].textnorm_scale)",
+    )
+    ensemble_models_lambda: float | None = Field(
+        default=None,
+        description="multi-model export: the λ of ensemble_models_uw every item used (null when "
+        "items differ: each item's ensemble_models_lambda)",
     )
     max_prompts: int
     rule: Rule | None = None
