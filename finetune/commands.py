@@ -177,6 +177,9 @@ def run_cmd(
     ddim_steps: Annotated[int | None, Opt(min=1, help="[default: 10]")] = None,
     inner_epochs: Annotated[int | None, Opt(min=1, help="[default: 1]")] = None,
     train_batch_size: Annotated[int | None, Opt(min=1, help="[default: 8]")] = None,
+    gradient_accumulation: Annotated[
+        int | None, Opt(min=1, help="minibatches per optimizer step [default: 1]")
+    ] = None,
     lr: Annotated[float | None, Opt(help="[default: 3e-5]")] = None,
     rwl_beta: Annotated[float | None, Opt(help="β of the pre-training loss [default: 1.0]")] = None,
     threads: Threads = 1,
@@ -189,7 +192,7 @@ def run_cmd(
         generator=generator, judge=judge, prompts=prompts,
         sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
         ddim_steps=ddim_steps, inner_epochs=inner_epochs, train_batch_size=train_batch_size,
-        lr=lr, rwl_beta=rwl_beta,
+        gradient_accumulation=gradient_accumulation, lr=lr, rwl_beta=rwl_beta,
     )  # fmt: skip
     import torch
 
@@ -320,6 +323,9 @@ def compare_cmd(
     batches_per_step: Annotated[int | None, Opt(min=1, help="[default: 2]")] = None,
     ddim_steps: Annotated[int | None, Opt(min=1, help="[default: 10]")] = None,
     train_batch_size: Annotated[int | None, Opt(min=1, help="[default: 8]")] = None,
+    gradient_accumulation: Annotated[
+        int | None, Opt(min=1, help="minibatches per optimizer step [default: 1]")
+    ] = None,
     lr: Annotated[float | None, Opt(help="[default: 3e-5]")] = None,
     checkpoint_every: Annotated[int | None, Opt(min=1, help="[default: 1]")] = None,
     jobs: Annotated[int, Opt(min=1, help="runs trained in parallel processes")] = 1,
@@ -337,8 +343,8 @@ def compare_cmd(
         algorithm=algorithm, textnorm_rule=textnorm_rule, textnorm_scale=textnorm_scale,
         service_url=url, steps=steps, device=device, generator=generator, judge=judge,
         prompts=prompts, sample_batch_size=sample_batch_size, batches_per_step=batches_per_step,
-        ddim_steps=ddim_steps, train_batch_size=train_batch_size, lr=lr,
-        checkpoint_every=checkpoint_every,
+        ddim_steps=ddim_steps, train_batch_size=train_batch_size,
+        gradient_accumulation=gradient_accumulation, lr=lr, checkpoint_every=checkpoint_every,
     )  # fmt: skip
     reward_list = rewards.split(",")
     for name in reward_list:

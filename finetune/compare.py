@@ -21,6 +21,7 @@ from finetune.config import FinetuneConfig
 from finetune.evaluate import save_grid
 from finetune.reward_client import ServiceReward
 from finetune.trainers import run_finetune
+from finetune.world_data import prompt_of, prompt_set
 
 PLOTTED = ("mean_reward", "judge_count", "judge_colour", "judge_shape", "judge_background")
 JUDGED = ("count", "colour", "shape", "background", "all")
@@ -29,8 +30,10 @@ JUDGED = ("count", "colour", "shape", "background", "all")
 @dataclass(frozen=True)
 class FixedSet:
     """The judge's fixed prompt sets: `prompts` prompts (balanced over counts) of each of
-    `prompt_seeds` (0 is the training runs' own set when they use prompt seed 0), `per_prompt`
-    samples each, DDIM `ddim_steps`, sampling seed `seed`."""
+    `prompt_seeds`, `per_prompt` samples each, DDIM `ddim_steps`, sampling seed `seed`. Sets
+    are random draws (`prompt_set`, prefix-stable): set 0 starts with the training prompts of
+    prompt seed 0 and goes on with prompts never trained on, and another seed's set may share
+    prompts with training by chance; fixed_set.{csv,md} count them (`training_prompts`)."""
 
     prompts: int = 48
     per_prompt: int = 4
@@ -146,6 +149,11 @@ def judge_fixed_sets(
             f"no checkpoint to judge at {missing[0]} (was the run pruned with a smaller "
             "keep_checkpoints, or stopped before that step?)"
         )
+    trained = {prompt_of(s) for s in prompt_set(base.prompts, base.prompt_seed)}
+    overlap = {
+        ps: sum(prompt_of(s) in trained for s in prompt_set(fixed.prompts, ps))
+        for ps in fixed.prompt_seeds
+    }
     rows = []
     for reward, seed, step, path in generators:
         unet, _ = load_generator(path, device)
@@ -158,6 +166,7 @@ def judge_fixed_sets(
             rows.append(
                 {"generator": reward, "seed": seed, "step": step, "prompt_seed": prompt_seed,
                  "samples": fixed.prompts * fixed.per_prompt,
+                 "training_prompts": overlap[prompt_seed],
                  **{a: f"{result[a]:.4f}" for a in JUDGED}}
             )  # fmt: skip
     path = out / "fixed_set.csv"
@@ -178,7 +187,8 @@ def fixed_set_table(rows: list[dict], rewards: list[str], steps: list[int], fixe
         start = next(r for r in mine if r["generator"] == "start")
         lines += [
             f"Prompt set seed {prompt_seed}: {fixed.prompts} prompts x {fixed.per_prompt} "
-            f"samples, {fixed.ddim_steps} DDIM steps, sampling seed {fixed.seed}.",
+            f"samples, {fixed.ddim_steps} DDIM steps, sampling seed {fixed.seed}; "
+            f"{start['training_prompts']} of the {fixed.prompts} prompts are training prompts.",
             "",
             "| generator | step | " + " | ".join(JUDGED) + " |",
             "| --- | ---: | " + " | ".join("---" for _ in JUDGED) + " |",

@@ -42,6 +42,10 @@ class FinetuneConfig:
     lr: float = 3e-5  # 3e-4 wrecked colour within 2 steps (Adam moves every weight by ~lr)
     inner_epochs: int = 1
     train_batch_size: int = 8
+    # minibatches whose gradients add up to one optimizer step (ddpo-pytorch's
+    # train.gradient_accumulation_steps). 1: a step per minibatch, so the later minibatches of
+    # a round are scored against a policy that already moved, mostly outside clip_range (README)
+    gradient_accumulation: int = 1
     clip_range: float = 1e-4  # ddpo-pytorch's default
     adv_clip_max: float = 5.0
     tracker_buffer: int = 32
@@ -68,6 +72,10 @@ class FinetuneConfig:
         if not 1 <= self.ddim_steps < TRAIN_TIMESTEPS:
             most = TRAIN_TIMESTEPS - 1
             raise ValueError(f"ddim_steps must be in 1..{most}, got {self.ddim_steps}")
+        if self.gradient_accumulation < 1:
+            raise ValueError(
+                f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}"
+            )
         for name in ("lr", "clip_range"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -63,6 +63,18 @@ class _Batch:
     timesteps: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Rollout:
+    """A step's samples as DDPO trains on them: per sample, its DDIM trajectory and the
+    log-probability of each transition when sampled, its conditioning and its advantage."""
+
+    latents: torch.Tensor  # [N, steps + 1, ...]
+    log_probs: torch.Tensor  # [N, steps]
+    cond: torch.Tensor
+    advantages: torch.Tensor  # [N]
+    timesteps: torch.Tensor  # [steps]
+
+
 def _short(sha: str | None) -> str:
     return sha[:12] if sha else "none"
 
@@ -107,8 +119,13 @@ class Trainer:
         config_path = self.run / "config.json"
         if config_path.is_file():
             saved = json.loads(config_path.read_text())
-            mine = asdict(self.cfg)
-            differ = [k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k]]
+            mine, defaults = asdict(self.cfg), asdict(FinetuneConfig())
+            # a setting added after the run began: the run used its default
+            differ = [
+                k
+                for k in mine
+                if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != mine[k]
+            ]
             if differ:
                 raise ValueError(f"{self.run} holds a run with other settings: {', '.join(differ)}")
         config_path.write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
@@ -208,43 +225,60 @@ class Trainer:
         prompts = [p for b in batches for p in b.prompts]
         adv = self.tracker.update(prompts, rewards)
         adv = torch.as_tensor(np.clip(adv, -cfg.adv_clip_max, cfg.adv_clip_max)).float()
-        adv = adv.to(self.acp.device)
-        latents = torch.cat([b.latents for b in batches])
-        old_lp = torch.cat([b.log_probs for b in batches])
-        cond = torch.cat([b.cond for b in batches])
-        timesteps = batches[0].timesteps
-        ratio_step = len(self.acp) // cfg.ddim_steps
-        n, steps = len(latents), len(timesteps)
-        losses, kls, clipfracs = [], [], []
+        rollout = _Rollout(
+            latents=torch.cat([b.latents for b in batches]),
+            log_probs=torch.cat([b.log_probs for b in batches]),
+            cond=torch.cat([b.cond for b in batches]),
+            advantages=adv.to(self.acp.device),
+            timesteps=batches[0].timesteps,
+        )
+        stats: list[tuple[float, float, float]] = []  # (loss, approx kl, clip fraction)
         self.unet.train()
         for _ in range(cfg.inner_epochs):
+            n = len(rollout.latents)
             order = torch.randperm(n, generator=self.gens["train"], device=self.acp.device)
-            for start in range(0, n, cfg.train_batch_size):
-                mb = order[start : start + cfg.train_batch_size]
+            for group in self._accumulation_groups(order):
                 self.opt.zero_grad()
-                for j in range(steps):
-                    t = timesteps[j]
-                    x_t = latents[mb, j]
-                    eps = guided_eps(self.unet, x_t, t, cond[mb], self.null, cfg.guidance)
-                    _, lp = ddim_step_with_logprob(
-                        self.acp, eps, t.expand(len(mb)), (t - ratio_step).expand(len(mb)),
-                        x_t, cfg.eta, prev_sample=latents[mb, j + 1],
-                    )  # fmt: skip
-                    ratio = torch.exp(lp - old_lp[mb, j])
-                    a = adv[mb]
-                    clipped = torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
-                    loss = torch.maximum(-a * ratio, -a * clipped).mean()
-                    (loss / steps).backward()
-                    losses.append(loss.item())
-                    kls.append(0.5 * ((lp - old_lp[mb, j]) ** 2).mean().item())
-                    clipfracs.append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
+                for mb in group:
+                    stats += self._ddpo_backward(rollout, mb, weight=1 / len(group))
                 self._clip_finite_gradients()
                 self.opt.step()
-        return {
-            "loss": float(np.mean(losses)),
-            "approx_kl": float(np.mean(kls)),
-            "clipfrac": float(np.mean(clipfracs)),
-        }
+        loss, kl, clipfrac = np.mean(stats, axis=0)
+        return {"loss": float(loss), "approx_kl": float(kl), "clipfrac": float(clipfrac)}
+
+    def _accumulation_groups(self, order: torch.Tensor) -> list[list[torch.Tensor]]:
+        """`order` cut into minibatches of train_batch_size, gradient_accumulation of them per
+        group: one optimizer step per group (a round's last group may be shorter)."""
+        size, k = self.cfg.train_batch_size, self.cfg.gradient_accumulation
+        minibatches = [order[i : i + size] for i in range(0, len(order), size)]
+        return [minibatches[i : i + k] for i in range(0, len(minibatches), k)]
+
+    def _ddpo_backward(
+        self, rollout: _Rollout, mb: torch.Tensor, weight: float
+    ) -> list[tuple[float, float, float]]:
+        """Backpropagate minibatch `mb`'s clipped surrogate over every DDIM step, the mean over
+        steps times `weight` (its share of the optimizer step); (loss, kl, clipfrac) per step."""
+        cfg = self.cfg
+        ratio_step = len(self.acp) // cfg.ddim_steps
+        steps = len(rollout.timesteps)
+        a = rollout.advantages[mb]
+        out = []
+        for j, t in enumerate(rollout.timesteps):
+            x_t = rollout.latents[mb, j]
+            eps = guided_eps(self.unet, x_t, t, rollout.cond[mb], self.null, cfg.guidance)
+            _, lp = ddim_step_with_logprob(
+                self.acp, eps, t.expand(len(mb)), (t - ratio_step).expand(len(mb)),
+                x_t, cfg.eta, prev_sample=rollout.latents[mb, j + 1],
+            )  # fmt: skip
+            old = rollout.log_probs[mb, j]
+            ratio = torch.exp(lp - old)
+            clipped = torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
+            loss = torch.maximum(-a * ratio, -a * clipped).mean()
+            (loss * weight / steps).backward()
+            kl = 0.5 * ((lp - old) ** 2).mean().item()
+            clipfrac = ((ratio - 1).abs() > cfg.clip_range).float().mean().item()
+            out.append((loss.item(), kl, clipfrac))
+        return out
 
     def _rwl_update(self, batches: list[_Batch], rewards: np.ndarray) -> dict[str, float]:
         cfg = self.cfg
@@ -258,23 +292,24 @@ class Trainer:
         self.unet.train()
         for _ in range(cfg.inner_epochs):
             order = torch.randperm(len(x0), generator=self.gens["train"], device=device)
-            for start in range(0, len(x0), cfg.train_batch_size):
-                mb = order[start : start + cfg.train_batch_size]
-                per_sample = denoising_loss(
-                    self.unet, self.noise_sched, x0[mb], cond[mb], self.gens["train"], reduce=False
-                )
-                pre = torch.randint(
-                    len(pool_x), (len(mb),), generator=self.gens["train"], device=device
-                )
-                pre_loss = denoising_loss(
-                    self.unet, self.noise_sched, pool_x[pre], pool_c[pre], self.gens["train"]
-                )
-                loss = (weights[mb] * per_sample).mean() + cfg.rwl_beta * pre_loss
+            for group in self._accumulation_groups(order):
                 self.opt.zero_grad()
-                loss.backward()
+                for mb in group:
+                    per_sample = denoising_loss(
+                        self.unet, self.noise_sched, x0[mb], cond[mb], self.gens["train"],
+                        reduce=False,
+                    )  # fmt: skip
+                    pre = torch.randint(
+                        len(pool_x), (len(mb),), generator=self.gens["train"], device=device
+                    )
+                    pre_loss = denoising_loss(
+                        self.unet, self.noise_sched, pool_x[pre], pool_c[pre], self.gens["train"]
+                    )
+                    loss = (weights[mb] * per_sample).mean() + cfg.rwl_beta * pre_loss
+                    (loss / len(group)).backward()
+                    losses.append(loss.item())
                 self._clip_finite_gradients()
                 self.opt.step()
-                losses.append(loss.item())
         return {"loss": float(np.mean(losses)), "approx_kl": float("nan"), "clipfrac": float("nan")}
 
     def _clip_finite_gradients(self) -> None:

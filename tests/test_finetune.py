@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import httpx
 import numpy as np
@@ -291,6 +291,16 @@ def test_compare_trains_runs_in_parallel_and_judges_them_at_equal_steps(stack, t
     assert {a: float(row[a]) for a in again} == pytest.approx(again, abs=1e-4)
     table = (out / "fixed_set.md").read_text()
     assert "| start | 0 |" in table and "| textnorm | 2 |" in table
+    # How many judged prompts were trained on, per set: all of set 0 (prefix-stable draws)
+    from finetune.world_data import prompt_of, prompt_set
+
+    trained = {prompt_of(s) for s in prompt_set(cfg.prompts, cfg.prompt_seed)}
+    for ps in (0, 1):
+        want = sum(prompt_of(s) in trained for s in prompt_set(2, ps))
+        assert {r["training_prompts"] for r in rows if r["prompt_seed"] == str(ps)} == {str(want)}
+        assert f"seed {ps}: 2 prompts x 2 samples" in table
+        assert f"; {want} of the 2 prompts are training prompts." in table
+    assert {r["training_prompts"] for r in rows if r["prompt_seed"] == "0"} == {"2"}
     summary = (out / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == ["raw", "textnorm"]
     assert (out / "compare.png").is_file() and (out / "grids" / "raw_seed5_step_0002.png").is_file()
@@ -420,6 +430,41 @@ def test_a_run_refuses_another_contrastive_set_for_a_prompt() -> None:
     assert raw.contrastive_sets == {}
 
 
+def test_accumulated_minibatches_make_one_optimizer_step_over_the_whole_round(tmp_path) -> None:
+    """DDPO with gradient_accumulation = 2 over two minibatches of 2 makes the one step a
+    single minibatch of 4 makes, with the same gradient (each minibatch weighs 1/2), every
+    ratio scored at the sampling policy; without it the second minibatch is trained after a
+    first step, and its ratios leave the clip range."""
+    # max_grad_norm out of the way: the gradients are compared as accumulated, not clipped
+    tiny = _tiny("ddpo", "textnorm", "http://127.0.0.1:9", steps=1)
+    base = replace(tiny, lr=1e-3, max_grad_norm=1e9)
+    whole = Trainer(replace(base, train_batch_size=4), tmp_path / "whole")
+    accumulated = Trainer(
+        replace(base, train_batch_size=2, gradient_accumulation=2), tmp_path / "a"
+    )
+    stepwise = Trainer(replace(base, train_batch_size=2), tmp_path / "s")
+    groups = accumulated._accumulation_groups(torch.arange(5))
+    assert [[mb.tolist() for mb in group] for group in groups] == [[[0, 1], [2, 3]], [[4]]]
+    batches = [whole._sample_batch() for _ in range(base.batches_per_step)]
+    rewards = np.array([0.9, 0.1, 0.6, 0.3])
+    gradients: dict[str, list[list[torch.Tensor]]] = {}
+    for name, trainer in (("whole", whole), ("accumulated", accumulated)):
+        seen = gradients.setdefault(name, [])
+        params = list(trainer.unet.parameters())
+        trainer.opt.step = lambda params=params, seen=seen: seen.append(  # the step it would take
+            [p.grad.clone() for p in params]
+        )
+    stats = {name: t._ddpo_update(batches, rewards) for name, t in
+             (("whole", whole), ("accumulated", accumulated), ("stepwise", stepwise))}  # fmt: skip
+    assert len(gradients["whole"]) == len(gradients["accumulated"]) == 1  # one step each
+    for a, b in zip(gradients["accumulated"][0], gradients["whole"][0], strict=True):
+        # float32 sums in another order: within 1e-4 of each tensor's largest gradient
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+    assert sum(float(g.abs().sum()) for g in gradients["whole"][0]) > 0
+    assert stats["accumulated"]["clipfrac"] == stats["whole"]["clipfrac"] == 0.0
+    assert stats["stepwise"]["clipfrac"] > 0.0  # its second minibatch, after a first step
+
+
 def test_a_non_finite_gradient_stops_the_run_before_the_update(tmp_path) -> None:
     """Weights gone NaN (or an inf loss): the update is refused before the optimizer step, so
     the run stops with finite checkpoints kept, instead of training on black images."""
@@ -446,6 +491,7 @@ def test_a_non_finite_gradient_stops_the_run_before_the_update(tmp_path) -> None
         ({"ddim_steps": 1000}, r"ddim_steps must be in 1..999, got 1000"),
         ({"lr": 0.0}, r"lr must be > 0, got 0.0"),
         ({"clip_range": -1e-4}, r"clip_range must be > 0"),
+        ({"gradient_accumulation": 0}, r"gradient_accumulation must be >= 1, got 0"),
     ],
 )
 def test_sampler_and_optimiser_settings_are_checked_when_the_config_is_built(setting, message):
@@ -462,6 +508,14 @@ def test_a_run_directory_refuses_other_settings(tmp_path) -> None:
     (tmp_path / "run" / "config.json").write_text(json.dumps({"algorithm": "ddpo"}))
     with pytest.raises(ValueError, match="other settings: algorithm"):
         Trainer(cfg, tmp_path / "run").open_run()
+    # A run begun before a setting existed (its config.json lacks it) used its default: it
+    # resumes with the default, and is refused with another value.
+    older = {k: v for k, v in asdict(cfg).items() if k != "gradient_accumulation"}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(older))
+    Trainer(cfg, tmp_path / "run").open_run()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="other settings: gradient_accumulation$"):
+        Trainer(replace(cfg, gradient_accumulation=2), tmp_path / "run").open_run()
 
 
 # -- the commands -------------------------------------------------------------------------------
