@@ -13,8 +13,10 @@ from evaluation.ensemble import ENSEMBLE_ROWS, ROWS
 
 RULE_TITLES = {
     "category": "each category's own contrastive rule",
-    "served": "the served default (`auto` rule, cut and de-duplicated as the gateway does)",
-    "served_calibrated": "the served default at the calibrated c of each model and the models' λ",
+    "served": "the served `auto` rule (cut and de-duplicated as the gateway does) at one c for "
+    "both models",
+    "served_calibrated": "the served `auto` rule at the calibrated c of each model and the "
+    "models' λ (what a two-model export bundling that calibration serves)",
 }
 ROW_LABELS = {
     "raw_a": "`raw_a` (A: raw cosine)",

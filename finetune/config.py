@@ -44,7 +44,8 @@ class FinetuneConfig:
     train_batch_size: int = 8
     # minibatches whose gradients add up to one optimizer step (ddpo-pytorch's
     # train.gradient_accumulation_steps). 1: a step per minibatch, so the later minibatches of
-    # a round are scored against a policy that already moved, mostly outside clip_range (README)
+    # a round are scored against a policy that already moved: 21-24% of a round's ratios fell
+    # outside clip_range at these defaults, 40% with 4 minibatches (README)
     gradient_accumulation: int = 1
     clip_range: float = 1e-4  # ddpo-pytorch's default
     adv_clip_max: float = 5.0

@@ -239,8 +239,9 @@ class Trainer:
             order = torch.randperm(n, generator=self.gens["train"], device=self.acp.device)
             for group in self._accumulation_groups(order):
                 self.opt.zero_grad()
-                for mb in group:
-                    stats += self._ddpo_backward(rollout, mb, weight=1 / len(group))
+                size = sum(len(mb) for mb in group)
+                for mb in group:  # each its share of the group's samples
+                    stats += self._ddpo_backward(rollout, mb, weight=len(mb) / size)
                 self._clip_finite_gradients()
                 self.opt.step()
         loss, kl, clipfrac = np.mean(stats, axis=0)
@@ -294,6 +295,7 @@ class Trainer:
             order = torch.randperm(len(x0), generator=self.gens["train"], device=device)
             for group in self._accumulation_groups(order):
                 self.opt.zero_grad()
+                size = sum(len(mb) for mb in group)
                 for mb in group:
                     per_sample = denoising_loss(
                         self.unet, self.noise_sched, x0[mb], cond[mb], self.gens["train"],
@@ -306,7 +308,7 @@ class Trainer:
                         self.unet, self.noise_sched, pool_x[pre], pool_c[pre], self.gens["train"]
                     )
                     loss = (weights[mb] * per_sample).mean() + cfg.rwl_beta * pre_loss
-                    (loss / len(group)).backward()
+                    (loss * (len(mb) / size)).backward()
                     losses.append(loss.item())
                 self._clip_finite_gradients()
                 self.opt.step()
@@ -316,16 +318,13 @@ class Trainer:
         """Clip the gradient norm; a non-finite one (a NaN or inf loss, or weights gone NaN)
         stops the run before the optimizer step, so no NaN weights are checkpointed and the
         last finite checkpoints are not pruned."""
-        try:
-            torch.nn.utils.clip_grad_norm_(
-                self.unet.parameters(), self.cfg.max_grad_norm, error_if_nonfinite=True
-            )
-        except RuntimeError:
+        norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.cfg.max_grad_norm)
+        if not torch.isfinite(norm):
             raise ValueError(
                 f"step {self.step + 1}: the gradient is not finite (NaN or inf); the update was "
-                "not applied and the run stops: resume from the last checkpoint, e.g. with a "
-                "lower learning rate"
-            ) from None
+                "not applied and the run stops (a resume would replay this step exactly): start "
+                "a new run directory, e.g. with a lower --lr"
+            )
 
     def distance_to_init(self) -> float:
         with torch.no_grad():
