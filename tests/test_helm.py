@@ -682,18 +682,50 @@ def test_export_job_as_a_hook() -> None:
         job["metadata"]["annotations"]["helm.sh/hook-weight"]
     )
     # The release's ServiceAccount was created after pre-install hooks: the Job's pods could
-    # not be created and `helm install` timed out. It is a hook too now, made before the Job,
-    # so the Job keeps its annotations (IRSA, Workload Identity for a bucket's checkpoint).
-    account = find(docs, "ServiceAccount")
-    assert job["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
-    hook = account["metadata"]["annotations"]
+    # not be created and `helm install` timed out. The Job gets its own hook account, made
+    # before it with the release account's annotations (IRSA, Workload Identity for a bucket's
+    # checkpoint), deleted once the event's hooks succeeded (nothing left on uninstall); the
+    # release's account stays an ordinary resource (an upgrade never deletes it under pods).
+    annotated = with_key(
+        FULL,
+        {
+            "model": {"exportJob": {"hook": True}},
+            "serviceAccount": {"annotations": {"iam.gke.io/gcp-service-account": "x@y"}},
+        },
+    )
+    docs = manifests(annotated)
+    job = find(docs, "Job")
+    release_account = find(docs, "ServiceAccount", FULLNAME)
+    export_account = find(docs, "ServiceAccount", f"{FULLNAME}-export")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == f"{FULLNAME}-export"
+    hook = export_account["metadata"]["annotations"]
     assert hook["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert hook["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    assert hook["iam.gke.io/gcp-service-account"] == "x@y"
     assert int(hook["helm.sh/hook-weight"]) < int(
         job["metadata"]["annotations"]["helm.sh/hook-weight"]
     )
+    assert release_account["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "x@y"}
+    for name in ("gateway", "triton"):
+        pod = find(docs, "Deployment", f"{FULLNAME}-{name}")["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == FULLNAME
+    # without the hook: one account, the release's, for the Job too
+    plain = manifests(with_key(FULL))
+    assert [d["metadata"]["name"] for d in plain if d["kind"] == "ServiceAccount"] == [FULLNAME]
     assert "helm.sh/hook" not in (
-        find(manifests(with_key(FULL)), "ServiceAccount")["metadata"].get("annotations") or {}
+        find(plain, "ServiceAccount")["metadata"].get("annotations") or {}
     )
+    # an account the operator made (create: false) is the Job's too
+    theirs = with_key(
+        FULL,
+        {
+            "model": {"exportJob": {"hook": True}},
+            "serviceAccount": {"create": False, "name": "theirs"},
+        },
+    )
+    docs = manifests(theirs)
+    assert "ServiceAccount" not in kinds(docs)
+    assert find(docs, "Job")["spec"]["template"]["spec"]["serviceAccountName"] == "theirs"
 
 
 # -- scaling, disruption, network, monitoring ------------------------------------------------------

@@ -71,6 +71,18 @@ app.kubernetes.io/component: triton
 {{- end }}
 
 {{/*
+The export Job's account: its own hook account when the chart creates accounts and the Job is
+a hook (templates/serviceaccount.yaml), else the release's.
+*/}}
+{{- define "textnorm-reward.exportServiceAccountName" -}}
+{{- if and .Values.serviceAccount.create .Values.model.exportJob.hook }}
+{{- printf "%s-export" (include "textnorm-reward.serviceAccountName" . | trunc 56 | trimSuffix "-") }}
+{{- else }}
+{{- include "textnorm-reward.serviceAccountName" . }}
+{{- end }}
+{{- end }}
+
+{{/*
 An image reference: (dict "image" .Values.images.<target> "root" $). Empty tag: appVersion.
 */}}
 {{- define "textnorm-reward.image" -}}
