@@ -85,8 +85,7 @@ def calibrated_choice(
         choice = calibration.choose(
             a.prompt.prompt, sha, None, None, default_scale, default_lambda, members=[member_sha256]
         )
-        lam = choice.models_lambda if choice.models_lambda is not None else choice.ensemble_lambda
-        return choice.scale, choice.member_scales[0], lam
+        return choice.scale, choice.member_scales[0], choice.ensemble_models_lambda
 
     return choose
 

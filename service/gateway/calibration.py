@@ -61,6 +61,16 @@ class ScaleChoice:
     member_scales: tuple[float, ...] = ()
     models_lambda: float | None = None
 
+    @property
+    def model_scales(self) -> tuple[float, ...]:
+        """Every model's c: the first model's, then each member's."""
+        return (self.scale, *self.member_scales)
+
+    @property
+    def ensemble_models_lambda(self) -> float:
+        """The λ of the models' ensemble (the item's λ when none was chosen for it)."""
+        return self.ensemble_lambda if self.models_lambda is None else self.models_lambda
+
 
 @dataclass(frozen=True)
 class Calibrated:
@@ -80,28 +90,24 @@ class MemberScales:
     prompt_sets: Mapping[str, float] = field(default_factory=dict)
     categories: Mapping[str, float] = field(default_factory=dict)
 
-    def lookup(
-        self, prompt: str, contrastive_sha256: str | None, source: str, rule: str
-    ) -> float | None:
-        return _lookup(
-            self.prompt_kinds, self.prompt_sets, prompt, contrastive_sha256, source, rule
-        )
-
 
 def _lookup(
     kinds: Mapping[str, _Entry],
     sets: Mapping[str, _Entry],
-    prompt: str,
     contrastive_sha256: str | None,
-    source: str,
-    rule: str,
+    kind: str | None,
 ) -> _Entry | None:
-    """An exact set's entry (by hash), else for a set the `auto` rule built its prompt kind's."""
+    """An exact set's entry (by hash), else the entry of `kind` (None: not a set the `auto`
+    rule built, see :func:`_rule_kind`)."""
     if contrastive_sha256 is not None and contrastive_sha256 in sets:
         return sets[contrastive_sha256]
-    if source == "rule" and rule == CALIBRATED_RULE:
-        return kinds.get(prompt_kind(prompt))
-    return None
+    return kinds.get(kind) if kind is not None else None
+
+
+def _rule_kind(prompt: str, source: str, rule: str) -> str | None:
+    """The prompt's kind for a set the `auto` rule built (the rule `calibrate` chose the
+    kinds' values on); None for any other set."""
+    return prompt_kind(prompt) if source == "rule" and rule == CALIBRATED_RULE else None
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,8 @@ class Calibration:
         """The calibrated values for a set (by hash), else for a set the `auto` rule built, its
         prompt kind's (`calibrate` chose those on the auto rule's sets: another rule's set gets
         none of them)."""
-        return _lookup(
-            self.prompt_kinds, self.prompt_sets, prompt, contrastive_sha256, source, rule
-        )
+        kind = _rule_kind(prompt, source, rule)
+        return _lookup(self.prompt_kinds, self.prompt_sets, contrastive_sha256, kind)
 
     def calibrates_member(self, checkpoint_sha256: str) -> bool:
         """Whether the member has its own c for every prompt kind the first model has one for
@@ -180,7 +185,12 @@ def choose_scale(
     """The item's (c, λ) by the order of the module docstring; `source`: its set's source,
     `rule`: the rule that built it (when `source` is "rule"); `members`: the member models'
     checkpoint hashes, in served order (their c and the models' λ are chosen too)."""
-    found = calibration.lookup(prompt, contrastive_sha256, source, rule) if calibration else None
+    kind = _rule_kind(prompt, source, rule) if calibration else None  # once for every model
+    found = (
+        _lookup(calibration.prompt_kinds, calibration.prompt_sets, contrastive_sha256, kind)
+        if calibration
+        else None
+    )
     if request_scale is not None:
         scale, where = float(request_scale), "request"
     elif found is not None:
@@ -196,7 +206,9 @@ def choose_scale(
     member_scales = []
     for checkpoint in members:
         own = calibration.members.get(checkpoint) if calibration else None
-        calibrated = own.lookup(prompt, contrastive_sha256, source, rule) if own else None
+        calibrated = (
+            _lookup(own.prompt_kinds, own.prompt_sets, contrastive_sha256, kind) if own else None
+        )
         member_scales.append(
             scale if request_scale is not None or calibrated is None else calibrated
         )

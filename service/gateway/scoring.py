@@ -460,10 +460,9 @@ class Scorer:
         ]
         n = len(items)
         # each model's c per item: the first model's, then each member's own (calibration.py)
-        scales = [
-            np.array([(c.scale, *c.member_scales)[k] for c in choices], np.float32).reshape(n, 1)
-            for k in range(len(self.models))
-        ]
+        per_item = np.array([c.model_scales for c in choices], np.float32)
+        per_item = per_item.reshape(n, len(self.models))
+        scales = [per_item[:, [k]] for k in range(len(self.models))]  # [n, 1] copies
         lambdas = np.array([c.ensemble_lambda for c in choices], np.float32).reshape(n, 1)
         # stacked once for every model, off the loop, while the text embeddings are looked up
         batches = asyncio.ensure_future(self.image_batches(images))
@@ -540,7 +539,6 @@ class Scorer:
     ) -> dict[str, object]:
         """Item `i`'s per-model rewards and the ensembles of the models' TextNorm (DESIGN 2.3),
         each model's TextNorm at its own c, the ensemble at the models' λ."""
-        model_scales = (choice.scale, *choice.member_scales)
         members = [
             MemberReward(
                 name=model.name,
@@ -548,11 +546,11 @@ class Scorer:
                 textnorm=float(out["TEXTNORM"][i]) if has_set else None,
                 textnorm_scale=c if has_set else None,
             )
-            for model, out, c in zip(self.models, outs, model_scales, strict=True)
+            for model, out, c in zip(self.models, outs, choice.model_scales, strict=True)
         ]
         if not has_set:
             return {"members": members}
-        lam = choice.models_lambda if choice.models_lambda is not None else choice.ensemble_lambda
+        lam = choice.ensemble_models_lambda
         probs = np.array([[out["TEXTNORM"][i]] for out in outs], np.float64)
         return {
             "members": members,
