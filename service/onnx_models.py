@@ -26,6 +26,8 @@ from service import model_contract as contract
 
 RUNTIMES = ("onnxruntime", "openvino")
 OPENVINO_PRECISIONS = ("f32", "bf16")  # OpenVINO's names for its inference precision hint
+# ONNX Runtime's session config keys that let idle pool threads spin before they sleep
+SPINNING_CONFIG_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 # `parameters { key: "K" value { string_value: "V" } }`, with or without the optional colons
 _PARAMETER = re.compile(
     r'parameters\s*:?\s*\{\s*key:\s*"([^"]+)"\s*value\s*:?\s*\{\s*string_value:\s*"([^"]*)"'
@@ -71,7 +73,12 @@ class OnnxModel(Protocol):
 
 
 class OrtModel:
-    """ONNX Runtime's CPU provider; `threads` intra-op threads (0: every core)."""
+    """ONNX Runtime's CPU provider; `threads` intra-op threads (0: every core).
+
+    Idle threads sleep instead of spinning, as inside Triton: every session has its own pool,
+    and a pool that spins after its call takes the cores from the next session's call. With
+    spinning, an image call followed by a text call (ViT-B/32, batch 1, 2 cores) took
+    113–119 ms against 65 ms without, while each call alone took the same either way."""
 
     runtime = "onnxruntime"
 
@@ -81,6 +88,8 @@ class OrtModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        for pool in SPINNING_CONFIG_KEYS:
+            options.add_session_config_entry(pool, "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
