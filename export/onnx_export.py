@@ -19,6 +19,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnxscript.ir.passes.common import ClearMetadataAndDocStringPass
 from torch import nn
 
 from export.clip_model import ClipBundle
@@ -96,7 +97,11 @@ def _export(
     tokens: bool = False,
 ) -> onnx.ModelProto:
     """torch.onnx (dynamo) with dim 0 of every input symbolic (and, with `tokens`, dim 1 of
-    the first: the text encoder's sequence length); returns the in-memory model."""
+    the first: the text encoder's sequence length); returns the in-memory model.
+
+    The exporter's debug metadata (every node's Python stack trace, with the absolute paths of
+    this checkout and its site-packages) is cleared: the same checkpoint and code must export
+    to the same bytes, hence the same `model_version`, wherever the code is checked out."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = [{0: batch} for _ in args]
     if tokens:
@@ -116,6 +121,7 @@ def _export(
             verbose=False,
         )
     program.optimize()
+    ClearMetadataAndDocStringPass()(program.model)
     model = program.model_proto
     for value in model.graph.input:  # name the symbolic batch dim the same everywhere
         value.type.tensor_type.shape.dim[0].dim_param = "batch"

@@ -1,7 +1,10 @@
 """Export to a Triton model repository, verification against PyTorch, and export errors."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +145,36 @@ def test_export_hash_names_what_computes_and_serves_rewards(repo, tmp_path):
     onnx_file = version_dir(copy, "reward_head") / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
     assert content_hash(copy) != prov["export_sha256"]
+
+
+def test_the_same_export_from_another_checkout_has_the_same_bytes(repo, shipped_model, tmp_path):
+    """The code copied to another path exports the shipped model to the same export hash (so
+    the same `model_version`): no checkout or site-packages path inside any model file."""
+    out, prov = repo
+    root = Path(__file__).resolve().parents[1]
+    elsewhere = tmp_path / "another" / "checkout"
+    for package in ("export", "service", "model_repository", "models"):
+        shutil.copytree(root / package, elsewhere / package, ignore=shutil.ignore_patterns("*.pyc"))
+    script = (
+        "import sys; from pathlib import Path; "
+        "from export.repository import ExportOptions, export_repository; "
+        "from service.settings import SHIPPED_HEAD_DIR; "
+        "assert Path(sys.modules['export'].__file__).is_relative_to(Path.cwd()); "
+        f"prov, _ = export_repository({shipped_model!r}, Path({str(tmp_path / 'repo')!r}), "
+        "SHIPPED_HEAD_DIR, ExportOptions(max_batch=16)); print(prov['export_sha256'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(elsewhere)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == prov["export_sha256"]
+    for name in MODELS:
+        assert str(root).encode() not in (version_dir(out, name) / "model.onnx").read_bytes()
 
 
 def test_reexport_is_a_no_op_and_tampering_is_detected(repo, shipped_model):
