@@ -87,6 +87,8 @@ def _versions() -> dict[str, str | None]:
         "torch": version("torch"),
         "transformers": version("transformers"),
         "onnx": version("onnx"),
+        "onnxscript": version("onnxscript"),  # torch.onnx's optimizer: shapes the graphs' bytes
+        "onnx_ir": version("onnx-ir"),  # and the IR passes run on them
         "onnxruntime": version("onnxruntime"),
         "openvino": version("openvino"),
         "tensorrt": tensorrt_version(),

@@ -75,7 +75,9 @@ class OnnxModel(Protocol):
 class OrtModel:
     """ONNX Runtime's CPU provider; `threads` intra-op threads (0: every core).
 
-    Idle threads sleep instead of spinning, as inside Triton: every session has its own pool,
+    Idle threads sleep instead of spinning, as in the bundled Triton's Python backend
+    (`python_onnx/model.py`; the NGC image's native onnxruntime backend has no per-session
+    switch for it and keeps ONNX Runtime's default): every session has its own pool,
     and a pool that spins after its call takes the cores from the next session's call. With
     spinning, an image call followed by a text call (ViT-B/32, batch 1, 2 cores) took
     113–119 ms against 65 ms without, while each call alone took the same either way."""
