@@ -33,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 127.0.0.1]" is not a markup tag
 )
 world_app = typer.Typer(help="The shapes world: prompts and rendered images.", no_args_is_help=True)
 app.add_typer(world_app, name="world")

@@ -165,3 +165,28 @@ def test_request_overrides_and_unknown_sets_use_the_default(client):
         "default",
     )
     assert mixed["provenance"]["textnorm"]["scale_source"] == "mixed"
+
+
+def test_models_names_the_calibration_the_gateway_serves(client, stack, calibration_file):
+    """/v1/models names the calibration this gateway serves (here the file that overrides the
+    export's bundled one) and its c per prompt kind, which the items of that kind get."""
+    import hashlib
+
+    from service.gateway.provenance import load_provenance
+
+    served = hashlib.sha256(calibration_file.read_bytes()).hexdigest()
+    bundled = load_provenance(stack.repository)["textnorm_calibration"]["sha256"]
+    assert bundled != served  # the export bundles the shipped calibration: the file overrides
+    body = client.get("/v1/models").json()
+    card = body["models"][0]
+    assert card["textnorm_calibration_sha256"] == served
+    assert body["provenance"]["textnorm"]["calibration_sha256"] == served
+    calibrated = card["textnorm_calibrated"]
+    assert set(calibrated) == {"composition", "single_object"}
+    single = _score(client, [{"image": _b64(SCENE, 5), "prompt": PROMPT}])["results"][0]
+    kinds = {k: (v["scale"], v["ensemble_lambda"]) for k, v in calibrated.items()}
+    assert kinds["single_object"] == (single["textnorm_scale"], single["ensemble_lambda"])
+    assert kinds == {
+        "single_object": (SINGLE_C, SINGLE_LAMBDA),
+        "composition": (COMPOSITION_C, COMPOSITION_LAMBDA),
+    }

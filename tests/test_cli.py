@@ -340,3 +340,19 @@ def test_another_model_gets_no_shipped_head_from_the_environment_or_the_option(m
     monkeypatch.delenv("REWARD_MODEL")
     monkeypatch.delenv("REWARD_HEAD")
     assert _settings(model="openai/clip-vit-base-patch32").head is None
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["serve"], "gateway bind address [default: 127.0.0.1]"),
+        (["calibrate"], "({prompt: [contrastive,"),
+        (["bench", "serving"], "[all cores]"),
+    ],
+)
+def test_help_shows_the_defaults_written_in_brackets(command, shown):
+    """Help texts are plain text: a "[default: …]" in an option's help is shown as written,
+    not read as a markup tag and dropped."""
+    done = run_cli(*command, "--help", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert shown in " ".join(done.stdout.split()), done.stdout

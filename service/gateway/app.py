@@ -360,12 +360,16 @@ def create_app(
 
     @v1.get("/models", response_model=ModelsResponse, tags=["models"])
     async def models(request: Request) -> ModelsResponse:
-        """The served model: name, checkpoint sha256, head, embedding size, TextNorm defaults."""
+        """The served model: name, checkpoint sha256, head, embedding size, TextNorm defaults
+        and the calibrated c per prompt kind."""
+        calibration = state.scorer.calibration
+        provenance = info.block()
+        provenance.textnorm.calibration_sha256 = calibration.sha256 if calibration else None
         return ModelsResponse(
             request_id=current_request_id(request),
-            models=[info.model_card()],
+            models=[info.model_card(calibration)],
             limits=_service_limits(state),
-            provenance=info.block(),
+            provenance=provenance,
         )
 
     app.include_router(v1)

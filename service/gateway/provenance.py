@@ -9,8 +9,9 @@ learns the server's filesystem layout.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textnorm_reward_client.clip_tokenizer import ClipTokenizer
 
@@ -24,6 +25,9 @@ from service.gateway.schemas import (
     TextNormUsed,
     TokenizerInfo,
 )
+
+if TYPE_CHECKING:
+    from service.gateway.calibration import Calibration
 
 GATEWAY_VERSION = "1"
 
@@ -191,7 +195,9 @@ class ProvenanceInfo:
         """Every model of a multi-model export, the first included (None: one model)."""
         return [self.model, *(info for info, _ in self.members)] if self.members else None
 
-    def model_card(self) -> ModelCard:
+    def model_card(self, calibration: Calibration | None = None) -> ModelCard:
+        """The served model; `calibration`: the one the gateway serves (its file, else the
+        export's bundled one), whose c per prompt kind overrides the model's own."""
         return ModelCard(
             name=self.model.name,
             source=self.model.source,
@@ -205,7 +211,12 @@ class ProvenanceInfo:
                 "ensemble_lambda": self.default_lambda,
                 "max_prompts": self.max_prompts,
             },
-            textnorm_calibration_sha256=(self.data.get("textnorm_calibration") or {}).get("sha256"),
+            textnorm_calibration_sha256=calibration.sha256 if calibration else None,
+            textnorm_calibrated=(
+                {kind: asdict(values) for kind, values in calibration.prompt_kinds.items()}
+                if calibration
+                else None
+            ),
             max_batch=self.max_batch,
             cache_key=self.cache_key,
             members=self.all_models,

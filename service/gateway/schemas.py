@@ -356,11 +356,20 @@ class ModelCard(BaseModel):
     embed_dim: int
     image_size: int | None
     rewards: list[str]
-    textnorm_defaults: dict[str, Any]
+    textnorm_defaults: dict[str, Any] = Field(
+        description="the model's own c (scale) and λ: what an item gets when neither its "
+        "request nor the calibration (textnorm_calibrated) sets them"
+    )
     textnorm_calibration_sha256: str | None = Field(
         default=None,
-        description="sha256 of the TextNorm calibration the export bundles (its served default "
-        "c/λ per prompt kind; each response's provenance names the one actually used)",
+        description="sha256 of the TextNorm calibration this gateway serves: "
+        "REWARD_TEXTNORM_CALIBRATION_FILE if set, else the one the export bundles",
+    )
+    textnorm_calibrated: dict[str, dict[str, float | None]] | None = Field(
+        default=None,
+        description="that calibration's c (scale), λ (ensemble_lambda) and models' λ "
+        "(models_lambda) per prompt kind: the served default of a set the auto rule builds "
+        "for a prompt of that kind (a registered set may have its own); null without one",
     )
     max_batch: int | None
     cache_key: str
