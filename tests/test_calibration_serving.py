@@ -181,6 +181,12 @@ def test_models_names_the_calibration_the_gateway_serves(client, stack, calibrat
     card = body["models"][0]
     assert card["textnorm_calibration_sha256"] == served
     assert body["provenance"]["textnorm"]["calibration_sha256"] == served
+    registered = client.post(
+        "/v1/prompt-sets",
+        json={"prompt": PROMPT, "contrastive": ["two red triangles on a grass background"]},
+    )
+    assert registered.status_code in (200, 201), registered.text
+    assert registered.json()["provenance"]["textnorm"]["calibration_sha256"] == served
     calibrated = card["textnorm_calibrated"]
     assert set(calibrated) == {"composition", "single_object"}
     single = _score(client, [{"image": _b64(SCENE, 5), "prompt": PROMPT}])["results"][0]

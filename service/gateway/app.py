@@ -300,6 +300,8 @@ def create_app(
         ),
         members=scoring_members,
     )
+    # every response's provenance names the calibration this gateway serves
+    info.calibration_sha256 = scorer.calibration.sha256 if scorer.calibration else None
     state = GatewayState(
         settings, guarded, info, tokenizer, cache, registry, metrics, scorer, limits
     )
@@ -362,14 +364,11 @@ def create_app(
     async def models(request: Request) -> ModelsResponse:
         """The served model: name, checkpoint sha256, head, embedding size, TextNorm defaults
         and the calibrated c per prompt kind."""
-        calibration = state.scorer.calibration
-        provenance = info.block()
-        provenance.textnorm.calibration_sha256 = calibration.sha256 if calibration else None
         return ModelsResponse(
             request_id=current_request_id(request),
-            models=[info.model_card(calibration)],
+            models=[info.model_card(state.scorer.calibration)],
             limits=_service_limits(state),
-            provenance=provenance,
+            provenance=info.block(),
         )
 
     app.include_router(v1)

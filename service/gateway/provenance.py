@@ -151,6 +151,7 @@ class ProvenanceInfo:
         # Exports since format 2 take [B, T] token ids with T as short as the batch allows.
         self.dynamic_tokens = data.get("text_tokens") == "dynamic"
         self.has_head = self.head is not None
+        self.calibration_sha256: str | None = None  # the calibration served (set by the app)
 
     @property
     def checkpoint_sha256(self) -> str:
@@ -180,6 +181,7 @@ class ProvenanceInfo:
                 max_prompts=self.max_prompts,
                 rule=rule,
                 allow_missing=allow_missing,
+                calibration_sha256=self.calibration_sha256,
             ),
             tokenizer=self.tokenizer,
             exporter=self.exporter,
