@@ -300,8 +300,7 @@ def create_app(
         ),
         members=scoring_members,
     )
-    # every response's provenance names the calibration this gateway serves
-    info.calibration_sha256 = scorer.calibration.sha256 if scorer.calibration else None
+    info.calibration = scorer.calibration  # every response's provenance names it
     state = GatewayState(
         settings, guarded, info, tokenizer, cache, registry, metrics, scorer, limits
     )
@@ -366,7 +365,7 @@ def create_app(
         and the calibrated c per prompt kind."""
         return ModelsResponse(
             request_id=current_request_id(request),
-            models=[info.model_card(state.scorer.calibration)],
+            models=[info.model_card()],
             limits=_service_limits(state),
             provenance=info.block(),
         )
@@ -491,7 +490,6 @@ def _score_routes(router: APIRouter, state: GatewayState) -> None:
             provenance=with_scale_sources(
                 state.provenance.block(scale, lam, options.rule, options.allow_missing),
                 results,
-                scorer.calibration,
             ),
         )
 
@@ -531,7 +529,6 @@ def _score_routes(router: APIRouter, state: GatewayState) -> None:
             provenance=with_scale_sources(
                 state.provenance.block(scale, lam, options.rule, options.allow_missing),
                 results,
-                scorer.calibration,
             ),
         )
         if body.advantages:

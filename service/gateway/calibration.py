@@ -246,9 +246,9 @@ def gateway_calibration(
     return calibration
 
 
-def with_scale_sources(provenance: Any, results: Iterable[Any], calibration: Calibration | None):
-    """`provenance` (a response's block) saying where the items' c came from, and which
-    calibration file the gateway loaded."""
+def with_scale_sources(provenance: Any, results: Iterable[Any]):
+    """`provenance` (a response's block) saying where the items' c came from (the block
+    names the calibration the gateway serves already: `ProvenanceInfo.block`)."""
     results = list(results)
     provenance.textnorm.scale_source = summarise_sources(r.textnorm_scale_source for r in results)
     scales = {r.textnorm_scale for r in results if r.textnorm_scale is not None}
@@ -270,7 +270,6 @@ def with_scale_sources(provenance: Any, results: Iterable[Any], calibration: Cal
         provenance.textnorm.ensemble_models_lambda = (
             models_lambdas.pop() if len(models_lambdas) == 1 else None
         )
-    provenance.textnorm.calibration_sha256 = calibration.sha256 if calibration else None
     return provenance
 
 

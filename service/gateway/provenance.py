@@ -151,7 +151,7 @@ class ProvenanceInfo:
         # Exports since format 2 take [B, T] token ids with T as short as the batch allows.
         self.dynamic_tokens = data.get("text_tokens") == "dynamic"
         self.has_head = self.head is not None
-        self.calibration_sha256: str | None = None  # the calibration served (set by the app)
+        self.calibration: Calibration | None = None  # the calibration served (set by the app)
 
     @property
     def checkpoint_sha256(self) -> str:
@@ -181,7 +181,7 @@ class ProvenanceInfo:
                 max_prompts=self.max_prompts,
                 rule=rule,
                 allow_missing=allow_missing,
-                calibration_sha256=self.calibration_sha256,
+                calibration_sha256=self.calibration.sha256 if self.calibration else None,
             ),
             tokenizer=self.tokenizer,
             exporter=self.exporter,
@@ -197,9 +197,10 @@ class ProvenanceInfo:
         """Every model of a multi-model export, the first included (None: one model)."""
         return [self.model, *(info for info, _ in self.members)] if self.members else None
 
-    def model_card(self, calibration: Calibration | None = None) -> ModelCard:
-        """The served model; `calibration`: the one the gateway serves (its file, else the
+    def model_card(self) -> ModelCard:
+        """The served model, with the calibration the gateway serves (its file, else the
         export's bundled one), whose c per prompt kind overrides the model's own."""
+        calibration = self.calibration
         return ModelCard(
             name=self.model.name,
             source=self.model.source,
